@@ -1,0 +1,177 @@
+"""The pod contract: the environment the operator (or local mode) hands every spotrun pod.
+
+One module names every variable, so the operator that writes them and the runtime that
+reads them cannot drift apart. It imports nothing heavy: the operator imports it too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+JOB = "SPOTRUN_JOB"
+NAMESPACE = "SPOTRUN_NAMESPACE"
+ATTEMPT = "SPOTRUN_ATTEMPT"
+REPLICAS = "SPOTRUN_REPLICAS"
+NPROC_PER_NODE = "SPOTRUN_NPROC_PER_NODE"
+NODE_RANK = "SPOTRUN_NODE_RANK"
+STORAGE = "SPOTRUN_STORAGE"
+RESUME_FROM = "SPOTRUN_RESUME_FROM"
+CONFIG = "SPOTRUN_CONFIG"
+CHECKPOINT = "SPOTRUN_CHECKPOINT"
+FUNCTION = "SPOTRUN_FUNCTION"
+STATUS_SINK = "SPOTRUN_STATUS_SINK"
+MASTER_ADDR = "MASTER_ADDR"
+MASTER_PORT = "MASTER_PORT"
+
+DEFAULT_NAMESPACE = "default"
+DEFAULT_MASTER_PORT = 29500
+
+# The launcher and its workers exit with this code when a preemption notice was honoured:
+# the group agreed on it and committed a final checkpoint (EX_TEMPFAIL from sysexits.h).
+EXIT_PREEMPTED = 75
+
+ScoreOrder = Literal["max", "min"]
+
+
+class ContractError(ValueError):
+    """The pod environment does not satisfy the contract; the message says which variable."""
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """`spec.checkpoint` of a TrainJob, minus the storage URL."""
+
+    num_to_keep: int | None = None
+    score_attribute: str | None = None
+    score_order: ScoreOrder = "max"
+    keep_all_ranks: bool = False
+    async_save: bool = True
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> CheckpointSettings:
+        order = spec.get("scoreOrder", "max")
+        if order not in ("max", "min"):
+            raise ContractError(f"checkpoint.scoreOrder must be 'max' or 'min', got {order!r}")
+        num = spec.get("numToKeep")
+        if num is not None and (not isinstance(num, int) or num < 1):
+            raise ContractError(f"checkpoint.numToKeep must be an integer >= 1, got {num!r}")
+        return cls(
+            num_to_keep=num,
+            score_attribute=spec.get("scoreAttribute"),
+            score_order=order,
+            keep_all_ranks=bool(spec.get("keepAllRanks", False)),
+            async_save=bool(spec.get("async", True)),
+        )
+
+    def to_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {
+            "scoreOrder": self.score_order,
+            "keepAllRanks": self.keep_all_ranks,
+            "async": self.async_save,
+        }
+        if self.num_to_keep is not None:
+            spec["numToKeep"] = self.num_to_keep
+        if self.score_attribute is not None:
+            spec["scoreAttribute"] = self.score_attribute
+        return spec
+
+
+@dataclass(frozen=True)
+class PodContract:
+    """What one pod (one node of the group) knows about its job and its place in it."""
+
+    job: str
+    namespace: str = DEFAULT_NAMESPACE
+    attempt: int = 0
+    replicas: int = 1
+    nproc_per_node: int = 1
+    node_rank: int = 0
+    storage: str = ""
+    resume_from: str | None = None
+    config: Mapping[str, Any] = field(default_factory=dict)
+    checkpoint: CheckpointSettings = field(default_factory=CheckpointSettings)
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_MASTER_PORT
+    function: str | None = None
+    status_sink: str | None = None
+
+    @property
+    def world_size(self) -> int:
+        return self.replicas * self.nproc_per_node
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> PodContract:
+        env = os.environ if env is None else env
+        job = env.get(JOB, "")
+        if not job:
+            raise ContractError(
+                f"{JOB} is not set: spotrun needs the pod contract environment "
+                "(set by the operator, `spotrun run`, or by hand for a single process)"
+            )
+        return cls(
+            job=job,
+            namespace=env.get(NAMESPACE) or DEFAULT_NAMESPACE,
+            attempt=_int(env, ATTEMPT, 0, minimum=0),
+            replicas=_int(env, REPLICAS, 1, minimum=1),
+            nproc_per_node=_int(env, NPROC_PER_NODE, 1, minimum=1),
+            node_rank=_int(env, NODE_RANK, 0, minimum=0),
+            storage=env.get(STORAGE, ""),
+            resume_from=env.get(RESUME_FROM) or None,
+            config=_json(env, CONFIG),
+            checkpoint=CheckpointSettings.from_spec(_json(env, CHECKPOINT)),
+            master_addr=env.get(MASTER_ADDR) or "127.0.0.1",
+            master_port=_int(env, MASTER_PORT, DEFAULT_MASTER_PORT, minimum=1),
+            function=env.get(FUNCTION) or None,
+            status_sink=env.get(STATUS_SINK) or None,
+        )
+
+    def to_env(self) -> dict[str, str]:
+        env = {
+            JOB: self.job,
+            NAMESPACE: self.namespace,
+            ATTEMPT: str(self.attempt),
+            REPLICAS: str(self.replicas),
+            NPROC_PER_NODE: str(self.nproc_per_node),
+            NODE_RANK: str(self.node_rank),
+            STORAGE: self.storage,
+            RESUME_FROM: self.resume_from or "",
+            CONFIG: json.dumps(dict(self.config), sort_keys=True),
+            CHECKPOINT: json.dumps(self.checkpoint.to_spec(), sort_keys=True),
+            MASTER_ADDR: self.master_addr,
+            MASTER_PORT: str(self.master_port),
+        }
+        if self.function:
+            env[FUNCTION] = self.function
+        if self.status_sink:
+            env[STATUS_SINK] = self.status_sink
+        return env
+
+
+def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ContractError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ContractError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _json(env: Mapping[str, str], name: str) -> dict[str, Any]:
+    raw = env.get(name)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ContractError(f"{name} is not valid JSON ({err.msg} at {err.pos})") from None
+    if not isinstance(value, dict):
+        raise ContractError(f"{name} must be a JSON object, got {type(value).__name__}")
+    return value
