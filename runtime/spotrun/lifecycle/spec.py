@@ -1,0 +1,95 @@
+"""The parts of a TrainJob's spec the restart policy reads, with the CRD's defaults.
+
+The policy takes typed values rather than the raw spec so that its decisions do not
+depend on which caller filled in defaults; `JobSpec.from_spec` applies the same defaults
+as the CRD schema, so an object read from the cluster and a local file agree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_MAX_FAILURES = 3
+UNLIMITED = -1
+DEFAULT_INITIAL_BACKOFF = 10.0
+DEFAULT_MAX_BACKOFF = 300.0
+DEFAULT_JITTER = 0.2
+# Kubernetes' default terminationGracePeriodSeconds: how long a preempted pod may take to
+# write its final checkpoint before the group is restarted anyway.
+DEFAULT_GRACE_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """`failurePolicy.backoff`: delay before a group restart, doubling per interruption."""
+
+    initial_seconds: float = DEFAULT_INITIAL_BACKOFF
+    max_seconds: float = DEFAULT_MAX_BACKOFF
+    jitter: float = DEFAULT_JITTER
+
+
+@dataclass(frozen=True)
+class CircuitBreaker:
+    """`failurePolicy.circuitBreaker`: `failures` failures within `window_seconds` fail the job."""
+
+    failures: int
+    window_seconds: float
+
+
+@dataclass(frozen=True)
+class FailurePolicy:
+    """`spec.failurePolicy`. `max_preemptions` of -1 means unlimited."""
+
+    max_failures: int = DEFAULT_MAX_FAILURES
+    max_preemptions: int = UNLIMITED
+    backoff: Backoff = field(default_factory=Backoff)
+    circuit_breaker: CircuitBreaker | None = None
+    progress_deadline_seconds: float | None = None
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> FailurePolicy:
+        backoff = spec.get("backoff") or {}
+        breaker = spec.get("circuitBreaker")
+        deadline = spec.get("progressDeadlineSeconds")
+        return cls(
+            max_failures=int(spec.get("maxFailures", DEFAULT_MAX_FAILURES)),
+            max_preemptions=int(spec.get("maxPreemptions", UNLIMITED)),
+            backoff=Backoff(
+                initial_seconds=float(backoff.get("initialSeconds", DEFAULT_INITIAL_BACKOFF)),
+                max_seconds=float(backoff.get("maxSeconds", DEFAULT_MAX_BACKOFF)),
+                jitter=float(backoff.get("jitter", DEFAULT_JITTER)),
+            ),
+            circuit_breaker=(
+                CircuitBreaker(int(breaker["failures"]), float(breaker["windowSeconds"]))
+                if breaker
+                else None
+            ),
+            progress_deadline_seconds=None if deadline is None else float(deadline),
+        )
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What the policy needs of `spec`: group size, resume point, budgets, TTL."""
+
+    replicas: int = 1
+    resume_from: str | None = None
+    failure_policy: FailurePolicy = field(default_factory=FailurePolicy)
+    ttl_seconds_after_finished: float | None = None
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> JobSpec:
+        """Reads a TrainJob `spec` (camelCase, as in the CRD), applying the CRD's defaults."""
+        ttl = spec.get("ttlSecondsAfterFinished")
+        pod = (spec.get("template") or {}).get("spec") or {}
+        grace = pod.get("terminationGracePeriodSeconds")
+        return cls(
+            replicas=int(spec.get("replicas", 1)),
+            resume_from=spec.get("resumeFrom") or None,
+            failure_policy=FailurePolicy.from_spec(spec.get("failurePolicy") or {}),
+            ttl_seconds_after_finished=None if ttl is None else float(ttl),
+            grace_seconds=DEFAULT_GRACE_SECONDS if grace is None else float(grace),
+        )
