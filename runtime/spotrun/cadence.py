@@ -1,0 +1,48 @@
+"""How often to checkpoint: Young/Daly's interval from the measured cost and preemption rate.
+
+With checkpoint cost C (seconds the training loop loses per checkpoint) and a mean time
+between preemptions M, the interval that minimises expected lost work is about sqrt(2*C*M)
+(Young 1974; Daly 2006). Pure arithmetic; the session feeds it measurements.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+DEFAULT_MTBF_SECONDS = 3600.0  # spot VMs: roughly hourly preemptions is a cautious prior
+
+
+def young_daly_interval(cost_seconds: float, mtbf_seconds: float, *, floor: float = 1.0, ceiling: float = 3600.0) -> float:
+    if cost_seconds < 0 or mtbf_seconds <= 0:
+        raise ValueError(f"need cost >= 0 and MTBF > 0, got {cost_seconds}, {mtbf_seconds}")
+    return min(ceiling, max(floor, math.sqrt(2.0 * cost_seconds * mtbf_seconds)))
+
+
+@dataclass
+class Cadence:
+    """Tracks checkpoint cost (an exponential moving average) and says when one is due."""
+
+    mtbf_seconds: float = DEFAULT_MTBF_SECONDS
+    cost_seconds: float | None = None
+    last_checkpoint: float | None = None
+    smoothing: float = 0.3
+
+    def observe(self, cost_seconds: float, now: float) -> None:
+        if self.cost_seconds is None:
+            self.cost_seconds = cost_seconds
+        else:
+            self.cost_seconds += self.smoothing * (cost_seconds - self.cost_seconds)
+        self.last_checkpoint = now
+
+    def interval(self) -> float | None:
+        if self.cost_seconds is None:
+            return None
+        return young_daly_interval(self.cost_seconds, self.mtbf_seconds)
+
+    def due(self, now: float) -> bool:
+        """The first checkpoint is due at once (it measures the cost); then every interval."""
+        interval = self.interval()
+        if interval is None or self.last_checkpoint is None:
+            return True
+        return now - self.last_checkpoint >= interval

@@ -1,0 +1,193 @@
+"""`Checkpoint`: what training code hands to `report()` and gets back from `get_checkpoint()`.
+
+Modelled on Ray Train's Checkpoint. One built by the user holds a dict, a local directory or
+a sharded (DCP) state dict; one returned by `get_checkpoint()` points at a committed
+checkpoint whose files were verified before anything is unpickled.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from spotrun import layout
+from spotrun.commit import CheckpointStore, Verified, load_blob
+from spotrun.tree import unflatten
+
+
+@dataclass
+class _Committed:
+    store: CheckpointStore
+    verified: Verified
+    rank: int
+    world_size: int
+    weights_only: bool = True
+
+
+class Checkpoint:
+    """A checkpoint: in memory (from_dict), on local disk (from_directory), or committed."""
+
+    def __init__(
+        self,
+        *,
+        data: Mapping[str, Any] | None = None,
+        directory: str | None = None,
+        sharded: Mapping[str, Any] | None = None,
+        committed: _Committed | None = None,
+    ) -> None:
+        if sum(x is not None for x in (data, directory, sharded, committed)) != 1:
+            raise ValueError("a Checkpoint holds exactly one of: a dict, a directory, a sharded state dict")
+        self._data = data
+        self._directory = directory
+        self._sharded = sharded
+        self._committed = committed
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
+        if not isinstance(data, Mapping):
+            raise TypeError(f"Checkpoint.from_dict expects a mapping, got {type(data).__name__}")
+        return cls(data=data)
+
+    @classmethod
+    def from_directory(cls, path: str | os.PathLike[str]) -> Checkpoint:
+        path = os.fspath(path)
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"Checkpoint.from_directory: {path!r} is not a directory")
+        return cls(directory=path)
+
+    @classmethod
+    def from_sharded_state_dict(cls, state_dict: Mapping[str, Any]) -> Checkpoint:
+        """Sharded state (FSDP, DTensor), saved with torch.distributed.checkpoint by every rank."""
+        return cls(sharded=state_dict)
+
+    # --- what a committed checkpoint says about itself ----------------------------------
+
+    @property
+    def uri(self) -> str | None:
+        return self._committed.verified.uri if self._committed else None
+
+    @property
+    def step(self) -> int | None:
+        return self._committed.verified.manifest.step if self._committed else None
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return dict(self._committed.verified.manifest.metrics) if self._committed else {}
+
+    @property
+    def kind(self) -> str:
+        if self._committed:
+            return self._committed.verified.manifest.kind
+        if self._data is not None:
+            return "dict"
+        return "directory" if self._directory is not None else "dcp"
+
+    # --- conversions ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        if self._data is not None:
+            return dict(self._data)
+        if self._committed is None:
+            raise TypeError(
+                f"this checkpoint holds a {self.kind}; to_dict() reads dict checkpoints "
+                "(use to_directory() or load_sharded_state_dict())"
+            )
+        kind = self._committed.verified.manifest.kind
+        if kind == "replicated":
+            return dict(self._load_replicated())
+        if kind == "per-rank":
+            return dict(self._load_per_rank())
+        raise TypeError(
+            f"{self.uri} holds a {kind} checkpoint; read it with "
+            + ("to_directory()" if kind == "directory" else "load_sharded_state_dict()")
+        )
+
+    def to_directory(self, path: str | os.PathLike[str] | None = None) -> str:
+        target = os.fspath(path) if path is not None else tempfile.mkdtemp(prefix="spotrun-ckpt-")
+        os.makedirs(target, exist_ok=True)
+        if self._directory is not None:
+            shutil.copytree(self._directory, target, dirs_exist_ok=True)
+            return target
+        if self._committed is None or self._committed.verified.manifest.kind != "directory":
+            raise TypeError(f"this checkpoint holds a {self.kind}; to_directory() reads directory checkpoints")
+        blobs = self._blobs(None)
+        written: set[str] = set()
+        for record in sorted(self._committed.verified.manifest.files, key=lambda f: (f.rank, f.path)):
+            rel = record.path.split("/", 1)[1]
+            if rel in written:  # several ranks wrote this name: the lowest rank's copy wins
+                continue
+            written.add(rel)
+            dest = os.path.join(target, rel)
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            with open(dest, "wb") as out:
+                out.write(blobs[record.path])
+        return target
+
+    @contextmanager
+    def as_directory(self) -> Iterator[str]:
+        if self._directory is not None:
+            yield self._directory
+            return
+        path = self.to_directory()
+        try:
+            yield path
+        finally:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a DCP checkpoint into `state_dict` in place, resharding to this world size."""
+        if self._committed is None or self._committed.verified.manifest.kind != "dcp":
+            raise TypeError(f"this checkpoint holds a {self.kind}, not a sharded (dcp) checkpoint")
+        from spotrun import sharded
+
+        self._blobs(None)  # verifies every file before DCP reads any of them
+        sharded.load(self._committed.verified.uri, state_dict)
+
+    # --- loading -------------------------------------------------------------------------
+
+    def _blobs(self, ranks: set[int] | None) -> dict[str, bytes]:
+        assert self._committed is not None
+        committed = self._committed
+        wanted = [f.path for f in committed.verified.manifest.files if ranks is None or f.rank in ranks]
+        if not all(p in committed.verified.blobs for p in wanted):
+            fresh = committed.store.verify(committed.verified.manifest.seq, ranks)
+            committed.verified.blobs.update(fresh.blobs)
+        blobs = {p: committed.verified.blobs[p] for p in wanted}
+        return blobs
+
+    def _load_replicated(self) -> Any:
+        assert self._committed is not None
+        shards = [load_blob(data, weights_only=self._committed.weights_only) for data in self._blobs(None).values()]
+        self._committed.verified.blobs.clear()  # the bytes are now tensors; free them
+        skeleton = next((s["skeleton"] for s in shards if "skeleton" in s), None)
+        if skeleton is None:
+            raise ValueError(f"{self.uri}: no shard carries the checkpoint's structure")
+        tensors: dict[int, Any] = {}
+        for shard in shards:
+            tensors.update(shard["tensors"])
+        return unflatten(skeleton, tensors.__getitem__)
+
+    def _load_per_rank(self) -> Any:
+        assert self._committed is not None
+        manifest = self._committed.verified.manifest
+        if manifest.world_size != self._committed.world_size:
+            raise ValueError(
+                f"{self.uri} kept per-rank state for {manifest.world_size} ranks but this group has "
+                f"{self._committed.world_size}: resume with the same world size, or save replicated "
+                "or sharded (DCP) state to change it"
+            )
+        rank = self._committed.rank
+        blobs = self._blobs({rank})
+        data = blobs[layout.shard_name(rank)]
+        shard = load_blob(data, weights_only=self._committed.weights_only)
+        return unflatten(shard["skeleton"], shard["tensors"].__getitem__)
+
+    def __repr__(self) -> str:
+        if self._committed:
+            return f"Checkpoint(uri={self.uri!r}, step={self.step})"
+        return f"Checkpoint({self.kind})"

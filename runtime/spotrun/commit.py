@@ -1,0 +1,219 @@
+"""The checkpoint protocol over storage: write shards, commit them, find and load the latest.
+
+A checkpoint is committed when `manifest.json` exists in its folder, passes its checksum,
+and every file it lists has the recorded size and sha256. Anything else in the job folder
+(a folder without a manifest, a manifest whose files fail) is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spotrun import layout, storage
+from spotrun.manifest import DoneRecord, FileRecord, Manifest, ManifestError
+from spotrun.status import Commit
+
+log = logging.getLogger("spotrun.checkpoint")
+
+
+class CheckpointCorruptError(RuntimeError):
+    """A committed checkpoint failed verification; nothing of it was unpickled."""
+
+
+class NoValidCheckpointError(RuntimeError):
+    """Asked to resume, but neither the checkpoint nor any earlier one verifies."""
+
+
+@dataclass
+class Verified:
+    """A committed checkpoint whose files were read and verified (kept in memory)."""
+
+    uri: str
+    manifest: Manifest
+    manifest_sha256: str
+    blobs: dict[str, bytes] = field(default_factory=dict)
+
+
+class CheckpointStore:
+    """One job's checkpoint folder: `<storage>/<namespace>/<job>/`."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self._manifests: dict[int, tuple[Manifest, str]] = {}
+
+    def uri(self, seq: int) -> str:
+        return layout.join(self.root, layout.checkpoint_name(seq))
+
+    def highest_seq(self) -> int | None:
+        """The highest `ckpt-*` number present, committed or not (numbers are never reused)."""
+        seqs = [s for s in map(layout.parse_checkpoint_name, storage.list_names(self.root)) if s is not None]
+        return max(seqs, default=None)
+
+    # --- writing -------------------------------------------------------------------------
+
+    def write_torch_shard(self, seq: int, rank: int, obj: Any) -> DoneRecord:
+        name = layout.shard_name(rank)
+        with storage.open_hashed_write(layout.join(self.uri(seq), name)) as out:
+            torch.save(obj, out)  # type: ignore[arg-type]
+        record = DoneRecord(rank=rank, files=(FileRecord(rank, name, out.size, out.sha256),))
+        self.write_done(seq, record)
+        return record
+
+    def write_files(self, seq: int, rank: int, files: Mapping[str, str]) -> DoneRecord:
+        """Uploads local files (relative name -> local path) as rank's part of checkpoint seq."""
+        records = []
+        for rel, local in sorted(files.items()):
+            with open(local, "rb") as src, storage.open_hashed_write(layout.join(self.uri(seq), rel)) as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+            records.append(FileRecord(rank, rel, out.size, out.sha256))
+        record = DoneRecord(rank=rank, files=tuple(records))
+        self.write_done(seq, record)
+        return record
+
+    def record_existing(self, seq: int, rank: int, paths: Iterable[str]) -> DoneRecord:
+        """Marks files already in checkpoint seq (written by DCP) as rank's, with their hashes."""
+        records = []
+        for rel in sorted(paths):
+            written = storage.hash_file(layout.join(self.uri(seq), rel))
+            records.append(FileRecord(rank, rel, written.size, written.sha256))
+        record = DoneRecord(rank=rank, files=tuple(records))
+        self.write_done(seq, record)
+        return record
+
+    def write_done(self, seq: int, record: DoneRecord) -> None:
+        storage.write_bytes(layout.join(self.uri(seq), layout.done_name(record.rank)), record.to_bytes())
+
+    def read_done(self, seq: int, rank: int) -> DoneRecord | None:
+        try:
+            return DoneRecord.from_bytes(storage.read_bytes(layout.join(self.uri(seq), layout.done_name(rank))))
+        except FileNotFoundError:
+            return None
+
+    def wait_for_done(
+        self, seq: int, ranks: Iterable[int], timeout: float, poll: float = 0.05
+    ) -> list[DoneRecord]:
+        """Waits until every rank's `.done` exists; a rank that died mid-upload never writes one."""
+        pending = sorted(set(ranks))
+        found: dict[int, DoneRecord] = {}
+        deadline = time.monotonic() + timeout
+        while True:
+            for rank in list(pending):
+                record = self.read_done(seq, rank)
+                if record is not None:
+                    found[rank] = record
+                    pending.remove(rank)
+            if not pending:
+                return [found[r] for r in sorted(found)]
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"checkpoint {seq}: ranks {pending} wrote no .done within {timeout:.0f}s; "
+                    "it stays uncommitted"
+                )
+            time.sleep(poll)
+            poll = min(poll * 1.5, 1.0)
+
+    def commit(self, manifest: Manifest) -> Commit:
+        data = manifest.to_bytes()
+        storage.write_bytes(layout.join(self.uri(manifest.seq), layout.MANIFEST), data)
+        sha = hashlib.sha256(data).hexdigest()
+        self._manifests[manifest.seq] = (manifest, sha)
+        return Commit(uri=self.uri(manifest.seq), manifest=manifest, manifest_sha256=sha)
+
+    def delete(self, seq: int) -> None:
+        self._manifests.pop(seq, None)
+        storage.remove_tree(self.uri(seq))
+
+    # --- reading -------------------------------------------------------------------------
+
+    def read_manifest(self, seq: int) -> tuple[Manifest, str]:
+        """The parsed manifest and its sha256; raises ManifestError or FileNotFoundError."""
+        if seq in self._manifests:
+            return self._manifests[seq]
+        data = storage.read_bytes(layout.join(self.uri(seq), layout.MANIFEST))
+        manifest = Manifest.from_bytes(data)
+        if manifest.seq != seq:
+            raise ManifestError(f"manifest in {layout.checkpoint_name(seq)} says seq {manifest.seq}")
+        entry = (manifest, hashlib.sha256(data).hexdigest())
+        self._manifests[seq] = entry
+        return entry
+
+    def committed(self) -> list[Commit]:
+        """Every checkpoint with a readable manifest, oldest first (files not yet verified)."""
+        out = []
+        for name in storage.list_names(self.root):
+            seq = layout.parse_checkpoint_name(name)
+            if seq is None:
+                continue
+            try:
+                manifest, sha = self.read_manifest(seq)
+            except FileNotFoundError:
+                continue
+            except ManifestError as err:
+                log.warning("ignoring %s: %s", self.uri(seq), err)
+                continue
+            out.append(Commit(uri=self.uri(seq), manifest=manifest, manifest_sha256=sha))
+        return sorted(out, key=lambda c: c.manifest.seq)
+
+    def verify(self, seq: int, ranks: Iterable[int] | None = None) -> Verified:
+        """Reads every file of checkpoint seq (or only those of `ranks`) and checks it."""
+        try:
+            manifest, sha = self.read_manifest(seq)
+        except (FileNotFoundError, ManifestError) as err:
+            raise CheckpointCorruptError(f"{self.uri(seq)}: {err}") from None
+        wanted = set(ranks) if ranks is not None else None
+        files = [f for f in manifest.files if wanted is None or f.rank in wanted]
+
+        def read(record: FileRecord) -> tuple[str, bytes]:
+            url = layout.join(self.uri(seq), record.path)
+            return record.path, storage.read_verified(url, record.size, record.sha256)
+
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
+                blobs = dict(pool.map(read, files))
+        except storage.CorruptFileError as err:
+            raise CheckpointCorruptError(str(err)) from None
+        return Verified(uri=self.uri(seq), manifest=manifest, manifest_sha256=sha, blobs=blobs)
+
+    def resolve(self, seq: int, ranks: Iterable[int] | None = None) -> tuple[Verified, list[str]]:
+        """Checkpoint seq verified, or the newest earlier committed one that verifies.
+
+        Returns it with the problems met on the way (empty when seq itself was good).
+        Never falls back to "no checkpoint": that raises NoValidCheckpointError.
+        """
+        problems: list[str] = []
+        candidates = [seq] + [c.manifest.seq for c in reversed(self.committed()) if c.manifest.seq < seq]
+        for candidate in candidates:
+            try:
+                return self.verify(candidate, ranks), problems
+            except CheckpointCorruptError as err:
+                problems.append(str(err))
+                log.error("checkpoint %s is not usable: %s", self.uri(candidate), err)
+        raise NoValidCheckpointError(
+            f"cannot resume from {self.uri(seq)}: it and every earlier checkpoint in {self.root} "
+            f"failed verification ({'; '.join(problems)}). Refusing to restart from step 0; "
+            "delete the job's status checkpoint or set spec.resumeFrom to a good checkpoint."
+        )
+
+
+def load_blob(data: bytes, *, weights_only: bool = True) -> Any:
+    """Unpickles a verified shard; `weights_only` refuses arbitrary code in the pickle."""
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+
+
+def split_uri(uri: str) -> tuple[str, int]:
+    """(job folder, seq) of a checkpoint URI such as gs://b/ns/job/ckpt-000012."""
+    root, _, name = uri.rstrip("/").rpartition("/")
+    seq = layout.parse_checkpoint_name(name)
+    if seq is None or not root:
+        raise ValueError(f"{uri!r} is not a checkpoint URI (…/ckpt-NNNNNN)")
+    return root, seq

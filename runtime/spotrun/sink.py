@@ -1,0 +1,162 @@
+"""Where rank 0 records what the runtime learned: the CheckpointSink, and its status.json form.
+
+After each commit, rank 0's writer calls `record()`; the sink writes the TrainJob status
+fields the runtime owns, fenced by the attempt. In local mode (and for a plain
+`spotrun launch`) the status lives in `<job folder>/status.json`; on Kubernetes it is the
+TrainJob's status subresource (spotrun.kube_sink).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
+
+from spotrun import layout, storage
+from spotrun.retention import Retention
+from spotrun.status import Commit, check_fence, commit_fields, completion, last_metrics, rfc3339
+
+StatusMutation = Callable[[dict[str, Any]], None]
+
+
+class CheckpointSink(Protocol):
+    """What rank 0 tells the control plane: commits, progress, completion, corruption."""
+
+    def record(self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Records a committed checkpoint; raises FencingError when the fence refuses it."""
+
+    def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
+        """Records the latest metrics: the control plane's evidence that training moves."""
+
+    def completed(self, step: int, time: float) -> None:
+        """Records that the training function returned on every rank."""
+
+    def checkpoint_corrupt(self, message: str, time: float) -> None:
+        """Records that resuming skipped a corrupt checkpoint (condition CheckpointCorrupt)."""
+
+
+def status_file(job_root: str) -> str:
+    return layout.join(job_root, layout.STATUS_FILE)
+
+
+@contextlib.contextmanager
+def _locked(url: str) -> Iterator[None]:
+    fs, path = storage.filesystem(url)
+    if not storage.is_local(fs):
+        yield
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(f"{path}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_status_file(url: str) -> dict[str, Any]:
+    try:
+        raw = json.loads(storage.read_bytes(url))
+    except FileNotFoundError:
+        return {}
+    return raw if isinstance(raw, dict) else {}
+
+
+def update_status_file(url: str, mutate: StatusMutation) -> dict[str, Any]:
+    """Read-modify-write of status.json under a lock (local files); returns the new status.
+
+    Local mode's supervisor and rank 0's writer both go through here, so neither loses
+    the other's fields.
+    """
+    with _locked(url):
+        status = read_status_file(url)
+        mutate(status)
+        storage.write_bytes(url, json.dumps(status, indent=1, sort_keys=True).encode())
+        return status
+
+
+def set_condition(
+    status: dict[str, Any], type_: str, value: str, reason: str, message: str, time: float
+) -> None:
+    """Sets one metav1.Condition; lastTransitionTime moves only when the status value does."""
+    conditions: list[dict[str, Any]] = status.setdefault("conditions", [])
+    for cond in conditions:
+        if cond.get("type") == type_:
+            if cond.get("status") != value:
+                cond["lastTransitionTime"] = rfc3339(time)
+            cond.update(status=value, reason=reason, message=message)
+            return
+    conditions.append(
+        {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": rfc3339(time)}
+    )
+
+
+class FileStatusSink:
+    """Writes the runtime's status fields into `<job folder>/status.json`."""
+
+    def __init__(self, job_root: str, attempt: int) -> None:
+        self.url = status_file(job_root)
+        self.attempt = attempt
+
+    def _fenced(self, step: int | None, change: StatusMutation) -> None:
+        def mutate(status: dict[str, Any]) -> None:
+            status.setdefault("attempt", self.attempt)
+            check_fence(status, self.attempt, step)
+            change(status)
+
+        update_status_file(self.url, mutate)
+
+    def record(self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]) -> None:
+        fields = commit_fields({}, commit, retention, entries)
+        self._fenced(commit.manifest.step, lambda status: status.update(fields))
+
+    def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
+        self._fenced(None, lambda status: status.update(lastMetrics=last_metrics(metrics, step, time)))
+
+    def completed(self, step: int, time: float) -> None:
+        self._fenced(None, lambda status: status.update(completion=completion(self.attempt, step, time)))
+
+    def checkpoint_corrupt(self, message: str, time: float) -> None:
+        self._fenced(
+            None, lambda status: set_condition(status, "CheckpointCorrupt", "True", "FellBack", message, time)
+        )
+
+
+class NullSink:
+    """Records nothing: for runs that keep their status elsewhere."""
+
+    def record(self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]) -> None:
+        return None
+
+    def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
+        return None
+
+    def completed(self, step: int, time: float) -> None:
+        return None
+
+    def checkpoint_corrupt(self, message: str, time: float) -> None:
+        return None
+
+
+def make_sink(kind: str | None, *, job_root: str, attempt: int, job: str, namespace: str) -> CheckpointSink:
+    """The sink named by SPOTRUN_STATUS_SINK: `file` (default), `none`, or `module:factory`.
+
+    `kubernetes` names spotrun.kube_sink:KubernetesSink, which the operator's pods use.
+    """
+    kind = kind or "file"
+    if kind == "file":
+        return FileStatusSink(job_root, attempt)
+    if kind == "none":
+        return NullSink()
+    if kind == "kubernetes":
+        kind = "spotrun.kube_sink:from_pod"
+    module, _, name = kind.partition(":")
+    if not name:
+        raise ValueError(f"SPOTRUN_STATUS_SINK={kind!r}: expected file, none, kubernetes or module:factory")
+    factory = getattr(importlib.import_module(module), name)
+    sink: CheckpointSink = factory(job=job, namespace=namespace, attempt=attempt, job_root=job_root)
+    return sink

@@ -1,0 +1,123 @@
+"""The TrainJob status fields that the runtime owns, and the fence that guards them.
+
+The runtime (rank 0) writes `latestCheckpoint`, `checkpoints`, `bestCheckpoints`,
+`lastMetrics` and `completion`; the lifecycle policy owns everything else. These pure
+functions compute the new fields and the JSON patch that writes them, so the file sink of
+local mode and the Kubernetes sink apply the very same change and the very same fence:
+a writer of an older attempt is refused, and `latestCheckpoint.step` never goes down.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from spotrun.manifest import Manifest
+from spotrun.retention import Retention
+
+RUNTIME_FIELDS = ("latestCheckpoint", "checkpoints", "bestCheckpoints", "lastMetrics", "completion")
+
+
+class FencingError(RuntimeError):
+    """The status refused a write: the writer is of an older attempt, or the step would go down."""
+
+
+def rfc3339(timestamp: float) -> str:
+    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: str) -> float:
+    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One committed checkpoint as the status records it."""
+
+    uri: str
+    manifest: Manifest
+    manifest_sha256: str
+
+    def entry(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "seq": self.manifest.seq,
+            "step": self.manifest.step,
+            "attempt": self.manifest.attempt,
+            "time": rfc3339(self.manifest.time),
+            "metrics": _json_metrics(self.manifest.metrics),
+            "manifestSha256": self.manifest_sha256,
+        }
+
+
+def check_fence(status: Mapping[str, Any], attempt: int, step: int | None = None) -> None:
+    current = int(status.get("attempt", 0) or 0)
+    if current != attempt:
+        raise FencingError(
+            f"status.attempt is {current}, this writer belongs to attempt {attempt}: "
+            "an older incarnation of the group may not record checkpoints"
+        )
+    latest = status.get("latestCheckpoint") or {}
+    if step is not None and "step" in latest and int(latest["step"]) > step:
+        raise FencingError(
+            f"status.latestCheckpoint.step is {latest['step']}; recording step {step} would make it go down"
+        )
+
+
+def commit_fields(
+    status: Mapping[str, Any], commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The runtime's status fields after `commit`, with retention applied to the lists.
+
+    `entries` are the status entries of every committed checkpoint known (any order),
+    including the new one; only those retention keeps are listed.
+    """
+    by_seq = {int(e["seq"]): dict(e) for e in entries}
+    by_seq[commit.manifest.seq] = commit.entry()
+    checkpoints = [by_seq[s] for s in sorted(by_seq) if s in retention.keep]
+    best = [by_seq[s] for s in retention.best if s in by_seq]
+    return {
+        "latestCheckpoint": commit.entry(),
+        "checkpoints": checkpoints,
+        "bestCheckpoints": best,
+        "lastMetrics": last_metrics(commit.manifest.metrics, commit.manifest.step, commit.manifest.time),
+    }
+
+
+def last_metrics(metrics: Mapping[str, Any], step: int, time: float) -> dict[str, Any]:
+    return {**_json_metrics(metrics), "step": step, "time": rfc3339(time)}
+
+
+def completion(attempt: int, step: int, time: float) -> dict[str, Any]:
+    return {"attempt": attempt, "step": step, "time": rfc3339(time)}
+
+
+def json_patch(status: Mapping[str, Any], attempt: int, fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """A JSON patch (RFC 6902) that writes `fields` only if the fence still holds.
+
+    It tests `status.attempt` and, when a checkpoint is recorded, the step the writer read,
+    so a concurrent write makes the whole patch fail instead of interleaving.
+    """
+    ops: list[dict[str, Any]] = [{"op": "test", "path": "/status/attempt", "value": attempt}]
+    latest = status.get("latestCheckpoint")
+    if "latestCheckpoint" in fields and latest and "step" in latest:
+        ops.append({"op": "test", "path": "/status/latestCheckpoint/step", "value": latest["step"]})
+    for name, value in fields.items():
+        ops.append({"op": "add", "path": f"/status/{name}", "value": value})
+    return ops
+
+
+def _json_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as JSON values: numbers and strings kept, anything else turned to its repr."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool | int | str) or value is None:
+            out[str(key)] = value
+        elif isinstance(value, float):
+            out[str(key)] = value if value == value and abs(value) != float("inf") else str(value)
+        else:
+            item = getattr(value, "item", None)
+            out[str(key)] = _json_metrics({"v": item()})["v"] if callable(item) else repr(value)
+    return out

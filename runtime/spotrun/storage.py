@@ -1,0 +1,166 @@
+"""fsspec glue for checkpoint storage: filesystems, hashed streaming writes, verified reads.
+
+Any fsspec URL works (gs://, s3://, file://, memory://). Local files are fsynced and small
+records are written by rename, so "written" means durable there as it does for a finished
+object upload on GCS.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import IO, Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+_CHUNK = 8 << 20
+
+
+class CorruptFileError(IOError):
+    """A stored file's size or sha256 differs from its record: never unpickle it."""
+
+
+def fsspec_options(url: str) -> dict[str, Any]:
+    """Extra filesystem options for `url` (an emulator's anonymous token)."""
+    if url.startswith(("gs://", "gcs://")) and os.environ.get("STORAGE_EMULATOR_HOST"):
+        # gcsfs probes for zonal/HNS buckets at import time; against an emulator every call
+        # would wait for that probe to time out.
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+        return {"token": "anon"}
+    return {}
+
+
+def filesystem(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem and the path inside it for `url`."""
+    fs, path = fsspec.core.url_to_fs(url, **fsspec_options(url))
+    return fs, path
+
+
+def is_local(fs: Any) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+class HashingWriter:
+    """A write-only file object that counts and hashes what passes through it."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._hash = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        self._hash.update(data)
+        self.size += len(data)
+        self._raw.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+
+@dataclass(frozen=True)
+class Written:
+    size: int
+    sha256: str
+
+
+@contextmanager
+def open_hashed_write(url: str) -> Iterator[HashingWriter]:
+    """Streams a file to `url` while hashing it; on exit the bytes are durable."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with open(path, "wb", buffering=_CHUNK) as raw:
+            writer = HashingWriter(raw)
+            yield writer
+            raw.flush()
+            os.fsync(raw.fileno())
+        return
+    with fs.open(path, "wb", block_size=64 << 20) as raw:
+        yield HashingWriter(raw)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Writes a small record whole: readers see either nothing or all of it."""
+    fs, path = filesystem(url)
+    if is_local(fs):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as raw:
+            raw.write(data)
+            raw.flush()
+            os.fsync(raw.fileno())
+        os.replace(tmp, path)
+        return
+    fs.pipe_file(path, data)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = filesystem(url)
+    data: bytes = fs.cat_file(path)
+    return data
+
+
+def read_verified(url: str, size: int, sha256: str) -> bytes:
+    """Reads a whole file and checks its size and sha256 before anyone may unpickle it."""
+    fs, path = filesystem(url)
+    try:
+        if is_local(fs):
+            with open(path, "rb") as raw:
+                data = raw.read()
+        else:
+            data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise CorruptFileError(f"{url} is missing") from None
+    if len(data) != size:
+        raise CorruptFileError(f"{url} has {len(data)} bytes, its record says {size}")
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise CorruptFileError(f"{url} fails its sha256 check (got {digest[:12]}…, want {sha256[:12]}…)")
+    return data
+
+
+def hash_file(url: str) -> Written:
+    fs, path = filesystem(url)
+    digest = hashlib.sha256()
+    size = 0
+    with fs.open(path, "rb") as raw:
+        while chunk := raw.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+    return Written(size=size, sha256=digest.hexdigest())
+
+
+def exists(url: str) -> bool:
+    fs, path = filesystem(url)
+    return bool(fs.exists(path))
+
+
+def list_names(url: str) -> list[str]:
+    """Base names directly under `url`; an absent folder lists as empty."""
+    fs, path = filesystem(url)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True) if not is_local(fs) else fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries})
+
+
+def remove_tree(url: str) -> None:
+    fs, path = filesystem(url)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+    invalidate = getattr(fs, "invalidate_cache", None)
+    if callable(invalidate):
+        invalidate(path)

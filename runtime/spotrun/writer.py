@@ -1,0 +1,430 @@
+"""The checkpoint writer: serialises, uploads and commits checkpoints off the training loop.
+
+`report()` copies the state into a shared-memory snapshot buffer and returns; a separate
+process per rank (not a thread: on 2 cores a thread fighting the training loop for the GIL
+cost more than a synchronous save) writes the shard, and rank 0's writer commits. The
+process is started with `python -m spotrun.writer`, not multiprocessing's spawn, so the
+user's training script is never re-imported. The snapshot buffer is a memfd handed over
+the control socket, so it is not bound by a small /dev/shm in a container.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import mmap
+import os
+import pickle
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from spotrun.commit import CheckpointStore
+from spotrun.contract import CheckpointSettings
+from spotrun.manifest import CheckpointKind, build_manifest
+from spotrun.retention import Candidate, plan_retention
+from spotrun.sink import CheckpointSink, make_sink
+from spotrun.status import Commit, FencingError
+from spotrun.tree import nbytes
+
+log = logging.getLogger("spotrun.writer")
+
+_ALIGN = 64
+_HEADER = struct.Struct("!Q")
+
+
+@dataclass(frozen=True)
+class WriterConfig:
+    """Everything a writer needs to know about its job, picklable for the child process."""
+
+    root: str
+    rank: int
+    attempt: int
+    world_size: int
+    job: str
+    namespace: str
+    settings: CheckpointSettings = field(default_factory=CheckpointSettings)
+    sink: str | None = None
+    commit_timeout: float = 1800.0
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    index: int
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    count: int
+
+
+class Worker:
+    """Executes writer jobs; runs in the writer process, or inline for synchronous saves."""
+
+    def __init__(self, config: WriterConfig) -> None:
+        self.config = config
+        self.store = CheckpointStore(config.root)
+        self._sink: CheckpointSink | None = None
+
+    @property
+    def sink(self) -> CheckpointSink:
+        if self._sink is None:
+            c = self.config
+            self._sink = make_sink(c.sink, job_root=c.root, attempt=c.attempt, job=c.job, namespace=c.namespace)
+        return self._sink
+
+    def save(self, seq: int, kind: CheckpointKind, skeleton: Any, tensors: Mapping[int, torch.Tensor]) -> None:
+        shard: dict[str, Any] = {"kind": kind, "tensors": dict(tensors)}
+        if skeleton is not None:
+            shard["skeleton"] = skeleton
+        self.store.write_torch_shard(seq, self.config.rank, shard)
+
+    def save_files(self, seq: int, files: Mapping[str, str], staging: str | None = None) -> None:
+        try:
+            self.store.write_files(seq, self.config.rank, files)
+        finally:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def record_files(self, seq: int, paths: Sequence[str]) -> None:
+        """Hashes files another library (DCP) already wrote, and marks this rank done."""
+        self.store.record_existing(seq, self.config.rank, paths)
+
+    def commit(
+        self,
+        *,
+        seq: int,
+        step: int,
+        kind: CheckpointKind,
+        writers: Sequence[int],
+        metrics: Mapping[str, Any],
+        runtime: Mapping[str, Any],
+        time_: float,
+    ) -> Commit:
+        done = self.store.wait_for_done(seq, writers, self.config.commit_timeout)
+        manifest = build_manifest(
+            seq=seq,
+            step=step,
+            kind=kind,
+            attempt=self.config.attempt,
+            world_size=self.config.world_size,
+            time=time_,
+            done=done,
+            metrics=metrics,
+            runtime=runtime,
+        )
+        commit = self.store.commit(manifest)
+        committed = self.store.committed()
+        candidates = [Candidate(c.manifest.seq, c.manifest.step, c.manifest.metrics) for c in committed]
+        retention = plan_retention(candidates, self.config.settings)
+        # The status write comes before any deletion, so the status never points at a deleted
+        # checkpoint; a fenced (stale) writer deletes nothing.
+        self.sink.record(commit, retention, [c.entry() for c in committed])
+        for stale in retention.delete:
+            try:
+                self.store.delete(stale)
+            except OSError as err:  # a later commit retries retention
+                log.warning("could not delete checkpoint %s yet: %s", self.store.uri(stale), err)
+        return commit
+
+    def handle(self, op: str, args: dict[str, Any]) -> Any:
+        if op == "save":
+            return self.save(args["seq"], args["kind"], args["skeleton"], args["tensors"])
+        if op == "save_files":
+            return self.save_files(args["seq"], args["files"], args.get("staging"))
+        if op == "record_files":
+            return self.record_files(args["seq"], args["paths"])
+        if op == "commit":
+            commit = self.commit(**args)
+            return {"uri": commit.uri, "seq": commit.manifest.seq, "step": commit.manifest.step}
+        if op == "progress":
+            return self.sink.progress(args["metrics"], args["step"], args["time"])
+        if op == "completed":
+            return self.sink.completed(args["step"], args["time"])
+        if op == "corrupt":
+            return self.sink.checkpoint_corrupt(args["message"], args["time"])
+        raise ValueError(f"unknown writer op {op!r}")
+
+
+class WriterError(RuntimeError):
+    """A background save or commit failed; the message carries the writer's error."""
+
+
+class WriterClient:
+    """The training process's handle on its writer: snapshot, submit, wait."""
+
+    def __init__(self, config: WriterConfig, *, background: bool = True) -> None:
+        self.config = config
+        self.background = background
+        self._inline = Worker(config)
+        self._next_id = 0
+        self._results: dict[int, tuple[bool, Any]] = {}
+        self._cond = threading.Condition()
+        self._buffer: mmap.mmap | None = None
+        self._buffer_fd = -1
+        self._buffer_view: torch.Tensor | None = None
+        self._pending_save: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._sock: socket.socket | None = None
+        self._send_lock = threading.Lock()
+        self._dead: str | None = None
+        self._detached: set[int] = set()
+        if background:
+            self._start()
+
+    # --- process management ----------------------------------------------------------------
+
+    def _start(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        env = dict(os.environ, SPOTRUN_WRITER_PARENT=str(os.getpid()))
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "spotrun.writer", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            env=env,
+            stdin=subprocess.DEVNULL,
+        )
+        theirs.close()
+        self._sock = ours
+        _send_frame(ours, pickle.dumps(self.config))
+        threading.Thread(target=self._read_results, name="spotrun-writer-results", daemon=True).start()
+
+    def _read_results(self) -> None:
+        assert self._sock is not None
+        try:
+            while True:
+                kind, _ = _recv_kind(self._sock)
+                if kind != b"M":
+                    raise EOFError("writer closed its socket")
+                job_id, ok, value = pickle.loads(_recv_frame(self._sock))
+                with self._cond:
+                    if job_id in self._detached:
+                        self._detached.discard(job_id)
+                        if not ok:
+                            log.error("checkpoint writer: %s", value)
+                        continue
+                    self._results[job_id] = (ok, value)
+                    self._cond.notify_all()
+        except (EOFError, OSError) as err:
+            with self._cond:
+                self._dead = f"the checkpoint writer process exited ({err})"
+                self._cond.notify_all()
+
+    # --- jobs --------------------------------------------------------------------------------
+
+    def submit(self, op: str, *, detached: bool = False, **args: Any) -> int:
+        """Queues a job; a detached job's result is only logged, never waited for."""
+        job_id = self._next_id
+        self._next_id += 1
+        if not self.background:
+            try:
+                self._results[job_id] = (True, self._inline.handle(op, args))
+            except Exception as err:  # recorded, re-raised by wait()
+                self._results[job_id] = (False, f"{type(err).__name__}: {err}")
+            if detached:
+                ok, value = self._results.pop(job_id)
+                if not ok:
+                    log.error("checkpoint writer: %s", value)
+            return job_id
+        assert self._sock is not None
+        if detached:
+            with self._cond:
+                self._detached.add(job_id)
+        with self._send_lock:
+            if self._dead:
+                raise WriterError(self._dead)
+            _send_frame(self._sock, pickle.dumps((job_id, op, args)))
+        return job_id
+
+    def wait(self, job_id: int, timeout: float | None = None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while job_id not in self._results:
+                if self._dead:
+                    raise WriterError(self._dead)
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise TimeoutError(f"checkpoint writer job {job_id} still running after {timeout}s")
+                self._cond.wait(remaining)
+            ok, value = self._results.pop(job_id)
+        if not ok:
+            raise WriterError(value)
+        return value
+
+    def save(
+        self, seq: int, kind: CheckpointKind, skeleton: Any, tensors: Mapping[int, torch.Tensor]
+    ) -> int:
+        """Snapshots `tensors` and queues their write; returns once the snapshot is taken.
+
+        One save is in flight at a time: the snapshot buffer is reused, so this first waits
+        for the previous save of this rank to finish.
+        """
+        if not self.background:
+            return self.submit("save", seq=seq, kind=kind, skeleton=skeleton, tensors=tensors)
+        self.drain_save()
+        slots, total = _plan_slots(tensors)
+        self._ensure_buffer(total)
+        assert self._buffer_view is not None
+        for slot in slots:
+            src = tensors[slot.index].detach()
+            dst = self._buffer_view[slot.offset : slot.offset + slot.count * src.element_size()]
+            if slot.count:
+                dst.view(src.dtype).view(src.shape).copy_(src)
+        job = self.submit("save_slots", seq=seq, kind=kind, skeleton=skeleton, slots=slots)
+        self._pending_save = job
+        return job
+
+    def drain_save(self) -> None:
+        if self._pending_save is not None:
+            job, self._pending_save = self._pending_save, None
+            self.wait(job)
+
+    def _ensure_buffer(self, size: int) -> None:
+        if self._buffer is not None and len(self._buffer) >= size:
+            return
+        size = max(size, 1 << 20)
+        if self._buffer is not None:
+            self._buffer_view = None
+            self._buffer.close()
+            os.close(self._buffer_fd)
+        fd = os.memfd_create("spotrun-snapshot", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        self._buffer_fd = fd
+        self._buffer = mmap.mmap(fd, size)
+        self._buffer_view = torch.frombuffer(self._buffer, dtype=torch.uint8)
+        assert self._sock is not None
+        with self._send_lock:
+            socket.send_fds(self._sock, [b"F"], [fd])
+
+    def close(self, timeout: float = 60.0) -> None:
+        if self._proc is None:
+            return
+        proc, self._proc = self._proc, None
+        try:
+            if self._sock is not None:
+                with self._send_lock:
+                    self._sock.sendall(b"Q")
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if self._sock is not None:
+            self._sock.close()
+
+
+def _plan_slots(tensors: Mapping[int, torch.Tensor]) -> tuple[list[TensorSlot], int]:
+    slots = []
+    offset = 0
+    for index in sorted(tensors):
+        tensor = tensors[index]
+        slots.append(TensorSlot(index, offset, tensor.dtype, tuple(tensor.shape), tensor.numel()))
+        offset += -(-nbytes(tensor) // _ALIGN) * _ALIGN
+    return slots, offset
+
+
+# --- the wire: a kind byte, then for messages an 8-byte length and a pickle ------------------
+
+
+def _send_frame(sock: socket.socket, payload: bytes) -> None:
+    sock.sendall(b"M" + _HEADER.pack(len(payload)) + payload)
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        if not chunk:
+            raise EOFError("peer closed the writer socket")
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def _recv_kind(sock: socket.socket) -> tuple[bytes, list[int]]:
+    data, fds, _flags, _addr = socket.recv_fds(sock, 1, 4)
+    if not data:
+        raise EOFError("peer closed the writer socket")
+    return data, list(fds)
+
+
+def _recv_frame(sock: socket.socket) -> bytes:
+    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    return _recv_exact(sock, size)
+
+
+# --- the child process ------------------------------------------------------------------
+
+
+def _die_with_parent() -> None:
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != int(os.environ.get("SPOTRUN_WRITER_PARENT", os.getppid())):
+        os._exit(1)
+
+
+def _serve(sock: socket.socket) -> None:
+    config: WriterConfig = pickle.loads(_recv_frame(sock) if _recv_kind(sock)[0] == b"M" else b"")
+    worker = Worker(config)
+    buffer: mmap.mmap | None = None
+    while True:
+        kind, fds = _recv_kind(sock)
+        if kind == b"Q":
+            return
+        if kind == b"F":
+            if buffer is not None:
+                buffer.close()
+            buffer = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
+            os.close(fds[0])
+            continue
+        job_id, op, args = pickle.loads(_recv_frame(sock))
+        try:
+            if op == "save_slots":
+                assert buffer is not None, "no snapshot buffer was handed over"
+                tensors = {
+                    s.index: torch.frombuffer(buffer, dtype=s.dtype, count=s.count, offset=s.offset).view(s.shape)
+                    if s.count
+                    else torch.empty(s.shape, dtype=s.dtype)
+                    for s in args.pop("slots")
+                }
+                result = worker.handle("save", {**args, "tensors": tensors})
+            else:
+                result = worker.handle(op, args)
+            reply = (job_id, True, result)
+        except FencingError as err:
+            log.error("checkpoint refused by the status fence: %s", err)
+            reply = (job_id, False, f"FencingError: {err}")
+        except Exception as err:
+            log.exception("checkpoint writer job %s (%s) failed", job_id, op)
+            reply = (job_id, False, f"{type(err).__name__}: {err}")
+        _send_frame(sock, pickle.dumps(reply))
+
+
+def main() -> None:
+    _die_with_parent()
+    # A group-wide SIGTERM must not kill the final checkpoint's upload; the writer dies
+    # with its training process instead.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(level=logging.INFO, format="[spotrun writer] %(levelname)s %(message)s")
+    torch.set_num_threads(1)
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    try:
+        _serve(sock)
+    except EOFError:
+        pass
+
+
+if __name__ == "__main__":
+    main()
