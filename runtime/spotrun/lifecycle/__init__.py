@@ -15,18 +15,44 @@ from spotrun.lifecycle.actions import (
     Suspend,
     Wait,
 )
+from spotrun.lifecycle.classify import EXIT_PREEMPTED, Blocker, Interruption, Kind, classify
 from spotrun.lifecycle.observation import Observation, Phase, ReplicaObservation
-from spotrun.lifecycle.plan import Plan, plan
+from spotrun.lifecycle.plan import (
+    FAILED,
+    FINISHED,
+    OWNED_FIELDS,
+    PENDING,
+    RESTARTING,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    Plan,
+    plan,
+    resume_point,
+)
 from spotrun.lifecycle.spec import Backoff, CircuitBreaker, FailurePolicy, JobSpec
+from spotrun.lifecycle.times import format_time, parse_time
 
 __all__ = [
+    "EXIT_PREEMPTED",
+    "FAILED",
+    "FINISHED",
+    "OWNED_FIELDS",
+    "PENDING",
+    "RESTARTING",
+    "RUNNING",
+    "SUCCEEDED",
+    "SUSPENDED",
     "Action",
     "Backoff",
+    "Blocker",
     "CircuitBreaker",
     "DeleteJob",
     "Fail",
     "FailurePolicy",
+    "Interruption",
     "JobSpec",
+    "Kind",
     "Observation",
     "Phase",
     "Plan",
@@ -36,5 +62,9 @@ __all__ = [
     "Succeed",
     "Suspend",
     "Wait",
+    "classify",
+    "format_time",
+    "parse_time",
     "plan",
+    "resume_point",
 ]

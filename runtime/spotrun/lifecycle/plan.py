@@ -1,21 +1,79 @@
 """The restart policy: from spec, status and one observation to actions and a new status.
 
 `plan` is pure and level-based: it reads what is, not what happened, so a lost event, a
-restarted operator or a repeated pass cannot restart a group twice. Its output is a fixed
-point: planning again with the same observation and the returned status changes nothing
-and asks for nothing new.
+restarted operator or a repeated pass cannot restart a group twice. It applies one
+transition at a time until the status stops changing, so its output is a fixed point:
+planning again with the same observation and the returned status changes nothing and
+asks for nothing new.
+
+The states (status.state) and what moves them:
+
+    Pending     --all replicas of the attempt running-->            Running
+    Pending, Running, Restarting --preemption, failure or hang-->   Restarting (backoff)
+    Restarting (backoff) --backoff over, budgets left-->            Restarting (attempt + 1)
+    Restarting (backoff) --a budget spent-->                        Failed
+    Restarting (attempt + 1) --all new replicas running-->          Running
+    any but Succeeded, Failed --spec.suspend-->                     Suspended
+    Suspended --spec.suspend cleared-->                             Pending (attempt + 1)
+    any but Succeeded, Failed --training function returned-->       Succeeded
 """
 
 from __future__ import annotations
 
+import copy
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
-from spotrun.lifecycle.actions import Action
+from spotrun.lifecycle import conditions as cond
+from spotrun.lifecycle import ledger as ledger_
+from spotrun.lifecycle.actions import (
+    Action,
+    DeleteJob,
+    Fail,
+    RestartGroup,
+    StartGroup,
+    Succeed,
+    Suspend,
+    Wait,
+)
+from spotrun.lifecycle.backoff import consecutive, delay
+from spotrun.lifecycle.budget import Exhausted, exhausted
+from spotrun.lifecycle.classify import Interruption, blocker, classify, preemption_of
 from spotrun.lifecycle.observation import Observation
 from spotrun.lifecycle.spec import JobSpec
+from spotrun.lifecycle.times import format_time, parse_time
+
+PENDING: Final = "Pending"
+RUNNING: Final = "Running"
+RESTARTING: Final = "Restarting"
+SUSPENDED: Final = "Suspended"
+SUCCEEDED: Final = "Succeeded"
+FAILED: Final = "Failed"
+FINISHED = (SUCCEEDED, FAILED)
+
+# The status fields this policy writes. Every other field (latestCheckpoint, checkpoints,
+# bestCheckpoints, lastMetrics, completion) belongs to the runtime and is only read here;
+# a writer should patch only these, so it cannot undo a checkpoint recorded meanwhile.
+OWNED_FIELDS = (
+    "state",
+    "attempt",
+    "preemptions",
+    "failures",
+    "readyReplicas",
+    "conditions",
+    "interruptions",
+    "startTime",
+    "completionTime",
+    "observedGeneration",
+    "restartNotBefore",
+    "attemptStartTime",
+)
+
+# Each transition moves a job strictly along the state diagram, so a handful of steps
+# always reaches the fixed point; more means a bug in the policy, not a slow job.
+_MAX_STEPS = 10
 
 
 @dataclass(frozen=True)
@@ -23,7 +81,8 @@ class Plan:
     """What to do now (`actions`, in order) and the status to write (`status`).
 
     `status` is the whole status: the fields the policy owns (OWNED_FIELDS) updated,
-    every other field (the runtime's checkpoints and metrics) copied unchanged.
+    every other field (the runtime's checkpoints and metrics) copied unchanged. No
+    actions means nothing to do until the observation changes.
     """
 
     actions: tuple[Action, ...]
@@ -38,7 +97,341 @@ def plan(
 ) -> Plan:
     """Decides the next actions and status of a TrainJob.
 
-    `jitter` is the random draw for the backoff (a float in [0, 1) or a Random to draw
-    it from), passed in so that a test can pin it.
+    `status` is the TrainJob's status as read (camelCase, as in the CRD; empty for a new
+    job). `jitter` is the random draw for the backoff (a float in [0, 1) or a Random to
+    draw it from), passed in so that tests can pin it; it is used only when an
+    interruption is first seen, and its result is kept in status.restartNotBefore.
     """
-    raise NotImplementedError("plan is being written; the types above are stable")
+    draw = jitter.random() if isinstance(jitter, random.Random) else float(jitter)
+    step = _Step(spec, observation, draw)
+    current = copy.deepcopy(dict(status))
+    for _ in range(_MAX_STEPS):
+        following, actions = step(current)
+        if following == current:
+            return Plan(tuple(actions), following)
+        current = following
+    raise RuntimeError(f"the lifecycle policy did not settle within {_MAX_STEPS} transitions")
+
+
+def resume_point(spec: JobSpec, status: Mapping[str, Any]) -> str | None:
+    """Where a new attempt resumes: the latest committed checkpoint, else spec.resumeFrom."""
+    latest = status.get("latestCheckpoint") or {}
+    return latest.get("uri") or spec.resume_from
+
+
+class _Step:
+    """One transition of the state diagram, for a fixed spec and observation."""
+
+    def __init__(self, spec: JobSpec, observation: Observation, draw: float) -> None:
+        self.spec = spec
+        self.obs = observation
+        self.now = observation.now
+        self.draw = draw
+
+    def __call__(self, status: dict[str, Any]) -> tuple[dict[str, Any], list[Action]]:
+        st = copy.deepcopy(status)
+        if self.obs.generation is not None:
+            st["observedGeneration"] = self.obs.generation
+        st["state"] = st.get("state") or PENDING
+        st.setdefault("attempt", 0)
+        st.setdefault("preemptions", 0)
+        st.setdefault("failures", 0)
+        actions = self._transition(st)
+        self._report_replicas(st)
+        return st, actions
+
+    def _transition(self, st: dict[str, Any]) -> list[Action]:
+        state, attempt = st["state"], int(st["attempt"])
+        if state in FINISHED:
+            return self._finished(st)
+        if self.obs.completed or (attempt and self._all_succeeded(attempt)):
+            return self._succeed(st)
+        if self.obs.suspended:
+            return self._suspend(st)
+        if state == SUSPENDED or attempt == 0:
+            return self._start(st)
+        if state == RESTARTING and "restartNotBefore" in st:
+            return self._backoff(st)
+        return self._supervise(st)
+
+    # -- transitions ----------------------------------------------------------------
+
+    def _start(self, st: dict[str, Any]) -> list[Action]:
+        """A first start, or a resume after suspend: a new attempt, no budget spent."""
+        attempt = int(st["attempt"]) + 1
+        if st["state"] == SUSPENDED:
+            self._condition(
+                st,
+                cond.SUSPENDED,
+                False,
+                "Resumed",
+                f"spec.suspend was cleared; attempt {attempt} starts",
+            )
+        st.update(state=PENDING, attempt=attempt)
+        st.setdefault("startTime", format_time(self.now))
+        st.pop("restartNotBefore", None)
+        st.pop("attemptStartTime", None)
+        return [StartGroup(attempt, resume_point(self.spec, st))]
+
+    def _supervise(self, st: dict[str, Any]) -> list[Action]:
+        """Pending, Running or Restarting after the restart went out: watch the attempt."""
+        state, attempt = st["state"], int(st["attempt"])
+        current = self.obs.of_attempt(attempt)
+        interruption = classify(
+            current,
+            expected=self.spec.replicas,
+            was_running=state == RUNNING,
+            now=self.now,
+            progress_since=self._progress_since(st) if state == RUNNING else None,
+            progress_deadline=self.spec.failure_policy.progress_deadline_seconds,
+        )
+        if interruption is not None:
+            return self._interrupt(st, attempt, interruption)
+
+        up = {r.index for r in current if r.phase in ("running", "succeeded")}
+        replicas = self.spec.replicas
+        if len(up) >= replicas:
+            return self._running(st, attempt)
+        incomplete = (
+            bool(self.obs.stale(attempt)) or sum(1 for r in current if r.present) < replicas
+        )
+        progress = f"{len(up)}/{replicas} replicas of attempt {attempt} running"
+        if state == RESTARTING:
+            entry = _last_open(st.get("interruptions") or [])
+            reason = str(entry.get("reason")) if entry else "Restarting"
+            self._condition(st, cond.RUNNING, False, reason, f"restarting: {progress}")
+            not_before = (
+                parse_time(str(entry["restartTime"]))
+                if entry and "restartTime" in entry
+                else self.now
+            )
+            resume = resume_point(self.spec, st)
+            return [RestartGroup(attempt, resume, reason, not_before)] if incomplete else []
+        st["state"] = PENDING
+        self._condition(st, cond.RUNNING, False, "Starting", f"starting: {progress}")
+        return [StartGroup(attempt, resume_point(self.spec, st))] if incomplete else []
+
+    def _running(self, st: dict[str, Any], attempt: int) -> list[Action]:
+        if st["state"] != RUNNING:
+            if st["state"] == RESTARTING:
+                entries = st.get("interruptions") or []
+                index = _last_open_index(entries)
+                if index is not None:
+                    st["interruptions"] = ledger_.mark_recovered(entries, index, now=self.now)
+            st["state"] = RUNNING
+            st["attemptStartTime"] = format_time(self.now)
+        self._condition(
+            st,
+            cond.RUNNING,
+            True,
+            "AllReplicasRunning",
+            f"attempt {attempt}: {self.spec.replicas}/{self.spec.replicas} replicas running",
+        )
+        deadline = self.spec.failure_policy.progress_deadline_seconds
+        since = self._progress_since(st)
+        if deadline is None or since is None:
+            return []
+        return [Wait(since + deadline, "ProgressDeadline")]
+
+    def _interrupt(
+        self, st: dict[str, Any], attempt: int, interruption: Interruption
+    ) -> list[Action]:
+        """Counts the interruption once, records it, and starts the backoff."""
+        if interruption.kind == "preemption":
+            st["preemptions"] = int(st["preemptions"]) + 1
+        else:
+            st["failures"] = int(st["failures"]) + 1
+        entries = ledger_.record(
+            st.get("interruptions") or [],
+            interruption,
+            attempt=attempt,
+            now=self.now,
+            step=_progress_step(st),
+        )
+        wait = delay(self.spec.failure_policy.backoff, consecutive(entries), self.draw)
+        st.update(
+            state=RESTARTING, interruptions=entries, restartNotBefore=format_time(self.now + wait)
+        )
+        st.pop("attemptStartTime", None)
+        return [Wait(parse_time(st["restartNotBefore"]), "Backoff")]
+
+    def _backoff(self, st: dict[str, Any]) -> list[Action]:
+        """Restarting, before the restart: wait out backoff and drain, then restart or fail."""
+        attempt = int(st["attempt"])
+        entries = st.get("interruptions") or []
+        index = ledger_.open_entry(entries, attempt)
+        if index is None:
+            # The ledger no longer holds this interruption (edited by hand): restart anyway.
+            entries = ledger_.record(
+                entries,
+                Interruption("failure", "Unknown", "interruption not in the ledger", ()),
+                attempt=attempt,
+                now=self.now,
+                step=None,
+            )
+            index = len(entries) - 1
+        replicas = self.obs.of_attempt(attempt)
+        if entries[index]["kind"] != "preemption":
+            # Evidence of a lost node often comes after the other ranks crashed of it: until
+            # the restart goes out, a failure can still turn out to be a preemption.
+            late = preemption_of(replicas)
+            if late is not None:
+                st["failures"] = int(st["failures"]) - 1
+                st["preemptions"] = int(st["preemptions"]) + 1
+                entries = ledger_.reclassify(entries, index, late)
+        st["interruptions"] = entries
+        entry = entries[index]
+        reason, message = str(entry["reason"]), str(entry.get("message", ""))
+
+        until, why = parse_time(str(st["restartNotBefore"])), "Backoff"
+        if entry["kind"] == "preemption" and any(
+            r.preempted and r.phase == "running" for r in replicas
+        ):
+            # A preempted replica still running is writing its final checkpoint within its
+            # grace period; restarting now would fence that checkpoint out.
+            drained_by = parse_time(str(entry["time"])) + self.spec.grace_seconds
+            if drained_by > until:
+                until, why = drained_by, "DrainingPreemptedReplicas"
+        verdict = exhausted(
+            self.spec.failure_policy,
+            failures=int(st["failures"]),
+            preemptions=int(st["preemptions"]),
+            failure_times=ledger_.failure_times(entries),
+        )
+        if self.now < until:
+            then = (
+                f"failing ({verdict.reason})" if verdict else f"restarting as attempt {attempt + 1}"
+            )
+            self._condition(
+                st, cond.RUNNING, False, reason, f"{message}; {then} at {format_time(until)}"
+            )
+            return [Wait(until, why)]
+        if verdict is not None:
+            return self._fail(st, verdict)
+
+        latest = st.get("latestCheckpoint") or {}
+        resume_step = latest.get("step", None if self.spec.resume_from else 0)
+        st["interruptions"] = ledger_.mark_restarted(
+            entries,
+            index,
+            now=self.now,
+            step=_progress_step(st),
+            resume_step=None if resume_step is None else int(resume_step),
+        )
+        st["attempt"] = attempt + 1
+        st.pop("restartNotBefore")
+        return [RestartGroup(attempt + 1, resume_point(self.spec, st), reason, self.now)]
+
+    def _fail(self, st: dict[str, Any], verdict: Exhausted) -> list[Action]:
+        st.update(state=FAILED, completionTime=format_time(self.now))
+        st.pop("restartNotBefore", None)
+        self._condition(st, cond.FAILED, True, verdict.reason, verdict.message)
+        self._condition(st, cond.RUNNING, False, verdict.reason, "the job failed")
+        return [Fail(verdict.reason, verdict.message)]
+
+    def _succeed(self, st: dict[str, Any]) -> list[Action]:
+        st.update(state=SUCCEEDED, completionTime=format_time(self.now))
+        st.pop("restartNotBefore", None)
+        self._condition(st, cond.SUCCEEDED, True, "Completed", "the training function returned")
+        self._condition(st, cond.RUNNING, False, "Completed", "the training finished")
+        return [Succeed()]
+
+    def _suspend(self, st: dict[str, Any]) -> list[Action]:
+        st["state"] = SUSPENDED
+        st.pop("restartNotBefore", None)
+        st.pop("attemptStartTime", None)
+        self._condition(
+            st,
+            cond.SUSPENDED,
+            True,
+            "SuspendRequested",
+            "spec.suspend is true: the group is stopped; "
+            "clear it to resume from the latest checkpoint",
+        )
+        self._condition(st, cond.RUNNING, False, "Suspended", "the job is suspended")
+        return [Suspend()]
+
+    def _finished(self, st: dict[str, Any]) -> list[Action]:
+        """Succeeded or Failed: keep the group stopped, and delete the job when its TTL ends."""
+        if st["state"] == SUCCEEDED:
+            actions: list[Action] = [Succeed()]
+        else:
+            failed = cond.find(st.get("conditions") or [], cond.FAILED) or {}
+            actions = [Fail(str(failed.get("reason", "Failed")), str(failed.get("message", "")))]
+        ttl = self.spec.ttl_seconds_after_finished
+        if ttl is not None and "completionTime" in st:
+            expires = parse_time(str(st["completionTime"])) + ttl
+            actions.append(
+                DeleteJob() if self.now >= expires else Wait(expires, "TTLAfterFinished")
+            )
+        return actions
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _report_replicas(self, st: dict[str, Any]) -> None:
+        """readyReplicas and PodsReady, from the replicas of the attempt now in status."""
+        attempt, replicas = int(st["attempt"]), self.spec.replicas
+        current = self.obs.of_attempt(attempt) if attempt else ()
+        ready = len({r.index for r in current if r.ready and r.present})
+        st["readyReplicas"] = ready
+        if ready >= replicas:
+            self._condition(
+                st, cond.PODS_READY, True, "AllReplicasReady", f"{ready}/{replicas} replicas ready"
+            )
+            return
+        stuck = blocker(current) if st["state"] not in (*FINISHED, SUSPENDED) else None
+        if stuck is not None:
+            self._condition(st, cond.PODS_READY, False, stuck.reason, stuck.message)
+        elif st["state"] in (*FINISHED, SUSPENDED):
+            self._condition(st, cond.PODS_READY, False, st["state"], "the group is stopped")
+        else:
+            self._condition(
+                st,
+                cond.PODS_READY,
+                False,
+                "ReplicasNotReady",
+                f"{ready}/{replicas} replicas of attempt {attempt} ready",
+            )
+
+    def _condition(
+        self, st: dict[str, Any], type_: str, status: bool, reason: str, message: str
+    ) -> None:
+        st["conditions"] = cond.set_condition(
+            st.get("conditions") or [],
+            type_,
+            status,
+            reason,
+            message,
+            now=self.now,
+            generation=self.obs.generation,
+        )
+
+    def _progress_since(self, st: Mapping[str, Any]) -> float | None:
+        """The later of the attempt's start and the runtime's last progress report."""
+        known = [t for t in (self.obs.last_progress_time,) if t is not None]
+        if "attemptStartTime" in st:
+            known.append(parse_time(str(st["attemptStartTime"])))
+        return max(known) if known else None
+
+    def _all_succeeded(self, attempt: int) -> bool:
+        done = {r.index for r in self.obs.of_attempt(attempt) if r.phase == "succeeded"}
+        return len(done) >= self.spec.replicas
+
+
+def _progress_step(status: Mapping[str, Any]) -> int | None:
+    step = (status.get("lastMetrics") or {}).get("step")
+    return int(step) if isinstance(step, int | float) and not isinstance(step, bool) else None
+
+
+def _last_open_index(entries: Sequence[Mapping[str, Any]]) -> int | None:
+    if entries and "secondsToRecover" not in entries[-1]:
+        return len(entries) - 1
+    return None
+
+
+def _last_open(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    index = _last_open_index(entries)
+    return None if index is None else entries[index]
+
+
+__all__ = ["FINISHED", "OWNED_FIELDS", "Plan", "plan", "resume_point"]

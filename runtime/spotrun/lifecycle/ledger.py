@@ -1,0 +1,110 @@
+"""The interruption ledger: the last few interruptions with their cost, kept in status.
+
+Each entry says when the group was interrupted, of which attempt, why (`kind`,
+`reason`, `message`), when the restart went out (`restartTime`), how many steps were lost
+and how long the group took to run again (`secondsToRecover`). People read it to see what
+spot capacity costs them; the backoff and the circuit breaker read it to see how recent
+the last interruptions were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from spotrun.lifecycle.classify import Interruption, Kind
+from spotrun.lifecycle.times import format_time, parse_time
+
+LEDGER_SIZE = 10
+
+
+def record(
+    ledger: Sequence[Mapping[str, Any]],
+    interruption: Interruption,
+    *,
+    attempt: int,
+    now: float,
+    step: int | None,
+) -> list[dict[str, Any]]:
+    """The ledger with a new entry for `interruption` of `attempt`, the last LEDGER_SIZE kept.
+
+    `step` is the training progress reached when the interruption was seen.
+    """
+    entry: dict[str, Any] = {
+        "time": format_time(now),
+        "attempt": attempt,
+        "kind": interruption.kind,
+        "reason": interruption.reason,
+        "message": interruption.message,
+    }
+    if step is not None:
+        entry["step"] = step
+    return [*(dict(e) for e in ledger), entry][-LEDGER_SIZE:]
+
+
+def open_entry(ledger: Sequence[Mapping[str, Any]], attempt: int) -> int | None:
+    """Index of the entry for an interruption of `attempt` not yet recovered from, if any."""
+    for i in range(len(ledger) - 1, -1, -1):
+        entry = ledger[i]
+        if entry.get("attempt") == attempt and "secondsToRecover" not in entry:
+            return i
+    return None
+
+
+def update(ledger: Sequence[Mapping[str, Any]], index: int, **fields: Any) -> list[dict[str, Any]]:
+    """A copy of the ledger with `fields` set on entry `index`."""
+    out = [dict(e) for e in ledger]
+    out[index].update(fields)
+    return out
+
+
+def reclassify(
+    ledger: Sequence[Mapping[str, Any]], index: int, interruption: Interruption
+) -> list[dict[str, Any]]:
+    """Entry `index` turned out to be `interruption` (a preemption seen late)."""
+    return update(
+        ledger,
+        index,
+        kind=interruption.kind,
+        reason=interruption.reason,
+        message=interruption.message,
+    )
+
+
+def mark_restarted(
+    ledger: Sequence[Mapping[str, Any]],
+    index: int,
+    *,
+    now: float,
+    step: int | None,
+    resume_step: int | None,
+) -> list[dict[str, Any]]:
+    """Entry `index` with its restart time and the steps lost by resuming at `resume_step`.
+
+    `step` is the latest progress known at restart (a final checkpoint taken during the
+    preemption's grace period may be newer than the progress seen at the interruption).
+    """
+    fields: dict[str, Any] = {"restartTime": format_time(now)}
+    reached = _max_known(ledger[index].get("step"), step)
+    if reached is not None and resume_step is not None:
+        fields["stepsLost"] = max(0, reached - resume_step)
+    return update(ledger, index, **fields)
+
+
+def mark_recovered(
+    ledger: Sequence[Mapping[str, Any]], index: int, *, now: float
+) -> list[dict[str, Any]]:
+    """Entry `index` with the seconds from the interruption until the group ran again."""
+    since = parse_time(str(ledger[index]["time"]))
+    return update(ledger, index, secondsToRecover=round(max(0.0, now - since), 3))
+
+
+def failure_times(ledger: Sequence[Mapping[str, Any]]) -> list[float]:
+    """Times of the failures (hangs included) in the ledger, for the circuit breaker."""
+    failures: tuple[Kind, ...] = ("failure", "hang")
+    return [parse_time(str(e["time"])) for e in ledger if e.get("kind") in failures]
+
+
+def _max_known(a: Any, b: int | None) -> int | None:
+    known = [int(v) for v in (a, b) if v is not None]
+    return max(known) if known else None
