@@ -1,0 +1,63 @@
+"""Splitting replicated state between writers, and the checkpoint interval."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+
+from spotrun.cadence import Cadence, young_daly_interval
+from spotrun.tree import flatten, partition, unflatten
+
+
+def test_flatten_round_trips_nested_state_with_int_keys() -> None:
+    optim_like = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
+        "param_groups": [{"lr": 0.1, "params": [0]}],
+    }
+    state = {"model": OrderedDict(w=torch.zeros(2, 2)), "optim": optim_like, "epoch": 4, "pair": (torch.ones(1), "x")}
+    skeleton, tensors = flatten(state)
+    assert len(tensors) == 4
+    back = unflatten(skeleton, tensors.__getitem__)
+    assert isinstance(back["model"], OrderedDict)
+    assert back["epoch"] == 4 and back["pair"][1] == "x"
+    assert back["optim"]["param_groups"] == [{"lr": 0.1, "params": [0]}]
+    assert torch.equal(back["optim"]["state"][0]["exp_avg"], torch.ones(2))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "writers", "expected"),
+    [
+        ([100, 100], [0, 1], {0: [0], 1: [1]}),
+        ([300, 100, 100, 100], [0, 1], {0: [0], 1: [1, 2, 3]}),
+        ([5, 5, 5], [0], {0: [0, 1, 2]}),
+        ([1, 2, 3], [0, 2], {0: [2], 2: [0, 1]}),
+        ([], [0, 1], {0: [], 1: []}),
+    ],
+)
+def test_partition_balances_bytes_deterministically(sizes: list[int], writers: list[int], expected: dict[int, list[int]]) -> None:
+    parts = partition(sizes, writers)
+    assert parts == expected
+    assert sorted(i for ix in parts.values() for i in ix) == list(range(len(sizes)))
+
+
+def test_partition_needs_a_writer() -> None:
+    with pytest.raises(ValueError):
+        partition([1], [])
+
+
+def test_young_daly_interval_grows_with_cost_and_mtbf() -> None:
+    assert young_daly_interval(2.0, 3600.0) == pytest.approx(120.0)
+    assert young_daly_interval(8.0, 3600.0) == pytest.approx(240.0)
+    assert young_daly_interval(0.0, 3600.0) == 1.0  # floor
+    with pytest.raises(ValueError):
+        young_daly_interval(1.0, 0.0)
+
+
+def test_cadence_is_due_first_then_every_interval() -> None:
+    cadence = Cadence(mtbf_seconds=50.0)
+    assert cadence.due(0.0)
+    cadence.observe(1.0, now=0.0)  # interval sqrt(2*1*50) = 10s
+    assert not cadence.due(9.9)
+    assert cadence.due(10.0)
