@@ -1,0 +1,1 @@
+"""spotrun's examples: a package, so `spotrun launch --function examples.<module>:<fn>` works."""

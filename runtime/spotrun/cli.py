@@ -1,0 +1,45 @@
+"""The `spotrun` command: one entry point whose subcommands live in their own modules.
+
+Each subcommand is a module with `HELP` (one line), `add_arguments(parser)` and
+`main(args) -> int`; this file only lists them. Adding one is a line in `SUBCOMMANDS`.
+Modules are imported when the parser is built, so a subcommand module must stay light
+to import (no torch at module level): `spotrun --help` should answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> module implementing it (HELP, add_arguments, main).
+SUBCOMMANDS: dict[str, str] = {
+    "launch": "spotrun.launcher",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `spotrun` parser with every subcommand in SUBCOMMANDS."""
+    parser = argparse.ArgumentParser(
+        prog="spotrun",
+        description="Keeps distributed PyTorch training running on preemptible (spot) GPU nodes.",
+    )
+    subparsers = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    for name, module_name in SUBCOMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__)
+        module.add_arguments(sub)
+        sub.set_defaults(_main=module.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse `argv` (default sys.argv[1:]), run the subcommand, return its exit code."""
+    args = build_parser().parse_args(argv)
+    code: int = args._main(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Process-group set-up and `prepare_model`: the DDP plumbing every worker needs, once.
+
+The launcher hands each worker the torchrun-style environment (RANK, LOCAL_RANK,
+WORLD_SIZE, MASTER_ADDR, MASTER_PORT); this module turns it into a process group and a
+device, so training code never repeats the backend/device dance. The session calls
+`init_process_group` when it starts; `prepare_model` is Ray Train's `prepare_model`.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from spotrun.contract import MASTER_ADDR, MASTER_PORT
+
+RANK = "RANK"
+LOCAL_RANK = "LOCAL_RANK"
+WORLD_SIZE = "WORLD_SIZE"
+
+# A collective that waits longer than this is a hang, not a slow peer: the group is torn
+# down and restarted rather than left blocked (the operator's progress deadline is longer).
+DEFAULT_TIMEOUT = timedelta(minutes=10)
+
+
+class ProcessGroupError(RuntimeError):
+    """The worker environment cannot form a process group; the message says what to set."""
+
+
+def env_rank() -> int:
+    """This worker's global rank, from RANK (0 when unset: a single process)."""
+    return _env_int(RANK, 0)
+
+
+def env_local_rank() -> int:
+    """This worker's rank within its pod, from LOCAL_RANK (0 when unset)."""
+    return _env_int(LOCAL_RANK, 0)
+
+
+def env_world_size() -> int:
+    """The number of workers in the group, from WORLD_SIZE (1 when unset)."""
+    return _env_int(WORLD_SIZE, 1)
+
+
+def world_size() -> int:
+    """The size of the default process group if one exists, else WORLD_SIZE."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return env_world_size()
+
+
+def get_device() -> torch.device:
+    """The device this worker trains on: cuda:LOCAL_RANK when that GPU exists, else cpu."""
+    local_rank = env_local_rank()
+    if torch.cuda.is_available() and local_rank < torch.cuda.device_count():
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> str:
+    """Join the default process group once, from the launcher's environment; return the backend.
+
+    Idempotent: a second call returns the backend of the existing group. The backend is
+    nccl when this worker's GPU (cuda:LOCAL_RANK) exists, else gloo; the CUDA device is
+    set to LOCAL_RANK first, so NCCL and `torch.cuda` calls use the right GPU.
+    """
+    if not dist.is_available():
+        raise ProcessGroupError(
+            "torch.distributed is not available in this torch build; "
+            "install a torch wheel with distributed support"
+        )
+    if dist.is_initialized():
+        return str(dist.get_backend())
+    required = (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE)
+    missing = [name for name in required if not os.environ.get(name)]
+    if missing:
+        raise ProcessGroupError(
+            f"cannot join the process group: {', '.join(missing)} not set; "
+            "start the workers with `spotrun launch` (or set the torchrun-style variables)"
+        )
+    device = get_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(
+        backend=backend,
+        init_method="env://",
+        rank=env_rank(),
+        world_size=env_world_size(),
+        timeout=timeout,
+    )
+    return backend
+
+
+def prepare_model(model: nn.Module, *, move_to_device: bool = True, **ddp_kwargs: Any) -> nn.Module:
+    """Move `model` to this worker's device and wrap it in DistributedDataParallel.
+
+    With a world size of 1 the model is returned moved but unwrapped, as Ray Train does.
+    DDP prefixes state_dict keys with `module.`: save the state of the module you passed
+    in (DDP shares its parameters), so a checkpoint loads into a plain module at any world
+    size. `ddp_kwargs` go to DistributedDataParallel unchanged.
+    """
+    device = get_device()
+    if move_to_device:
+        model = model.to(device)
+    if world_size() <= 1:
+        return model
+    if not dist.is_initialized():
+        # The session joins the group when it starts; starting it here covers training
+        # code that prepares its model before it touches any other spotrun API.
+        from spotrun.session import get_session
+
+        get_session()
+    if device.type == "cuda":
+        ddp_kwargs.setdefault("device_ids", [device.index])
+        ddp_kwargs.setdefault("output_device", device.index)
+    return DistributedDataParallel(model, **ddp_kwargs)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ProcessGroupError(f"{name} must be an integer, got {raw!r}") from None

@@ -1,0 +1,445 @@
+"""`spotrun launch`: start one pod's workers, supervise them, and turn signals into one shutdown.
+
+A pod gets one SIGTERM when its spot node is reclaimed and is SIGKILLed when its grace
+period ends. The launcher is the pod's main process, so it is where that SIGTERM lands:
+it forwards it to every worker (whose sessions then agree on a final checkpoint and exit
+with EXIT_PREEMPTED), waits up to a deadline shorter than the pod's grace period, and
+kills what is left. It restarts nothing: the group is restarted as a whole by the
+operator (or by `spotrun run`), so its only outputs are its workers' fate folded into one
+exit code (`exit_code`) and log lines prefixed `[spotrun launch]` on stderr.
+
+Workers are plain children with PR_SET_PDEATHSIG=SIGKILL: a launcher that dies, even by
+SIGKILL, takes its workers with it, so a restarted pod never races orphans from the last
+attempt for the GPU or the checkpoint. It imports no torch: it starts in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+
+from spotrun import contract
+from spotrun.contract import PodContract
+
+LOG_PREFIX = "[spotrun launch]"
+
+# Not part of the pod contract: the operator derives it from terminationGracePeriodSeconds
+# when it wants something other than the default, which leaves 5 s of Kubernetes' default
+# 30 s for the launcher itself to exit.
+GRACE_SECONDS_ENV = "SPOTRUN_GRACE_SECONDS"
+DEFAULT_GRACE_SECONDS = 25.0
+
+# When a worker fails the group is dead (collectives need every rank), so the others only
+# get a moment to flush their logs before they are killed: restart sooner, lose nothing.
+TEARDOWN_GRACE_SECONDS = 5.0
+
+FUNCTION_WORKER_MODULE = "spotrun._function_worker"
+
+# torchrun's environment for each worker; consumers: spotrun.ddp, torch's env:// rendezvous.
+RANK = "RANK"
+LOCAL_RANK = "LOCAL_RANK"
+WORLD_SIZE = "WORLD_SIZE"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+GROUP_RANK = "GROUP_RANK"
+GROUP_WORLD_SIZE = "GROUP_WORLD_SIZE"
+OMP_NUM_THREADS = "OMP_NUM_THREADS"
+
+_POLL_SECONDS = 0.05
+_PR_SET_PDEATHSIG = 1
+
+
+class LaunchError(RuntimeError):
+    """The launch cannot start; the message says what to change."""
+
+
+# --- pure: the environment of a worker and the launcher's exit code ---------------------
+
+
+def worker_env(
+    base: Mapping[str, str], pod: PodContract, *, local_rank: int, nproc_per_node: int
+) -> dict[str, str]:
+    """`base` plus the torchrun-style variables of local worker `local_rank` of this pod.
+
+    RANK = node_rank * nproc_per_node + local_rank. SPOTRUN_NPROC_PER_NODE is rewritten
+    with the effective value so the worker's PodContract agrees with WORLD_SIZE.
+    """
+    env = dict(base)
+    env.update(
+        {
+            RANK: str(pod.node_rank * nproc_per_node + local_rank),
+            LOCAL_RANK: str(local_rank),
+            WORLD_SIZE: str(pod.replicas * nproc_per_node),
+            LOCAL_WORLD_SIZE: str(nproc_per_node),
+            GROUP_RANK: str(pod.node_rank),
+            GROUP_WORLD_SIZE: str(pod.replicas),
+            contract.NPROC_PER_NODE: str(nproc_per_node),
+            contract.NODE_RANK: str(pod.node_rank),
+            contract.MASTER_ADDR: pod.master_addr,
+            contract.MASTER_PORT: str(pod.master_port),
+        }
+    )
+    if nproc_per_node > 1:
+        # As torchrun does: N workers each spinning up one OpenMP thread per core thrash.
+        env.setdefault(OMP_NUM_THREADS, "1")
+    return env
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """How one worker ended, and which signals the launcher had sent it."""
+
+    local_rank: int
+    returncode: int  # subprocess convention: -N when killed by signal N
+    signals_sent: frozenset[int] = frozenset()
+
+    @property
+    def code(self) -> int:
+        """The shell's exit code: 128 + N for a worker killed by signal N."""
+        return 128 - self.returncode if self.returncode < 0 else self.returncode
+
+    @property
+    def stopped_by_launcher(self) -> bool:
+        """Killed by a signal the launcher sent, and not a failure of its own."""
+        return self.returncode < 0 and -self.returncode in self.signals_sent
+
+    @property
+    def failed(self) -> bool:
+        return self.code not in (0, contract.EXIT_PREEMPTED) and not self.stopped_by_launcher
+
+
+def exit_code(exits: Sequence[WorkerExit], received_signal: int | None = None) -> int:
+    """The launcher's exit code from its workers' exits, in the order they were seen.
+
+    - the first worker that failed on its own: its code (128 + N if killed by signal N);
+    - else, if the launcher had to kill workers after a signal it received: 128 + that
+      signal (stopped, no final checkpoint from those workers);
+    - else EXIT_PREEMPTED if any worker exited with it (a mix with 0 included);
+    - else 0.
+    """
+    for worker in exits:
+        if worker.failed:
+            return worker.code
+    stopped = [w for w in exits if w.stopped_by_launcher]
+    if stopped:
+        return 128 + (received_signal if received_signal is not None else -stopped[0].returncode)
+    if any(w.code == contract.EXIT_PREEMPTED for w in exits):
+        return contract.EXIT_PREEMPTED
+    return 0
+
+
+def worker_command(command: Sequence[str], function: str | None) -> list[str]:
+    """The argv of every worker: the user's command, or the function worker for module:fn."""
+    if command and function:
+        raise LaunchError("give either a command after `--` or --function module:fn, not both")
+    if function:
+        if ":" not in function:
+            raise LaunchError(f"--function must be module:function, got {function!r}")
+        return [sys.executable, "-m", FUNCTION_WORKER_MODULE, function]
+    if not command:
+        raise LaunchError(
+            "nothing to launch: give a command after `--` (spotrun launch -- python train.py), "
+            f"--function module:fn, or set {contract.FUNCTION}"
+        )
+    return list(command)
+
+
+# --- the supervisor --------------------------------------------------------------------
+
+
+def _log(message: str) -> None:
+    print(f"{LOG_PREFIX} {message}", file=sys.stderr, flush=True)
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _describe(worker: WorkerExit) -> str:
+    if worker.returncode < 0:
+        return f"killed by {_signal_name(-worker.returncode)} (code {worker.code})"
+    return f"exited with code {worker.code}"
+
+
+def _die_with_parent(parent_pid: int) -> Callable[[], None]:
+    """preexec_fn for workers: SIGKILL when the launcher dies; Ctrl-C goes to the launcher only."""
+    prctl: Callable[..., int] | None = None
+    if sys.platform.startswith("linux"):
+        # Loaded before fork: dlopen in the child of a forked process is not async-signal-safe.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def preexec() -> None:
+        # A terminal's Ctrl-C reaches the whole foreground process group; the launcher turns
+        # it into the one shutdown path (SIGTERM to each worker, then a deadline).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent_pid:
+            # The launcher died between fork and prctl: the death signal will never come.
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+@dataclass
+class _Worker:
+    local_rank: int
+    rank: int
+    process: subprocess.Popen[bytes]
+    signals_sent: set[int] = field(default_factory=set)
+    exit: WorkerExit | None = None
+
+    def send(self, signum: int) -> None:
+        if self.exit is not None:
+            return
+        try:
+            self.process.send_signal(signum)
+        except ProcessLookupError:
+            return
+        self.signals_sent.add(signum)
+
+
+class _Supervisor:
+    """Waits for the workers; forwards received signals; tears the group down on a failure."""
+
+    def __init__(self, workers: list[_Worker], grace_seconds: float) -> None:
+        self.workers = workers
+        self.grace_seconds = grace_seconds
+        self.exits: list[WorkerExit] = []
+        self.received: int | None = None
+        self._pending_signals: list[int] = []
+        self._deadline: float | None = None
+        self._killed = False
+
+    def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self._pending_signals.append(signum)
+
+    def run(self) -> int:
+        while any(w.exit is None for w in self.workers):
+            self._handle_signals()
+            self._reap()
+            if self._deadline_passed():
+                running = self._running()
+                if running:
+                    _log(
+                        f"deadline passed: killing {len(running)} worker(s) "
+                        f"(ranks {_ranks(running)}) with SIGKILL"
+                    )
+                self._kill_all()
+            time.sleep(_POLL_SECONDS)
+        self._handle_signals()
+        return exit_code(self.exits, self.received)
+
+    def _deadline_passed(self) -> bool:
+        return (
+            self._deadline is not None
+            and not self._killed
+            and time.monotonic() >= self._deadline
+        )
+
+    def _running(self) -> list[_Worker]:
+        return [w for w in self.workers if w.exit is None]
+
+    def _handle_signals(self) -> None:
+        while self._pending_signals:
+            signum = self._pending_signals.pop(0)
+            if self.received is None:
+                self.received = signum
+                running = self._running()
+                _log(
+                    f"received {_signal_name(signum)}: forwarding SIGTERM to {len(running)} "
+                    f"worker(s) (ranks {_ranks(running)}); SIGKILL in {self.grace_seconds:g}s"
+                )
+                for worker in running:
+                    worker.send(signal.SIGTERM)
+                self._arm_deadline(self.grace_seconds)
+            else:
+                _log(f"received {_signal_name(signum)} again: killing the workers now")
+                self._kill_all()
+
+    def _reap(self) -> None:
+        for worker in self.workers:
+            if worker.exit is not None:
+                continue
+            returncode = worker.process.poll()
+            if returncode is None:
+                continue
+            worker.exit = WorkerExit(worker.local_rank, returncode, frozenset(worker.signals_sent))
+            self.exits.append(worker.exit)
+            _log(f"worker {worker.local_rank} (rank {worker.rank}) {_describe(worker.exit)}")
+            if worker.exit.failed and self._deadline is None:
+                self._tear_down(worker)
+
+    def _tear_down(self, failed: _Worker) -> None:
+        running = self._running()
+        if not running:
+            return
+        grace = min(self.grace_seconds, TEARDOWN_GRACE_SECONDS)
+        _log(
+            f"rank {failed.rank} failed: sending SIGTERM to the other worker(s) "
+            f"(ranks {_ranks(running)}); SIGKILL in {grace:g}s"
+        )
+        for worker in running:
+            worker.send(signal.SIGTERM)
+        self._arm_deadline(grace)
+
+    def _arm_deadline(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        if self._deadline is None or deadline < self._deadline:
+            self._deadline = deadline
+
+    def _kill_all(self) -> None:
+        for worker in self._running():
+            worker.send(signal.SIGKILL)
+        self._killed = True
+
+
+def _ranks(workers: Sequence[_Worker]) -> str:
+    return ", ".join(str(w.rank) for w in workers) or "none"
+
+
+def launch(
+    command: Sequence[str] = (),
+    *,
+    function: str | None = None,
+    nproc_per_node: int | None = None,
+    grace_seconds: float | None = None,
+    env: Mapping[str, str] | None = None,
+) -> int:
+    """Run this pod's workers to the end and return the launcher's exit code (`exit_code`).
+
+    The pod contract comes from `env` (default os.environ); `nproc_per_node` overrides
+    SPOTRUN_NPROC_PER_NODE and `grace_seconds` SPOTRUN_GRACE_SECONDS. SIGTERM and SIGINT
+    are handled until it returns (the previous handlers are restored).
+    """
+    env = dict(os.environ if env is None else env)
+    pod = PodContract.from_env(env)
+    nproc = pod.nproc_per_node if nproc_per_node is None else nproc_per_node
+    if nproc < 1:
+        raise LaunchError(f"--nproc-per-node must be >= 1, got {nproc}")
+    if pod.node_rank >= pod.replicas:
+        raise LaunchError(
+            f"{contract.NODE_RANK}={pod.node_rank} is outside the group of "
+            f"{contract.REPLICAS}={pod.replicas} pods; node ranks run from 0 to replicas - 1"
+        )
+    grace = _grace_seconds(env) if grace_seconds is None else grace_seconds
+    argv = worker_command(command, function if function is not None else pod.function)
+
+    world = pod.replicas * nproc
+    first = pod.node_rank * nproc
+    _log(
+        f"job {pod.namespace}/{pod.job} attempt {pod.attempt}: node {pod.node_rank} of "
+        f"{pod.replicas}, {nproc} worker(s), world size {world}, "
+        f"ranks {first}-{first + nproc - 1}, master {pod.master_addr}:{pod.master_port}"
+    )
+    _log(f"command: {' '.join(argv)}")
+
+    workers: list[_Worker] = []
+    supervisor = _Supervisor(workers, grace)
+    previous = {
+        signum: signal.signal(signum, supervisor.on_signal)
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        preexec = _die_with_parent(os.getpid())
+        for local_rank in range(nproc):
+            try:
+                process = subprocess.Popen(
+                    argv,
+                    env=worker_env(env, pod, local_rank=local_rank, nproc_per_node=nproc),
+                    preexec_fn=preexec,
+                )
+            except OSError as err:
+                _log(f"cannot start worker {local_rank}: {err}; stopping the others")
+                for worker in workers:
+                    worker.send(signal.SIGKILL)
+                    worker.process.wait()
+                return 127 if isinstance(err, FileNotFoundError) else 126
+            workers.append(_Worker(local_rank, first + local_rank, process))
+            _log(f"worker {local_rank} (rank {first + local_rank}) started, pid {process.pid}")
+        code = supervisor.run()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    _log(f"exiting with code {code}")
+    return code
+
+
+def _grace_seconds(env: Mapping[str, str]) -> float:
+    raw = env.get(GRACE_SECONDS_ENV)
+    if not raw:
+        return DEFAULT_GRACE_SECONDS
+    try:
+        value = float(raw)
+    except ValueError:
+        raise LaunchError(f"{GRACE_SECONDS_ENV} must be a number of seconds, got {raw!r}") from None
+    if value < 0:
+        raise LaunchError(f"{GRACE_SECONDS_ENV} must be >= 0, got {value:g}")
+    return value
+
+
+# --- the `spotrun launch` subcommand ---------------------------------------------------
+
+HELP = "start this pod's workers and supervise them (the pod's main process)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `spotrun launch`."""
+    parser.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        metavar="N",
+        help=f"workers in this pod (default: ${contract.NPROC_PER_NODE}, else 1)",
+    )
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help=(
+            "after a SIGTERM, how long the workers get to checkpoint and exit before "
+            f"SIGKILL (default: ${GRACE_SECONDS_ENV}, else {DEFAULT_GRACE_SECONDS:g})"
+        ),
+    )
+    parser.add_argument(
+        "--function",
+        default=None,
+        metavar="MODULE:FN",
+        help=(
+            "call FN(config) in every worker instead of a command "
+            f"(default: ${contract.FUNCTION})"
+        ),
+    )
+    parser.add_argument(
+        "command",
+        nargs=argparse.REMAINDER,
+        help="the worker command, after `--` (e.g. -- python train.py --lr 0.1)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `spotrun launch` from parsed arguments; returns the exit code."""
+    command = list(args.command)
+    if command and command[0] == "--":
+        command = command[1:]
+    try:
+        return launch(
+            command,
+            function=args.function,
+            nproc_per_node=args.nproc_per_node,
+            grace_seconds=args.grace_seconds,
+        )
+    except (LaunchError, contract.ContractError) as err:
+        _log(f"error: {err}")
+        return 2
