@@ -41,7 +41,7 @@ from spotrun.lifecycle.actions import (
 from spotrun.lifecycle.backoff import consecutive, delay
 from spotrun.lifecycle.budget import Exhausted, exhausted
 from spotrun.lifecycle.classify import Interruption, blocker, classify, preemption_of
-from spotrun.lifecycle.observation import Observation
+from spotrun.lifecycle.observation import Observation, ReplicaObservation
 from spotrun.lifecycle.spec import JobSpec
 from spotrun.lifecycle.times import format_time, parse_time
 
@@ -102,8 +102,7 @@ def plan(
     draw it from), passed in so that tests can pin it; it is used only when an
     interruption is first seen, and its result is kept in status.restartNotBefore.
     """
-    draw = jitter.random() if isinstance(jitter, random.Random) else float(jitter)
-    step = _Step(spec, observation, draw)
+    step = _Step(spec, observation, jitter)
     current = copy.deepcopy(dict(status))
     for _ in range(_MAX_STEPS):
         following, actions = step(current)
@@ -122,11 +121,21 @@ def resume_point(spec: JobSpec, status: Mapping[str, Any]) -> str | None:
 class _Step:
     """One transition of the state diagram, for a fixed spec and observation."""
 
-    def __init__(self, spec: JobSpec, observation: Observation, draw: float) -> None:
+    def __init__(
+        self, spec: JobSpec, observation: Observation, jitter: random.Random | float
+    ) -> None:
         self.spec = spec
         self.obs = observation
         self.now = observation.now
-        self.draw = draw
+        self.jitter = jitter
+        self._draw: float | None = None
+
+    def draw(self) -> float:
+        """The jitter draw, taken from a Random only when a backoff is computed, at most once."""
+        if self._draw is None:
+            jitter = self.jitter
+            self._draw = jitter.random() if isinstance(jitter, random.Random) else float(jitter)
+        return self._draw
 
     def __call__(self, status: dict[str, Any]) -> tuple[dict[str, Any], list[Action]]:
         st = copy.deepcopy(status)
@@ -158,6 +167,11 @@ class _Step:
 
     def _start(self, st: dict[str, Any]) -> list[Action]:
         """A first start, or a resume after suspend: a new attempt, no budget spent."""
+        verdict = self._exhausted(st)
+        if verdict is not None:
+            # Budgets are checked whenever a new attempt would start: a failure seen just
+            # before a suspend must not be forgotten by the resume.
+            return self._fail(st, verdict)
         attempt = int(st["attempt"]) + 1
         if st["state"] == SUSPENDED:
             self._condition(
@@ -176,7 +190,7 @@ class _Step:
     def _supervise(self, st: dict[str, Any]) -> list[Action]:
         """Pending, Running or Restarting after the restart went out: watch the attempt."""
         state, attempt = st["state"], int(st["attempt"])
-        current = self.obs.of_attempt(attempt)
+        current = self._group(attempt)
         interruption = classify(
             current,
             expected=self.spec.replicas,
@@ -248,7 +262,7 @@ class _Step:
             now=self.now,
             step=_progress_step(st),
         )
-        wait = delay(self.spec.failure_policy.backoff, consecutive(entries), self.draw)
+        wait = delay(self.spec.failure_policy.backoff, consecutive(entries), self.draw())
         st.update(
             state=RESTARTING, interruptions=entries, restartNotBefore=format_time(self.now + wait)
         )
@@ -270,7 +284,7 @@ class _Step:
                 step=None,
             )
             index = len(entries) - 1
-        replicas = self.obs.of_attempt(attempt)
+        replicas = self._group(attempt)
         if entries[index]["kind"] != "preemption":
             # Evidence of a lost node often comes after the other ranks crashed of it: until
             # the restart goes out, a failure can still turn out to be a preemption.
@@ -292,12 +306,7 @@ class _Step:
             drained_by = parse_time(str(entry["time"])) + self.spec.grace_seconds
             if drained_by > until:
                 until, why = drained_by, "DrainingPreemptedReplicas"
-        verdict = exhausted(
-            self.spec.failure_policy,
-            failures=int(st["failures"]),
-            preemptions=int(st["preemptions"]),
-            failure_times=ledger_.failure_times(entries),
-        )
+        verdict = self._exhausted(st)
         if self.now < until:
             then = (
                 f"failing ({verdict.reason})" if verdict else f"restarting as attempt {attempt + 1}"
@@ -371,7 +380,7 @@ class _Step:
     def _report_replicas(self, st: dict[str, Any]) -> None:
         """readyReplicas and PodsReady, from the replicas of the attempt now in status."""
         attempt, replicas = int(st["attempt"]), self.spec.replicas
-        current = self.obs.of_attempt(attempt) if attempt else ()
+        current = self._group(attempt) if attempt else ()
         ready = len({r.index for r in current if r.ready and r.present})
         st["readyReplicas"] = ready
         if ready >= replicas:
@@ -406,6 +415,18 @@ class _Step:
             generation=self.obs.generation,
         )
 
+    def _exhausted(self, st: Mapping[str, Any]) -> Exhausted | None:
+        return exhausted(
+            self.spec.failure_policy,
+            failures=int(st["failures"]),
+            preemptions=int(st["preemptions"]),
+            failure_times=ledger_.failure_times(st.get("interruptions") or []),
+        )
+
+    def _group(self, attempt: int) -> tuple[ReplicaObservation, ...]:
+        """The replicas of `attempt` that belong to the group (index below spec.replicas)."""
+        return tuple(r for r in self.obs.of_attempt(attempt) if 0 <= r.index < self.spec.replicas)
+
     def _progress_since(self, st: Mapping[str, Any]) -> float | None:
         """The later of the attempt's start and the runtime's last progress report."""
         known = [t for t in (self.obs.last_progress_time,) if t is not None]
@@ -414,7 +435,7 @@ class _Step:
         return max(known) if known else None
 
     def _all_succeeded(self, attempt: int) -> bool:
-        done = {r.index for r in self.obs.of_attempt(attempt) if r.phase == "succeeded"}
+        done = {r.index for r in self._group(attempt) if r.phase == "succeeded"}
         return len(done) >= self.spec.replicas
 
 

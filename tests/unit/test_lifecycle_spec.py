@@ -1,0 +1,53 @@
+"""JobSpec.from_spec reads a TrainJob spec with the CRD's defaults."""
+
+from __future__ import annotations
+
+from spotrun.lifecycle.spec import Backoff, CircuitBreaker, FailurePolicy, JobSpec
+
+
+def test_defaults_match_the_crd() -> None:
+    spec = JobSpec.from_spec({"trainer": {"image": "x"}})
+    assert spec == JobSpec(
+        replicas=1,
+        resume_from=None,
+        failure_policy=FailurePolicy(
+            max_failures=3,
+            max_preemptions=-1,
+            backoff=Backoff(initial_seconds=10.0, max_seconds=300.0, jitter=0.2),
+            circuit_breaker=None,
+            progress_deadline_seconds=None,
+        ),
+        ttl_seconds_after_finished=None,
+        grace_seconds=30.0,
+    )
+
+
+def test_every_field_is_read() -> None:
+    spec = JobSpec.from_spec(
+        {
+            "replicas": 4,
+            "resumeFrom": "gs://b/p/ckpt-000003",
+            "ttlSecondsAfterFinished": 60,
+            "template": {"spec": {"terminationGracePeriodSeconds": 90}},
+            "failurePolicy": {
+                "maxFailures": 0,
+                "maxPreemptions": 5,
+                "backoff": {"initialSeconds": 1, "maxSeconds": 8, "jitter": 0.5},
+                "circuitBreaker": {"failures": 3, "windowSeconds": 600},
+                "progressDeadlineSeconds": 1800,
+            },
+        }
+    )
+    assert spec == JobSpec(
+        replicas=4,
+        resume_from="gs://b/p/ckpt-000003",
+        failure_policy=FailurePolicy(
+            max_failures=0,
+            max_preemptions=5,
+            backoff=Backoff(1.0, 8.0, 0.5),
+            circuit_breaker=CircuitBreaker(3, 600.0),
+            progress_deadline_seconds=1800.0,
+        ),
+        ttl_seconds_after_finished=60.0,
+        grace_seconds=90.0,
+    )
