@@ -14,12 +14,13 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any, Protocol
 
 import torch
@@ -131,6 +132,8 @@ class Session:
             log.error(message)
             self.writer.submit("corrupt", detached=True, message=message, time=time.time())
         self._install_notice_handler()
+        self._failing = False
+        self._chain_excepthook()
         atexit.register(self.close)
 
     # --- start-up agreement ------------------------------------------------------------------
@@ -174,6 +177,17 @@ class Session:
             log.warning("rank %d: preemption notice (signal %d); checkpointing at the next report", self.context.world_rank, signum)
 
         signal.signal(signal.SIGTERM, on_notice)
+
+    def _chain_excepthook(self) -> None:
+        """Marks the session failing on an uncaught exception, so exit does not wait on commits
+        that need ranks which are probably gone too."""
+        previous = sys.excepthook
+
+        def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+            self._failing = True
+            previous(kind, value, tb)
+
+        sys.excepthook = hook
 
     def notice_preemption(self) -> None:
         self._notice = True
@@ -226,13 +240,14 @@ class Session:
             self.writer.submit("progress", detached=True, metrics=dict(metrics), step=step, time=now)
 
         if notice:
+            # Exit once the group committed this step's checkpoint, or once the training code
+            # was offered one (should_checkpoint() said True) and declined. Until then keep
+            # training: the next checkpointing report, inside the grace period, saves the work.
+            self._notice = True
             if writers or self._notice_offered:
                 self.flush()
                 log.warning("rank %d: preemption notice honoured at step %d; exiting", rank, step)
                 raise SystemExit(pod.EXIT_PREEMPTED)
-            # Let the training code see the notice through should_checkpoint() first.
-            self._notice = True
-            self._notice_offered = True
 
     def _save(self, step: int, metrics: dict[str, Any], checkpoint: Checkpoint | None, writers: list[int], now: float) -> None:
         rank = self.context.world_rank
@@ -299,6 +314,9 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        if self._failing:
+            self.writer.close(timeout=0)
+            return
         try:
             self.flush()
         except Exception as err:
