@@ -1,0 +1,392 @@
+"""Builds a TrainJob's children as plain dicts: Service, StatefulSet and the runtime's RBAC.
+
+Pure functions of the TrainJob body (and, for the StatefulSet, of the attempt and resume
+point the policy chose), so they are tested with tables and `apply` only sends them.
+Every child is owned by its TrainJob (kopf.adopt): the garbage collector removes them with
+it, so there is no delete handler.
+
+The pod follows the contract of spotrun.contract; what the user's `spec.template` may
+override and what it may not is decided in `pod_spec` (see docs/operator.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import kopf
+
+from spotrun import contract
+from spotrun.contract import CheckpointSettings, PodContract
+from spotrun_operator import names
+
+# The launcher keeps the container alive after training returned, so that
+# `restartPolicy: Always` does not run the training again; the operator then marks the
+# job Succeeded and scales the StatefulSet to 0.
+HOLD_AFTER_SUCCESS = "SPOTRUN_HOLD_AFTER_SUCCESS"
+STATUS_SINK_KUBERNETES = "kubernetes"
+
+# Environment names the pod contract owns; user env may not set them (the CRD refuses them).
+RESERVED_ENV = frozenset(
+    {
+        contract.JOB,
+        contract.NAMESPACE,
+        contract.ATTEMPT,
+        contract.REPLICAS,
+        contract.NPROC_PER_NODE,
+        contract.NODE_RANK,
+        contract.STORAGE,
+        contract.RESUME_FROM,
+        contract.CONFIG,
+        contract.CHECKPOINT,
+        contract.FUNCTION,
+        contract.STATUS_SINK,
+        contract.MASTER_ADDR,
+        contract.MASTER_PORT,
+        HOLD_AFTER_SUCCESS,
+    }
+)
+
+# Pod fields the operator sets and `spec.template.spec` may not change: the StatefulSet
+# needs restartPolicy Always, and the runtime needs its token to write the status.
+FIXED_POD_FIELDS = frozenset(
+    {"restartPolicy", "automountServiceAccountToken", "hostname", "subdomain", "containers"}
+)
+
+# The Pod Security Standard "restricted" defaults; spec.template.spec.securityContext
+# (and the trainer container's securityContext) may override them key by key.
+POD_SECURITY_CONTEXT: dict[str, Any] = {
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+}
+
+
+def labels(job: str) -> dict[str, str]:
+    return {names.JOB_LABEL: job}
+
+
+def _meta(job: Mapping[str, Any]) -> tuple[str, str]:
+    meta = job["metadata"]
+    return str(meta["name"]), str(meta["namespace"])
+
+
+def _owned(obj: dict[str, Any], job: Mapping[str, Any]) -> dict[str, Any]:
+    kopf.adopt(obj, owner=job)  # type: ignore[arg-type]
+    return obj
+
+
+def service(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The headless Service that gives each pod a stable DNS name (`<job>-0.<job>.<ns>.svc`).
+
+    `publishNotReadyAddresses`: rank 0 must be resolvable while the group rendezvouses,
+    before any pod is Ready.
+    """
+    name, namespace = _meta(job)
+    return _owned(
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": names.service(name),
+                "namespace": namespace,
+                "labels": labels(name),
+            },
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": labels(name),
+                "ports": [
+                    {
+                        "name": names.RENDEZVOUS_PORT_NAME,
+                        "port": master_port(job),
+                        "targetPort": master_port(job),
+                    }
+                ],
+            },
+        },
+        job,
+    )
+
+
+def service_account(job: Mapping[str, Any]) -> dict[str, Any]:
+    name, namespace = _meta(job)
+    return _owned(
+        {
+            "apiVersion": "v1",
+            "kind": "ServiceAccount",
+            "metadata": {
+                "name": names.runtime_account(name),
+                "namespace": namespace,
+                "labels": labels(name),
+            },
+        },
+        job,
+    )
+
+
+def role(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The runtime's only right: `patch` on its own job's status (no get, list or update).
+
+    Without `get` the runtime cannot read-then-write, so its fence rides in the patch
+    (a `test` of status.attempt) and in the CRD (the step never goes down).
+    """
+    name, namespace = _meta(job)
+    return _owned(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "Role",
+            "metadata": {
+                "name": names.runtime_account(name),
+                "namespace": namespace,
+                "labels": labels(name),
+            },
+            "rules": [
+                {
+                    "apiGroups": [names.GROUP],
+                    "resources": [f"{names.PLURAL}/status"],
+                    "resourceNames": [name],
+                    "verbs": ["patch"],
+                }
+            ],
+        },
+        job,
+    )
+
+
+def role_binding(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Binds the Role to the per-job ServiceAccount, and to the template's own one if set."""
+    name, namespace = _meta(job)
+    accounts = [names.runtime_account(name)]
+    custom = _template_spec(job).get("serviceAccountName")
+    if custom and custom not in accounts:
+        accounts.append(str(custom))
+    return _owned(
+        {
+            "apiVersion": "rbac.authorization.k8s.io/v1",
+            "kind": "RoleBinding",
+            "metadata": {
+                "name": names.runtime_account(name),
+                "namespace": namespace,
+                "labels": labels(name),
+            },
+            "roleRef": {
+                "apiGroup": "rbac.authorization.k8s.io",
+                "kind": "Role",
+                "name": names.runtime_account(name),
+            },
+            "subjects": [
+                {"kind": "ServiceAccount", "name": account, "namespace": namespace}
+                for account in accounts
+            ],
+        },
+        job,
+    )
+
+
+def statefulset(
+    job: Mapping[str, Any], *, attempt: int, resume_from: str | None, replicas: int
+) -> dict[str, Any]:
+    """The StatefulSet that runs incarnation `attempt` of the group with `replicas` pods.
+
+    `OnDelete`: a template change (a new attempt) reaches pods only when the operator
+    deletes the old ones, all at once, so no pod of a new attempt runs beside an old one
+    by the controller's doing. `Parallel`: every pod starts at once (DDP needs them all).
+    """
+    name, namespace = _meta(job)
+    spec: dict[str, Any] = {
+        "replicas": replicas,
+        "serviceName": names.service(name),
+        "podManagementPolicy": "Parallel",
+        "updateStrategy": {"type": "OnDelete"},
+        "revisionHistoryLimit": 2,
+        "selector": {"matchLabels": labels(name)},
+        "template": pod_template(job, attempt=attempt, resume_from=resume_from),
+    }
+    return _owned(
+        {
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {
+                "name": names.statefulset(name),
+                "namespace": namespace,
+                "labels": labels(name),
+                "annotations": {names.SPEC_HASH_ANNOTATION: spec_hash(spec)},
+            },
+            "spec": spec,
+        },
+        job,
+    )
+
+
+def spec_hash(spec: Mapping[str, Any]) -> str:
+    """A short hash of a StatefulSet spec as built, to tell whether the live one is current."""
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def master_port(job: Mapping[str, Any]) -> int:
+    return int(job.get("spec", {}).get("masterPort") or contract.DEFAULT_MASTER_PORT)
+
+
+def command(trainer: Mapping[str, Any]) -> list[str]:
+    """The container command: the launcher, then the user's function or script."""
+    function = trainer.get("function")
+    if function:
+        return ["spotrun", "launch", "--function", str(function)]
+    return [
+        "spotrun",
+        "launch",
+        "--",
+        *[str(c) for c in trainer.get("command") or []],
+        *[str(a) for a in trainer.get("args") or []],
+    ]
+
+
+def contract_env(
+    job: Mapping[str, Any], *, attempt: int, resume_from: str | None
+) -> list[dict[str, Any]]:
+    """The pod contract as container env; the node rank comes from the pod-index label."""
+    name, namespace = _meta(job)
+    spec = job.get("spec", {})
+    checkpoint = spec.get("checkpoint") or {}
+    trainer = spec.get("trainer") or {}
+    pod = PodContract(
+        job=name,
+        namespace=namespace,
+        attempt=attempt,
+        replicas=int(spec.get("replicas", 1)),
+        nproc_per_node=int(spec.get("nprocPerNode", 1)),
+        storage=str(checkpoint.get("storage", "")),
+        resume_from=resume_from,
+        config=spec.get("config") or {},
+        checkpoint=CheckpointSettings.from_spec(checkpoint),
+        master_addr=names.master_addr(name, namespace),
+        master_port=master_port(job),
+        function=trainer.get("function") or None,
+        status_sink=STATUS_SINK_KUBERNETES,
+    )
+    env: list[dict[str, Any]] = [
+        {"name": key, "value": value}
+        for key, value in pod.to_env().items()
+        if key != contract.NODE_RANK
+    ]
+    env.append(
+        {
+            "name": contract.NODE_RANK,
+            "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{names.POD_INDEX_LABEL}']"}},
+        }
+    )
+    env.append({"name": HOLD_AFTER_SUCCESS, "value": "1"})
+    return env
+
+
+def pod_template(
+    job: Mapping[str, Any], *, attempt: int, resume_from: str | None
+) -> dict[str, Any]:
+    """The pod template of one attempt: the user's overrides merged under the contract."""
+    name, _ = _meta(job)
+    template = (job.get("spec") or {}).get("template") or {}
+    user_meta = template.get("metadata") or {}
+    pod_labels = {
+        **{str(k): str(v) for k, v in (user_meta.get("labels") or {}).items()},
+        **labels(name),
+        names.ATTEMPT_LABEL: str(attempt),
+    }
+    metadata: dict[str, Any] = {"labels": pod_labels}
+    if user_meta.get("annotations"):
+        metadata["annotations"] = {str(k): str(v) for k, v in user_meta["annotations"].items()}
+    return {"metadata": metadata, "spec": pod_spec(job, attempt=attempt, resume_from=resume_from)}
+
+
+def pod_spec(job: Mapping[str, Any], *, attempt: int, resume_from: str | None) -> dict[str, Any]:
+    """The pod spec: the contract's trainer container, restricted defaults, user overrides.
+
+    The user's `spec.template.spec` wins for every field except FIXED_POD_FIELDS; its
+    volumes and extra containers are added to ours, its `trainer` container entry is merged
+    into the trainer (env, volumeMounts and ports appended; command, image and the contract
+    env stay ours), and securityContexts are merged key by key. `serviceAccountName` may be
+    overridden (e.g. for GKE Workload Identity): the RoleBinding then names it too.
+    """
+    name, _ = _meta(job)
+    spec = job.get("spec") or {}
+    trainer = spec.get("trainer") or {}
+    user = copy.deepcopy(dict(_template_spec(job)))
+
+    container: dict[str, Any] = {
+        "name": names.TRAINER_CONTAINER,
+        "image": str(trainer.get("image", "")),
+        "command": command(trainer),
+        "env": [
+            *[dict(e) for e in trainer.get("env") or [] if e.get("name") not in RESERVED_ENV],
+            *contract_env(job, attempt=attempt, resume_from=resume_from),
+        ],
+        "ports": [{"name": names.RENDEZVOUS_PORT_NAME, "containerPort": master_port(job)}],
+        "volumeMounts": [{"name": names.SHM_VOLUME, "mountPath": "/dev/shm"}],
+        "securityContext": copy.deepcopy(CONTAINER_SECURITY_CONTEXT),
+    }
+    if trainer.get("resources"):
+        container["resources"] = copy.deepcopy(dict(trainer["resources"]))
+    if trainer.get("imagePullPolicy"):
+        container["imagePullPolicy"] = trainer["imagePullPolicy"]
+
+    sidecars: list[dict[str, Any]] = []
+    for extra in user.get("containers") or []:
+        if extra.get("name") == names.TRAINER_CONTAINER:
+            _merge_trainer(container, extra)
+        else:
+            sidecars.append(dict(extra))
+
+    pod: dict[str, Any] = {
+        "serviceAccountName": names.runtime_account(name),
+        "enableServiceLinks": False,
+        "securityContext": copy.deepcopy(POD_SECURITY_CONTEXT),
+        "volumes": [{"name": names.SHM_VOLUME, "emptyDir": {"medium": "Memory"}}],
+    }
+    for key, value in user.items():
+        if key in FIXED_POD_FIELDS:
+            continue
+        if key == "volumes":
+            pod["volumes"] = [*pod["volumes"], *value]
+        elif key == "securityContext":
+            pod["securityContext"] = {**pod["securityContext"], **value}
+        else:
+            pod[key] = value
+    pod.update(
+        restartPolicy="Always",
+        automountServiceAccountToken=True,
+        containers=[container, *sidecars],
+    )
+    return pod
+
+
+def _merge_trainer(container: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    """Folds the template's `trainer` entry into the trainer container (see pod_spec)."""
+    for key, value in extra.items():
+        if key in ("name", "image", "command", "args"):
+            continue
+        if key == "env":
+            user_env = [dict(e) for e in value if e.get("name") not in RESERVED_ENV]
+            container["env"] = [*user_env, *container["env"]]
+        elif key in ("volumeMounts", "ports", "envFrom"):
+            container[key] = [*container.get(key, []), *value]
+        elif key == "securityContext":
+            container[key] = {**container[key], **value}
+        else:
+            container[key] = copy.deepcopy(value)
+
+
+def _template_spec(job: Mapping[str, Any]) -> Mapping[str, Any]:
+    template = (job.get("spec") or {}).get("template") or {}
+    spec: Mapping[str, Any] = template.get("spec") or {}
+    return spec
+
+
+def runtime_children(job: Mapping[str, Any]) -> Sequence[dict[str, Any]]:
+    """The children that do not change with the attempt, in creation order."""
+    return [service_account(job), role(job), role_binding(job), service(job)]

@@ -1,0 +1,51 @@
+"""The operator's own settings and the state its handlers share, kept in kopf's memo.
+
+kopf hands each object's handlers a shallow copy of the operator-wide memo, so the
+objects stored here (the API wrapper, the wake-ups, the node facts) are shared by every
+TrainJob's loop and every watch handler, while per-job state lives in the job's loop.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from spotrun_operator.observe import NodeFacts
+from spotrun_operator.wakeups import Wakeups
+
+if TYPE_CHECKING:
+    from spotrun_operator.apply import Api
+
+METRICS_ADDRESS_ENV = "SPOTRUN_METRICS_ADDRESS"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Tunables, from the command line (spotrun_operator.cli) or the environment.
+
+    `resync_seconds`: a job's loop runs at least this often even when nothing is heard
+    (a lost watch event costs at most this much delay). `debounce_seconds`: after a
+    wake-up, how long to let a burst of events (a group restart is dozens) settle.
+    `metrics_address`: host:port of /metrics, empty to serve none.
+    """
+
+    resync_seconds: float = 60.0
+    debounce_seconds: float = 0.2
+    error_backoff_max_seconds: float = 60.0
+    metrics_address: str = field(default_factory=lambda: os.environ.get(METRICS_ADDRESS_ENV, ""))
+
+
+@dataclass
+class Shared:
+    """Operator-wide state, created at startup."""
+
+    config: Config
+    api: Api
+    wakeups: Wakeups = field(default_factory=Wakeups)
+    nodes: dict[str, NodeFacts] = field(default_factory=dict)
+    states: Counter[str] = field(default_factory=Counter)
+    rng: random.Random = field(default_factory=random.Random)
+    last_pass: float = 0.0

@@ -1,0 +1,323 @@
+"""The reconcile loop of one TrainJob: observe, plan, write the status, act, sleep.
+
+One loop per TrainJob (a kopf daemon) is the only code that decides about that job, so
+two decisions can never race. Each pass is level-based: it reads the job, its pods, its
+StatefulSet and the nodes as they are now, asks `spotrun.lifecycle.plan` what to do,
+writes the status once (only if it changed, fenced by the resourceVersion it read), then
+applies the actions, which are idempotent: a pass repeated after a crash, a lost event
+or a conflict converges to the same state instead of restarting the group twice.
+
+The order matters for the fence: the status (with the new attempt) is written BEFORE the
+StatefulSet gets the new template, so no pod of attempt N+1 runs while status.attempt
+still says N; its checkpoints would be refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from spotrun.lifecycle import (
+    DeleteJob,
+    Fail,
+    JobSpec,
+    RestartGroup,
+    StartGroup,
+    Succeed,
+    Suspend,
+    Wait,
+    parse_time,
+    plan,
+)
+from spotrun_operator import children, metrics, names, observe, transitions
+from spotrun_operator.apply import Conflict, Gone
+from spotrun_operator.config import Shared
+from spotrun_operator.observe import GONE_REASONS, NodeFacts, SeenPods
+from spotrun_operator.wakeups import JobKey
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class JobMemory:
+    """What one job's loop remembers between passes (lost on restart, by design harmless)."""
+
+    seen: SeenPods = field(default_factory=SeenPods)
+    children_ensured: bool = False
+    # The job as returned by our last status write: fresher than kopf's copy until the
+    # watch event of that write arrives.
+    written: dict[str, Any] | None = None
+    state: str | None = None
+
+
+def _rv(body: Mapping[str, Any] | None) -> int:
+    try:
+        return int((body or {}).get("metadata", {}).get("resourceVersion") or 0)
+    except ValueError:  # opaque on some servers: trust the watch
+        return 0
+
+
+def freshest(live: Mapping[str, Any], written: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The newer of kopf's live copy of the job and the copy our last write returned."""
+    if written is not None and _rv(written) > _rv(live):
+        return dict(written)
+    return {k: v for k, v in live.items()}
+
+
+async def run(
+    *,
+    shared: Shared,
+    namespace: str,
+    name: str,
+    body: Mapping[str, Any],
+    pods: Mapping[JobKey, Iterable[Mapping[str, Any]]],
+    statefulsets: Mapping[JobKey, Iterable[Mapping[str, Any]]],
+    nodes: Mapping[str, Iterable[NodeFacts]],
+    stopped: Any,
+) -> None:
+    """Runs passes until kopf stops the daemon (job deleted, operator exiting)."""
+    key = (namespace, name)
+    memory = JobMemory()
+    failures = 0
+    stop_task = asyncio.ensure_future(_stopped(stopped))
+    try:
+        while not stopped:
+            seen_version = shared.wakeups.version(key)
+            started = time.monotonic()
+            try:
+                next_at = await reconcile_once(
+                    shared=shared,
+                    key=key,
+                    body=body,
+                    pods=pods,
+                    statefulsets=statefulsets,
+                    nodes=nodes,
+                    memory=memory,
+                )
+                failures = 0
+            except Conflict:
+                metrics.STATUS_WRITES.labels("conflict").inc()
+                memory.written = await shared.api.read_job(namespace, name)
+                next_at = 0.0
+            except Gone:
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as err:
+                failures += 1
+                metrics.RECONCILE_ERRORS.labels(type(err).__name__).inc()
+                delay = min(shared.config.error_backoff_max_seconds, 2.0 ** min(failures, 10))
+                log.exception(
+                    "reconcile of TrainJob %s/%s failed; retrying in %.0fs", namespace, name, delay
+                )
+                next_at = time.time() + delay
+            finally:
+                metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+                shared.last_pass = time.time()
+            timeout = min(max(0.0, next_at - time.time()), shared.config.resync_seconds)
+            woken = asyncio.ensure_future(shared.wakeups.wait(key, seen_version, timeout))
+            await asyncio.wait({woken, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if not woken.done():
+                woken.cancel()
+                break
+            if woken.result() != seen_version:
+                await asyncio.sleep(shared.config.debounce_seconds)
+    finally:
+        stop_task.cancel()
+        shared.wakeups.forget(key)
+        metrics.forget_job(namespace, name)
+        _count_state(shared, memory, None)
+
+
+async def _stopped(stopped: Any) -> None:
+    await stopped.wait()
+
+
+async def reconcile_once(
+    *,
+    shared: Shared,
+    key: JobKey,
+    body: Mapping[str, Any],
+    pods: Mapping[JobKey, Iterable[Mapping[str, Any]]],
+    statefulsets: Mapping[JobKey, Iterable[Mapping[str, Any]]],
+    nodes: Mapping[str, Iterable[NodeFacts]],
+    memory: JobMemory,
+) -> float:
+    """One pass; returns when (epoch seconds) the next pass is due if nothing happens."""
+    api = shared.api
+    if memory.written is not None and _rv(body) >= _rv(memory.written):
+        memory.written = None  # the watch caught up with our last write
+    job = freshest(body, memory.written)
+    meta = job.get("metadata") or {}
+    namespace, name = key
+    if meta.get("deletionTimestamp"):
+        return time.time() + shared.config.resync_seconds  # kopf stops us shortly
+
+    if not memory.children_ensured:
+        for child in children.runtime_children(job):
+            await api.ensure(child)
+        memory.children_ensured = True
+
+    job_pods = [dict(p) for p in pods.get(key, ())]
+    facts = {node: next(iter(values)) for node, values in nodes.items() if values}
+    sts = next(iter(statefulsets.get(key, ())), None)
+    now = time.time()
+    status = dict(job.get("status") or {})
+    observation = observe.observe(job, job_pods, facts, now=now, seen=memory.seen)
+    spec = JobSpec.from_spec(job.get("spec") or {})
+    decision = plan(spec, status, observation, jitter=shared.rng)
+
+    patch = transitions.status_patch(status, decision.status)
+    if patch is not None:
+        resource_version = str(meta.get("resourceVersion", ""))
+        memory.written = await api.write_status(namespace, name, resource_version, patch)
+        metrics.STATUS_WRITES.labels("written").inc()
+        _after_write(shared, job, status, decision.status)
+    _count_state(shared, memory, decision.status.get("state"))
+    observe.remember_running(memory.seen, decision.status, job_pods)
+    _checkpoint_age(namespace, name, decision.status, now)
+
+    next_at = now + shared.config.resync_seconds
+    for action in decision.actions:
+        if isinstance(action, StartGroup | RestartGroup):
+            await _run_attempt(
+                shared,
+                job,
+                sts,
+                job_pods,
+                facts,
+                attempt=action.attempt,
+                resume_from=action.resume_from,
+                replicas=spec.replicas,
+            )
+        elif isinstance(action, Wait):
+            next_at = min(next_at, action.until)
+        elif isinstance(action, Succeed | Fail | Suspend):
+            await _stop_group(shared, job, sts, job_pods, facts)
+        elif isinstance(action, DeleteJob):
+            await api.delete_job(namespace, name, str(meta.get("uid")))
+    return next_at
+
+
+def _after_write(
+    shared: Shared, job: Mapping[str, Any], old: Mapping[str, Any], new: Mapping[str, Any]
+) -> None:
+    """Metrics and events of the transitions just written (never before the write)."""
+    reason = transitions.restart_reason(old, new)
+    if reason is not None:
+        kind = next(
+            (
+                str(e.get("kind"))
+                for e in reversed(new.get("interruptions") or [])
+                if e.get("reason") == reason
+            ),
+            "unknown",
+        )
+        metrics.RESTARTS.labels(kind, reason).inc()
+    for event in transitions.events(old, new):
+        meta = job.get("metadata") or {}
+        log.info(
+            "TrainJob %s/%s: %s: %s",
+            meta.get("namespace"),
+            meta.get("name"),
+            event.reason,
+            event.message,
+        )
+        shared.api.event(job, event)
+
+
+async def _run_attempt(
+    shared: Shared,
+    job: Mapping[str, Any],
+    sts: Mapping[str, Any] | None,
+    pods: Iterable[Mapping[str, Any]],
+    facts: Mapping[str, NodeFacts],
+    *,
+    attempt: int,
+    resume_from: str | None,
+    replicas: int,
+) -> None:
+    """Makes the StatefulSet run `attempt`, then removes the pods of any other attempt.
+
+    The old pods go only once the StatefulSet controller has seen the new template
+    (observedGeneration caught up); otherwise it could recreate them from the old one.
+    The loop is woken by the StatefulSet's own status update.
+    """
+    api = shared.api
+    desired = children.statefulset(job, attempt=attempt, resume_from=resume_from, replicas=replicas)
+    want_hash = desired["metadata"]["annotations"][names.SPEC_HASH_ANNOTATION]
+    if sts is None:
+        await api.create_statefulset(desired)
+        return
+    if sts.get("specHash") != want_hash or sts.get("replicas") != replicas:
+        await api.replace_statefulset_spec(desired)
+        return
+    if (sts.get("observedGeneration") or 0) < (sts.get("generation") or 0):
+        return
+    for pod in pods:
+        meta = pod["metadata"]
+        if meta.get("labels", {}).get(names.ATTEMPT_LABEL) == str(attempt):
+            continue
+        await _remove_pod(shared, pod, facts)
+
+
+async def _stop_group(
+    shared: Shared,
+    job: Mapping[str, Any],
+    sts: Mapping[str, Any] | None,
+    pods: Iterable[Mapping[str, Any]],
+    facts: Mapping[str, NodeFacts],
+) -> None:
+    """Suspended, Succeeded or Failed: scale to 0 (the pods go, the StatefulSet stays)."""
+    meta = job["metadata"]
+    if sts is not None and sts.get("replicas") != 0:
+        await shared.api.scale_statefulset(meta["namespace"], names.statefulset(meta["name"]), 0)
+    for pod in pods:
+        if pod["metadata"].get("deletionTimestamp") and _node_gone(pod, facts):
+            await _remove_pod(shared, pod, facts)
+
+
+async def _remove_pod(
+    shared: Shared, pod: Mapping[str, Any], facts: Mapping[str, NodeFacts]
+) -> None:
+    meta = pod["metadata"]
+    force = _node_gone(pod, facts)
+    if meta.get("deletionTimestamp") and not force:
+        return  # already going; its kubelet confirms the end
+    await shared.api.delete_pod(meta["namespace"], meta["name"], str(meta["uid"]), force=force)
+
+
+def _node_gone(pod: Mapping[str, Any], facts: Mapping[str, NodeFacts]) -> bool:
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not node:
+        return False
+    fact = facts.get(str(node))
+    return fact is None or fact.lost_reason in GONE_REASONS
+
+
+def _checkpoint_age(namespace: str, name: str, status: Mapping[str, Any], now: float) -> None:
+    latest = status.get("latestCheckpoint") or {}
+    if status.get("state") in ("Running", "Restarting", "Pending") and latest.get("time"):
+        with contextlib.suppress(ValueError):
+            metrics.CHECKPOINT_AGE.labels(namespace, name).set(
+                max(0.0, now - parse_time(str(latest["time"])))
+            )
+    else:
+        metrics.forget_job(namespace, name)
+
+
+def _count_state(shared: Shared, memory: JobMemory, state: str | None) -> None:
+    if state == memory.state:
+        return
+    if memory.state is not None:
+        shared.states[memory.state] -= 1
+        metrics.JOBS.labels(memory.state).set(shared.states[memory.state])
+    if state is not None:
+        shared.states[state] += 1
+        metrics.JOBS.labels(state).set(shared.states[state])
+    memory.state = state
