@@ -7,18 +7,31 @@ from typing import Any
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, IterableDataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRandomSampler
 
 from spotrun.data import ResumableDataLoader
 
 WORLD = 2
 
 
+class Ids(Dataset[int]):
+    """Sample i is i, so a batch says which samples it holds."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+
 def _loaders(n: int, *, world: int = WORLD, **kwargs: Any) -> list[ResumableDataLoader]:
     kwargs.setdefault("batch_size", 2)
     kwargs.setdefault("shuffle", True)
     return [
-        ResumableDataLoader(DataLoader(list(range(n)), **kwargs), rank=r, world_size=world, seed=11)
+        ResumableDataLoader(DataLoader(Ids(n), **kwargs), rank=r, world_size=world, seed=11)
         for r in range(world)
     ]
 
@@ -32,7 +45,7 @@ def _uninterrupted(n: int, epochs: int, **kwargs: Any) -> list[list[list[int]]]:
     """Per rank, the batches of `epochs` full epochs."""
     out: list[list[list[int]]] = []
     for loader in _loaders(n, **kwargs):
-        batches = []
+        batches: list[list[int]] = []
         for epoch in range(epochs):
             loader.set_epoch(epoch)
             batches.extend(_ids(b) for b in loader)
@@ -146,7 +159,7 @@ def test_the_rebuilt_loader_keeps_the_loader_settings() -> None:
         return sorted(items)
 
     loader = ResumableDataLoader(
-        DataLoader(list(range(9)), batch_size=4, shuffle=False, drop_last=True, collate_fn=collate),
+        DataLoader(Ids(9), batch_size=4, shuffle=False, drop_last=True, collate_fn=collate),
         rank=1,
         world_size=2,
     )
@@ -167,7 +180,7 @@ def test_datasets_that_cannot_be_sharded_by_index_are_refused_with_a_way_out() -
     weighted = WeightedRandomSampler([1.0, 2.0], num_samples=2)
     with pytest.raises(TypeError, match="cannot keep a WeightedRandomSampler"):
         ResumableDataLoader(
-            DataLoader([0, 1], batch_size=1, sampler=weighted), rank=0, world_size=1
+            DataLoader(Ids(2), batch_size=1, sampler=weighted), rank=0, world_size=1
         )
     with pytest.raises(TypeError, match="built with batch_size"):
-        ResumableDataLoader(DataLoader([0, 1], batch_size=None), rank=0, world_size=1)
+        ResumableDataLoader(DataLoader(Ids(2), batch_size=None), rank=0, world_size=1)

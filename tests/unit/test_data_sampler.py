@@ -36,7 +36,7 @@ def test_without_consumption_each_rank_sees_what_distributed_sampler_gives(
     n: int, world: int, shuffle: bool, drop_last: bool, epoch: int
 ) -> None:
     for rank in range(world):
-        reference = DistributedSampler(
+        reference: DistributedSampler[int] = DistributedSampler(
             range(n),  # type: ignore[arg-type]
             num_replicas=world,
             rank=rank,
