@@ -25,7 +25,8 @@ from spotrun_operator.config import Config, Shared
 
 log = logging.getLogger(__name__)
 
-WATCH_SERVER_TIMEOUT = 300.0
+# The API server parses timeoutSeconds as an integer.
+WATCH_SERVER_TIMEOUT = 300
 WATCH_CLIENT_TIMEOUT = 330.0
 WATCH_CONNECT_TIMEOUT = 30.0
 HEARTBEAT_SECONDS = 10.0
