@@ -300,6 +300,29 @@ def test_workers_still_running_at_the_deadline_are_killed(launch: Launch) -> Non
     assert all(is_gone(pid) for pid in pids)
 
 
+def test_a_second_signal_kills_the_workers_without_waiting_for_the_deadline(
+    launch: Launch,
+) -> None:
+    process = launch.start(
+        "--nproc-per-node",
+        "2",
+        "--grace-seconds",
+        "30",
+        script="""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(120)
+        """,
+    )
+    pids = launch.pids(2)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    code, err = launch.finish(process, timeout=10)
+    assert code == 128 + signal.SIGTERM, err
+    assert "received SIGINT again: killing the workers now" in err
+    assert all(is_gone(pid) for pid in pids)
+
+
 def test_the_grace_period_comes_from_the_environment_without_the_flag(launch: Launch) -> None:
     process = launch.start(
         "--nproc-per-node",
