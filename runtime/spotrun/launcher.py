@@ -21,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -220,6 +221,7 @@ class _Supervisor:
         self._pending_signals: list[int] = []
         self._deadline: float | None = None
         self._killed = False
+        self._torn_down = False
 
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
         self._pending_signals.append(signum)
@@ -277,20 +279,24 @@ class _Supervisor:
             worker.exit = WorkerExit(worker.local_rank, returncode, frozenset(worker.signals_sent))
             self.exits.append(worker.exit)
             _log(f"worker {worker.local_rank} (rank {worker.rank}) {_describe(worker.exit)}")
-            if worker.exit.failed and self._deadline is None:
+            if worker.exit.failed and not self._torn_down:
                 self._tear_down(worker)
 
     def _tear_down(self, failed: _Worker) -> None:
+        # Also during a preemption's grace: the final checkpoint needs every rank, so once
+        # one failed there is nothing left to wait for.
+        self._torn_down = True
         running = self._running()
         if not running:
             return
         grace = min(self.grace_seconds, TEARDOWN_GRACE_SECONDS)
         _log(
-            f"rank {failed.rank} failed: sending SIGTERM to the other worker(s) "
+            f"rank {failed.rank} failed: stopping the other worker(s) "
             f"(ranks {_ranks(running)}); SIGKILL in {grace:g}s"
         )
         for worker in running:
-            worker.send(signal.SIGTERM)
+            if signal.SIGTERM not in worker.signals_sent:
+                worker.send(signal.SIGTERM)
         self._arm_deadline(grace)
 
     def _arm_deadline(self, seconds: float) -> None:
@@ -320,7 +326,8 @@ def launch(
 
     The pod contract comes from `env` (default os.environ); `nproc_per_node` overrides
     SPOTRUN_NPROC_PER_NODE and `grace_seconds` SPOTRUN_GRACE_SECONDS. SIGTERM and SIGINT
-    are handled until it returns (the previous handlers are restored).
+    are handled until it returns (the previous handlers are restored), so it must run in
+    the main thread; in a larger program, run `spotrun launch` as a subprocess instead.
     """
     env = dict(os.environ if env is None else env)
     pod = PodContract.from_env(env)
@@ -346,6 +353,9 @@ def launch(
 
     workers: list[_Worker] = []
     supervisor = _Supervisor(workers, grace)
+    if threading.current_thread() is not threading.main_thread():
+        # Only the main thread can take signals; preexec_fn is unsafe beside other threads.
+        raise LaunchError("launch() must run in the main thread of its process")
     previous = {
         signum: signal.signal(signum, supervisor.on_signal)
         for signum in (signal.SIGTERM, signal.SIGINT)
