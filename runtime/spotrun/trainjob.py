@@ -233,7 +233,8 @@ def _single_document(text: str, source: str) -> tuple[Mapping[str, Any], yaml.No
             [
                 Problem(
                     _dotted(path),
-                    "duplicate field: YAML keeps only the last one, the cluster rejects the file",
+                    "duplicate field: only its last value would count (kubectl keeps it silently); "
+                    "remove the others",
                     line,
                 )
                 for path, line in duplicates
@@ -477,6 +478,8 @@ class _Rule:
     rule: str
     field: str
     holds: Callable[[Any], bool]
+    # The path, below the rule's object, of the element that breaks it: for the line.
+    culprit: Callable[[Any], Sequence[Any]] = lambda _: ()
 
 
 def _get(obj: Any, path: Sequence[str]) -> tuple[bool, Any]:
@@ -507,9 +510,10 @@ _FUNCTION_RULE = (
 )
 _NAME_PATTERN_RULE = "self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')"
 
-# The CRD's CEL rules that concern a file, re-checked here. A rule is found in the CRD by
-# its exact text, and its message is the CRD's: editing a rule there without here fails
-# tests/unit/test_trainjob.py instead of letting the two drift apart.
+# The CRD's CEL rules that concern a file, re-checked here (with the reserved-env rule,
+# see mirrored_rules). A rule is found in the CRD by its exact text, and its message is
+# the CRD's: editing a rule there without here fails tests/unit/test_crd_schema.py
+# instead of letting the two drift apart.
 MIRRORED_RULES: tuple[_Rule, ...] = (
     _Rule(
         (),
@@ -561,6 +565,47 @@ MIRRORED_RULES: tuple[_Rule, ...] = (
 )
 
 
+_ENV_RULE_START = "self.all(e, !(e.name in ["
+_ENV_PATH = ("spec", "trainer", "env")
+
+
+def _reserved_env_rule() -> _Rule:
+    """The CRD's rule that keeps trainer.env off the pod contract's variables.
+
+    The reserved names are read from the rule itself, so the list lives in the CRD only.
+    """
+    found = [r for p, r in crd_rules() if p == _ENV_PATH and r.startswith(_ENV_RULE_START)]
+    if len(found) == 1:
+        rule = found[0]
+        reserved = frozenset(re.findall(r"'([^']+)'", rule))
+
+        def clashes(env: Any) -> list[int]:
+            items = env if isinstance(env, list) else []
+            return [
+                i
+                for i, e in enumerate(items)
+                if isinstance(e, Mapping) and e.get("name") in reserved
+            ]
+
+        return _Rule(
+            _ENV_PATH,
+            rule,
+            "spec.trainer.env",
+            holds=lambda env: not clashes(env),
+            culprit=lambda env: [clashes(env)[0], "name"],
+        )
+    raise LookupError(
+        f"the CRD has no rule starting {_ENV_RULE_START!r} at spec.trainer.env: "
+        "update spotrun.trainjob._reserved_env_rule with the CRD"
+    )
+
+
+@functools.cache
+def mirrored_rules() -> tuple[_Rule, ...]:
+    """Every CEL rule of the CRD that this module re-checks for a file."""
+    return (*MIRRORED_RULES, _reserved_env_rule())
+
+
 def crd_rules() -> dict[tuple[tuple[str, ...], str], str]:
     """Every CEL rule of the CRD schema, by (object path, rule text), with its message."""
     found: dict[tuple[tuple[str, ...], str], str] = {}
@@ -591,11 +636,11 @@ def rule_message(schema_path: Sequence[str], rule: str) -> str:
 
 
 def _rule_problems(manifest: Mapping[str, Any], lines: _Lines) -> Iterator[Problem]:
-    for rule in MIRRORED_RULES:
+    for rule in mirrored_rules():
         present, value = _get(manifest, rule.schema_path)
         if present and not rule.holds(value):
-            path = rule.field.split(".")
-            yield Problem(rule.field, rule_message(rule.schema_path, rule.rule), lines.of(path))
+            where = [*rule.field.split("."), *rule.culprit(value)]
+            yield Problem(rule.field, rule_message(rule.schema_path, rule.rule), lines.of(where))
 
 
 # -- the typed view ----------------------------------------------------------------------
