@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class StartGroup:
-    """Run the group as `attempt`, resumed from `resume_from` (None: from scratch)."""
+    """Run the group as `attempt`, resumed from `resume_from` (None: from scratch).
+
+    Replicas of any other attempt (left from before a suspend, or of unknown attempt)
+    are removed, as for a restart.
+    """
 
     attempt: int
     resume_from: str | None
