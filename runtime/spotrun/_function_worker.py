@@ -60,9 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     target = args[0] if args else contract.PodContract.from_env().function
     if not target:
-        raise FunctionNotFound(
-            f"no function to call: pass module:fn or set {contract.FUNCTION}"
-        )
+        raise FunctionNotFound(f"no function to call: pass module:fn or set {contract.FUNCTION}")
     fn = resolve(target)
     session = get_session()
     call_with_config(fn, dict(session.context.config))

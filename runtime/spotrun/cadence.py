@@ -13,7 +13,9 @@ from dataclasses import dataclass
 DEFAULT_MTBF_SECONDS = 3600.0  # spot VMs: roughly hourly preemptions is a cautious prior
 
 
-def young_daly_interval(cost_seconds: float, mtbf_seconds: float, *, floor: float = 1.0, ceiling: float = 3600.0) -> float:
+def young_daly_interval(
+    cost_seconds: float, mtbf_seconds: float, *, floor: float = 1.0, ceiling: float = 3600.0
+) -> float:
     if cost_seconds < 0 or mtbf_seconds <= 0:
         raise ValueError(f"need cost >= 0 and MTBF > 0, got {cost_seconds}, {mtbf_seconds}")
     return min(ceiling, max(floor, math.sqrt(2.0 * cost_seconds * mtbf_seconds)))

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spotrun import layout
-from spotrun.commit import CheckpointStore, Verified, load_blob
+from spotrun.commit import CheckpointStore, Verified, load_blob, read_blob
 from spotrun.tree import unflatten
 
 
@@ -41,7 +41,9 @@ class Checkpoint:
         committed: _Committed | None = None,
     ) -> None:
         if sum(x is not None for x in (data, directory, sharded, committed)) != 1:
-            raise ValueError("a Checkpoint holds exactly one of: a dict, a directory, a sharded state dict")
+            raise ValueError(
+                "a Checkpoint holds exactly one of: a dict, a directory, a sharded state dict"
+            )
         self._data = data
         self._directory = directory
         self._sharded = sharded
@@ -114,10 +116,14 @@ class Checkpoint:
             shutil.copytree(self._directory, target, dirs_exist_ok=True)
             return target
         if self._committed is None or self._committed.verified.manifest.kind != "directory":
-            raise TypeError(f"this checkpoint holds a {self.kind}; to_directory() reads directory checkpoints")
+            raise TypeError(
+                f"this checkpoint holds a {self.kind}; to_directory() reads directory checkpoints"
+            )
         blobs = self._blobs(None)
         written: set[str] = set()
-        for record in sorted(self._committed.verified.manifest.files, key=lambda f: (f.rank, f.path)):
+        for record in sorted(
+            self._committed.verified.manifest.files, key=lambda f: (f.rank, f.path)
+        ):
             rel = record.path.split("/", 1)[1]
             if rel in written:  # several ranks wrote this name: the lowest rank's copy wins
                 continue
@@ -125,7 +131,7 @@ class Checkpoint:
             dest = os.path.join(target, rel)
             os.makedirs(os.path.dirname(dest), exist_ok=True)
             with open(dest, "wb") as out:
-                out.write(blobs[record.path])
+                out.write(read_blob(blobs[record.path]))
         return target
 
     @contextmanager
@@ -150,10 +156,12 @@ class Checkpoint:
 
     # --- loading -------------------------------------------------------------------------
 
-    def _blobs(self, ranks: set[int] | None) -> dict[str, bytes]:
+    def _blobs(self, ranks: set[int] | None) -> dict[str, bytes | str]:
         assert self._committed is not None
         committed = self._committed
-        wanted = [f.path for f in committed.verified.manifest.files if ranks is None or f.rank in ranks]
+        wanted = [
+            f.path for f in committed.verified.manifest.files if ranks is None or f.rank in ranks
+        ]
         if not all(p in committed.verified.blobs for p in wanted):
             fresh = committed.store.verify(committed.verified.manifest.seq, ranks)
             committed.verified.blobs.update(fresh.blobs)
@@ -162,7 +170,10 @@ class Checkpoint:
 
     def _load_replicated(self) -> Any:
         assert self._committed is not None
-        shards = [load_blob(data, weights_only=self._committed.weights_only) for data in self._blobs(None).values()]
+        shards = [
+            load_blob(data, weights_only=self._committed.weights_only)
+            for data in self._blobs(None).values()
+        ]
         self._committed.verified.blobs.clear()  # the bytes are now tensors; free them
         skeleton = next((s["skeleton"] for s in shards if "skeleton" in s), None)
         if skeleton is None:

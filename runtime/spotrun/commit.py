@@ -11,8 +11,9 @@ import hashlib
 import io
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,8 @@ class Verified:
     uri: str
     manifest: Manifest
     manifest_sha256: str
-    blobs: dict[str, bytes] = field(default_factory=dict)
+    # Verified contents by relative path: the bytes (remote storage) or the local file path.
+    blobs: dict[str, bytes | str] = field(default_factory=dict)
 
 
 class CheckpointStore:
@@ -55,14 +57,18 @@ class CheckpointStore:
 
     def highest_seq(self) -> int | None:
         """The highest `ckpt-*` number present, committed or not (numbers are never reused)."""
-        seqs = [s for s in map(layout.parse_checkpoint_name, storage.list_names(self.root)) if s is not None]
+        seqs = [
+            s
+            for s in map(layout.parse_checkpoint_name, storage.list_names(self.root))
+            if s is not None
+        ]
         return max(seqs, default=None)
 
     # --- writing -------------------------------------------------------------------------
 
     def write_torch_shard(self, seq: int, rank: int, obj: Any) -> DoneRecord:
         name = layout.shard_name(rank)
-        with storage.open_hashed_write(layout.join(self.uri(seq), name)) as out:
+        with storage.open_hashed_write(layout.join(self.uri(seq), name)) as out, _without_zip_crc():
             torch.save(obj, out)  # type: ignore[arg-type]
         record = DoneRecord(rank=rank, files=(FileRecord(rank, name, out.size, out.sha256),))
         self.write_done(seq, record)
@@ -72,7 +78,10 @@ class CheckpointStore:
         """Uploads local files (relative name -> local path) as rank's part of checkpoint seq."""
         records = []
         for rel, local in sorted(files.items()):
-            with open(local, "rb") as src, storage.open_hashed_write(layout.join(self.uri(seq), rel)) as out:
+            with (
+                open(local, "rb") as src,
+                storage.open_hashed_write(layout.join(self.uri(seq), rel)) as out,
+            ):
                 while chunk := src.read(8 << 20):
                     out.write(chunk)
             records.append(FileRecord(rank, rel, out.size, out.sha256))
@@ -91,11 +100,15 @@ class CheckpointStore:
         return record
 
     def write_done(self, seq: int, record: DoneRecord) -> None:
-        storage.write_bytes(layout.join(self.uri(seq), layout.done_name(record.rank)), record.to_bytes())
+        storage.write_bytes(
+            layout.join(self.uri(seq), layout.done_name(record.rank)), record.to_bytes()
+        )
 
     def read_done(self, seq: int, rank: int) -> DoneRecord | None:
         try:
-            return DoneRecord.from_bytes(storage.read_bytes(layout.join(self.uri(seq), layout.done_name(rank))))
+            return DoneRecord.from_bytes(
+                storage.read_bytes(layout.join(self.uri(seq), layout.done_name(rank)))
+            )
         except FileNotFoundError:
             return None
 
@@ -142,7 +155,9 @@ class CheckpointStore:
         data = storage.read_bytes(layout.join(self.uri(seq), layout.MANIFEST))
         manifest = Manifest.from_bytes(data)
         if manifest.seq != seq:
-            raise ManifestError(f"manifest in {layout.checkpoint_name(seq)} says seq {manifest.seq}")
+            raise ManifestError(
+                f"manifest in {layout.checkpoint_name(seq)} says seq {manifest.seq}"
+            )
         entry = (manifest, hashlib.sha256(data).hexdigest())
         self._manifests[seq] = entry
         return entry
@@ -173,8 +188,12 @@ class CheckpointStore:
         wanted = set(ranks) if ranks is not None else None
         files = [f for f in manifest.files if wanted is None or f.rank in wanted]
 
-        def read(record: FileRecord) -> tuple[str, bytes]:
+        def read(record: FileRecord) -> tuple[str, bytes | str]:
             url = layout.join(self.uri(seq), record.path)
+            local = storage.local_path(url)
+            if local is not None:  # verified in place; loaded later through an mmap
+                storage.verify_local(local, record.size, record.sha256)
+                return record.path, local
             return record.path, storage.read_verified(url, record.size, record.sha256)
 
         try:
@@ -191,7 +210,9 @@ class CheckpointStore:
         Never falls back to "no checkpoint": that raises NoValidCheckpointError.
         """
         problems: list[str] = []
-        candidates = [seq] + [c.manifest.seq for c in reversed(self.committed()) if c.manifest.seq < seq]
+        candidates = [seq] + [
+            c.manifest.seq for c in reversed(self.committed()) if c.manifest.seq < seq
+        ]
         for candidate in candidates:
             try:
                 return self.verify(candidate, ranks), problems
@@ -205,9 +226,33 @@ class CheckpointStore:
         )
 
 
-def load_blob(data: bytes, *, weights_only: bool = True) -> Any:
-    """Unpickles a verified shard; `weights_only` refuses arbitrary code in the pickle."""
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=weights_only)
+@contextmanager
+def _without_zip_crc() -> Iterator[None]:
+    """torch.save's per-record CRC32 duplicates the shard's sha256 and halves save speed."""
+    previous = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(previous)
+
+
+def load_blob(blob: bytes | str, *, weights_only: bool = True) -> Any:
+    """Unpickles a verified shard; `weights_only` refuses arbitrary code in the pickle.
+
+    A local file (given by path) is memory-mapped: its pages were just hashed, so they are
+    in the page cache and the tensors share them instead of copying.
+    """
+    if isinstance(blob, str):
+        return torch.load(blob, map_location="cpu", weights_only=weights_only, mmap=True)
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=weights_only)
+
+
+def read_blob(blob: bytes | str) -> bytes:
+    if isinstance(blob, str):
+        with open(blob, "rb") as raw:
+            return raw.read()
+    return blob
 
 
 def split_uri(uri: str) -> tuple[str, int]:

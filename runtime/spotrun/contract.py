@@ -24,6 +24,9 @@ CONFIG = "SPOTRUN_CONFIG"
 CHECKPOINT = "SPOTRUN_CHECKPOINT"
 FUNCTION = "SPOTRUN_FUNCTION"
 STATUS_SINK = "SPOTRUN_STATUS_SINK"
+# Set by the operator: after success the launcher keeps the container alive until SIGTERM,
+# since a StatefulSet's restartPolicy Always would otherwise rerun the training.
+HOLD_AFTER_SUCCESS = "SPOTRUN_HOLD_AFTER_SUCCESS"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 

@@ -27,8 +27,9 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from spotrun import contract
+from spotrun import contract, layout
 from spotrun.contract import PodContract
+from spotrun.sink import make_sink
 
 LOG_PREFIX = "[spotrun launch]"
 
@@ -244,9 +245,7 @@ class _Supervisor:
 
     def _deadline_passed(self) -> bool:
         return (
-            self._deadline is not None
-            and not self._killed
-            and time.monotonic() >= self._deadline
+            self._deadline is not None and not self._killed and time.monotonic() >= self._deadline
         )
 
     def _running(self) -> list[_Worker]:
@@ -381,8 +380,35 @@ def launch(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+    if code == 0 and pod.node_rank == 0:
+        _record_completion(pod)
+    if code == 0 and env.get(contract.HOLD_AFTER_SUCCESS) == "1":
+        _log("training finished; holding until the operator stops this pod")
+        _hold_until_signal()
     _log(f"exiting with code {code}")
     return code
+
+
+def _record_completion(pod: PodContract) -> None:
+    """Tells the status that the training finished, so the supervisor can mark it Succeeded."""
+    root = layout.job_root(pod.storage, pod.namespace, pod.job)
+    try:
+        sink = make_sink(
+            pod.status_sink,
+            job_root=root,
+            attempt=pod.attempt,
+            job=pod.job,
+            namespace=pod.namespace,
+        )
+        sink.completed(None, time.time())
+    except Exception as err:  # the exit code still says success, and the supervisor sees it
+        _log(f"could not record completion in the status: {err}")
+
+
+def _hold_until_signal() -> None:
+    stop = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    signal.sigwait(stop)
 
 
 def _grace_seconds(env: Mapping[str, str]) -> float:
@@ -427,8 +453,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="MODULE:FN",
         help=(
-            "call FN(config) in every worker instead of a command "
-            f"(default: ${contract.FUNCTION})"
+            f"call FN(config) in every worker instead of a command (default: ${contract.FUNCTION})"
         ),
     )
     parser.add_argument(

@@ -1,13 +1,16 @@
 """Names inside a job's checkpoint folder, so every reader and writer agrees on them.
 
-    <storage>/<namespace>/<job>/ckpt-000012/rank-00000.pt
-                                            rank-00000.done.json
-                                            manifest.json
+<storage>/<namespace>/<job>/ckpt-000012/rank-00000.pt
+                                        rank-00000.done.json
+                                        manifest.json
 """
 
 from __future__ import annotations
 
+import os
 import re
+
+DEFAULT_STORAGE = "spotrun-runs"
 
 CHECKPOINT_PREFIX = "ckpt-"
 MANIFEST = "manifest.json"
@@ -25,8 +28,13 @@ def join(url: str, *parts: str) -> str:
     return out
 
 
+def resolve_storage(storage: str) -> str:
+    """The storage URL to use: the given one, else `./spotrun-runs` made absolute."""
+    return storage or os.path.abspath(DEFAULT_STORAGE)
+
+
 def job_root(storage: str, namespace: str, job: str) -> str:
-    return join(storage, namespace, job)
+    return join(resolve_storage(storage), namespace, job)
 
 
 def checkpoint_name(seq: int) -> str:

@@ -47,8 +47,11 @@ class FileRecord:
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"a file record lacks or mistypes {err}") from None
-        if record.size < 0 or len(record.sha256) != 64 or record.path.startswith("/") or ".." in (
-            record.path.split("/")
+        if (
+            record.size < 0
+            or len(record.sha256) != 64
+            or record.path.startswith("/")
+            or ".." in (record.path.split("/"))
         ):
             raise ManifestError(f"file record {record.path!r} has an invalid size, hash or path")
         return record
@@ -69,7 +72,9 @@ class DoneRecord:
     def from_bytes(cls, data: bytes) -> DoneRecord:
         try:
             raw = json.loads(data)
-            return cls(rank=int(raw["rank"]), files=tuple(FileRecord.from_json(f) for f in raw["files"]))
+            return cls(
+                rank=int(raw["rank"]), files=tuple(FileRecord.from_json(f) for f in raw["files"])
+            )
         except ManifestError:
             raise
         except (ValueError, KeyError, TypeError) as err:

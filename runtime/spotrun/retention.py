@@ -42,9 +42,7 @@ def score_of(metrics: Mapping[str, Any], attribute: str) -> float | None:
     return float(value)
 
 
-def rank_by_score(
-    candidates: Sequence[Candidate], attribute: str, order: str
-) -> list[Candidate]:
+def rank_by_score(candidates: Sequence[Candidate], attribute: str, order: str) -> list[Candidate]:
     """Scored candidates, best first; ties go to the newer checkpoint."""
     scored = [(score_of(c.metrics, attribute), c) for c in candidates]
     sign = -1.0 if order == "max" else 1.0

@@ -37,7 +37,6 @@ from spotrun.writer import WriterClient, WriterConfig
 
 log = logging.getLogger("spotrun")
 
-DEFAULT_STORAGE = "spotrun-runs"
 PROGRESS_INTERVAL_SECONDS = float(os.environ.get("SPOTRUN_PROGRESS_SECONDS", "10"))
 
 
@@ -77,8 +76,15 @@ class TrainContext:
 
 
 class Session:
-    def __init__(self, contract: pod.PodContract, rank: int, local_rank: int, world_size: int, local_world_size: int) -> None:
-        storage = contract.storage or os.path.abspath(DEFAULT_STORAGE)
+    def __init__(
+        self,
+        contract: pod.PodContract,
+        rank: int,
+        local_rank: int,
+        world_size: int,
+        local_world_size: int,
+    ) -> None:
+        storage = layout.resolve_storage(contract.storage)
         self.contract = contract
         self.context = TrainContext(
             world_rank=rank,
@@ -145,7 +151,11 @@ class Session:
         info: dict[str, Any] = {}
         if rank == 0:
             highest = self.store.highest_seq()
-            info = {"next_seq": 0 if highest is None else highest + 1, "resume": None, "problems": []}
+            info = {
+                "next_seq": 0 if highest is None else highest + 1,
+                "resume": None,
+                "problems": [],
+            }
             if self.contract.resume_from:
                 root, seq = split_uri(self.contract.resume_from)
                 store = self.store if root == self.root else CheckpointStore(root)
@@ -163,7 +173,9 @@ class Session:
                 manifest, sha = store.read_manifest(seq)
                 verified = Verified(uri=info["resume"], manifest=manifest, manifest_sha256=sha)
             committed = _Committed(store, verified, rank, self.context.world_size)
-            log.info("rank %d resumes from %s (step %d)", rank, verified.uri, verified.manifest.step)
+            log.info(
+                "rank %d resumes from %s (step %d)", rank, verified.uri, verified.manifest.step
+            )
         return int(info["next_seq"]), committed, list(info["problems"])
 
     # --- notices ----------------------------------------------------------------------------
@@ -174,7 +186,11 @@ class Session:
 
         def on_notice(signum: int, frame: FrameType | None) -> None:
             self._notice = True
-            log.warning("rank %d: preemption notice (signal %d); checkpointing at the next report", self.context.world_rank, signum)
+            log.warning(
+                "rank %d: preemption notice (signal %d); checkpointing at the next report",
+                self.context.world_rank,
+                signum,
+            )
 
         signal.signal(signal.SIGTERM, on_notice)
 
@@ -228,7 +244,9 @@ class Session:
         writers = [r for r in range(world) if agreed[1 + r] > 0]
 
         raw_step = metrics.get("step")
-        step = raw_step if isinstance(raw_step, int) and not isinstance(raw_step, bool) else self._step
+        step = (
+            raw_step if isinstance(raw_step, int) and not isinstance(raw_step, bool) else self._step
+        )
         self._step = step + 1
         now = time.time()
 
@@ -237,7 +255,9 @@ class Session:
             self.cadence.observe(time.monotonic() - started, time.monotonic())
         elif rank == 0 and now - self._last_progress >= PROGRESS_INTERVAL_SECONDS:
             self._last_progress = now
-            self.writer.submit("progress", detached=True, metrics=dict(metrics), step=step, time=now)
+            self.writer.submit(
+                "progress", detached=True, metrics=dict(metrics), step=step, time=now
+            )
 
         if notice:
             # Exit once the group committed this step's checkpoint, or once the training code
@@ -249,7 +269,14 @@ class Session:
                 log.warning("rank %d: preemption notice honoured at step %d; exiting", rank, step)
                 raise SystemExit(pod.EXIT_PREEMPTED)
 
-    def _save(self, step: int, metrics: dict[str, Any], checkpoint: Checkpoint | None, writers: list[int], now: float) -> None:
+    def _save(
+        self,
+        step: int,
+        metrics: dict[str, Any],
+        checkpoint: Checkpoint | None,
+        writers: list[int],
+        now: float,
+    ) -> None:
         rank = self.context.world_rank
         seq = self._next_seq
         self._next_seq += 1
@@ -258,18 +285,22 @@ class Session:
             kind = "dcp"
             from spotrun import sharded
 
-            files = sharded.save(self.store.uri(seq), checkpoint._sharded, rank)
-            self._pending.append(self.writer.submit("record_files", seq=seq, paths=files))
+            written = sharded.save(self.store.uri(seq), checkpoint._sharded, rank)
+            self._pending.append(self.writer.submit("record_files", seq=seq, paths=written))
         elif checkpoint is not None and checkpoint._directory is not None:
             kind = "directory"
             staging = tempfile.mkdtemp(prefix="spotrun-stage-")
             shutil.copytree(checkpoint._directory, staging, dirs_exist_ok=True)
             files = {
-                f"{layout.shard_dir_name(rank)}/{os.path.relpath(os.path.join(d, n), staging)}": os.path.join(d, n)
+                f"{layout.shard_dir_name(rank)}/{os.path.relpath(os.path.join(d, n), staging)}": os.path.join(
+                    d, n
+                )
                 for d, _, names in os.walk(staging)
                 for n in names
             }
-            self._pending.append(self.writer.submit("save_files", seq=seq, files=files, staging=staging))
+            self._pending.append(
+                self.writer.submit("save_files", seq=seq, files=files, staging=staging)
+            )
         elif checkpoint is not None:
             data = checkpoint.to_dict()
             skeleton, tensors = flatten(data)
@@ -290,7 +321,14 @@ class Session:
             runtime = {"stateful": {name: obj.state_dict() for name, obj in self._stateful.items()}}
             self._pending.append(
                 self.writer.submit(
-                    "commit", seq=seq, step=step, kind=kind, writers=writers, metrics=metrics, runtime=runtime, time_=now
+                    "commit",
+                    seq=seq,
+                    step=step,
+                    kind=kind,
+                    writers=writers,
+                    metrics=metrics,
+                    runtime=runtime,
+                    time_=now,
                 )
             )
         if not self.settings.async_save:
@@ -304,10 +342,11 @@ class Session:
             self.writer.wait(job)
 
     def finish(self) -> None:
-        """The training function returned: flush, and record completion (rank 0)."""
-        self.flush()
-        if self.context.world_rank == 0:
-            self.writer.wait(self.writer.submit("completed", step=max(self._step - 1, 0), time=time.time()))
+        """The training function returned: flush and stop the writer.
+
+        Completion is recorded by the launcher of node 0 once all its workers exited 0, so a
+        script and a function finish the same way.
+        """
         self.close()
 
     def close(self) -> None:
@@ -320,7 +359,9 @@ class Session:
         try:
             self.flush()
         except Exception as err:
-            log.error("rank %d: a checkpoint did not finish before exit: %s", self.context.world_rank, err)
+            log.error(
+                "rank %d: a checkpoint did not finish before exit: %s", self.context.world_rank, err
+            )
         self.writer.close()
 
 
@@ -332,7 +373,7 @@ def get_session() -> Session:
     global _session
     with _lock:
         if _session is None:
-            env = os.environ
+            env: dict[str, str] = dict(os.environ)
             if not env.get(pod.JOB) and not env.get("WORLD_SIZE"):
                 # A bare `python train.py`: one process, a job named after nothing in particular.
                 env = {**env, pod.JOB: "local"}

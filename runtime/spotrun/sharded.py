@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+from torch.distributed.checkpoint.state_dict_saver import save as dcp_save
 
 from spotrun import layout, storage
 
@@ -24,7 +25,7 @@ def save(checkpoint_uri: str, state_dict: Mapping[str, Any], rank: int) -> list[
     """Saves with DCP (a collective); returns the paths, relative to the checkpoint, rank wrote."""
     url = layout.join(checkpoint_uri, DCP_DIR)
     writer = FsspecWriter(url, single_file_per_rank=True, **storage.fsspec_options(url))
-    dcp.save(dict(state_dict), storage_writer=writer)
+    dcp_save(dict(state_dict), storage_writer=writer)
     if dist.is_initialized():
         dist.barrier()  # every rank's files exist before anyone lists them
     mine = [n for n in storage.list_names(url) if n.startswith(f"__{rank}_")]
@@ -35,4 +36,4 @@ def save(checkpoint_uri: str, state_dict: Mapping[str, Any], rank: int) -> list[
 
 def load(checkpoint_uri: str, state_dict: dict[str, Any]) -> None:
     url = layout.join(checkpoint_uri, DCP_DIR)
-    dcp.load(state_dict, storage_reader=FsspecReader(url, **storage.fsspec_options(url)))
+    dcp_load(state_dict, storage_reader=FsspecReader(url, **storage.fsspec_options(url)))

@@ -26,14 +26,16 @@ StatusMutation = Callable[[dict[str, Any]], None]
 class CheckpointSink(Protocol):
     """What rank 0 tells the control plane: commits, progress, completion, corruption."""
 
-    def record(self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]) -> None:
+    def record(
+        self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]
+    ) -> None:
         """Records a committed checkpoint; raises FencingError when the fence refuses it."""
 
     def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
         """Records the latest metrics: the control plane's evidence that training moves."""
 
-    def completed(self, step: int, time: float) -> None:
-        """Records that the training function returned on every rank."""
+    def completed(self, step: int | None, time: float) -> None:
+        """Records that the training finished (node 0's workers all exited 0)."""
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
         """Records that resuming skipped a corrupt checkpoint (condition CheckpointCorrupt)."""
@@ -91,7 +93,13 @@ def set_condition(
             cond.update(status=value, reason=reason, message=message)
             return
     conditions.append(
-        {"type": type_, "status": value, "reason": reason, "message": message, "lastTransitionTime": rfc3339(time)}
+        {
+            "type": type_,
+            "status": value,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": rfc3339(time),
+        }
     )
 
 
@@ -110,39 +118,52 @@ class FileStatusSink:
 
         update_status_file(self.url, mutate)
 
-    def record(self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]) -> None:
+    def record(
+        self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]
+    ) -> None:
         fields = commit_fields({}, commit, retention, entries)
         self._fenced(commit.manifest.step, lambda status: status.update(fields))
 
     def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
-        self._fenced(None, lambda status: status.update(lastMetrics=last_metrics(metrics, step, time)))
+        self._fenced(
+            None, lambda status: status.update(lastMetrics=last_metrics(metrics, step, time))
+        )
 
-    def completed(self, step: int, time: float) -> None:
-        self._fenced(None, lambda status: status.update(completion=completion(self.attempt, step, time)))
+    def completed(self, step: int | None, time: float) -> None:
+        self._fenced(
+            None, lambda status: status.update(completion=completion(self.attempt, step, time))
+        )
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
         self._fenced(
-            None, lambda status: set_condition(status, "CheckpointCorrupt", "True", "FellBack", message, time)
+            None,
+            lambda status: set_condition(
+                status, "CheckpointCorrupt", "True", "FellBack", message, time
+            ),
         )
 
 
 class NullSink:
     """Records nothing: for runs that keep their status elsewhere."""
 
-    def record(self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]) -> None:
+    def record(
+        self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]
+    ) -> None:
         return None
 
     def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
         return None
 
-    def completed(self, step: int, time: float) -> None:
+    def completed(self, step: int | None, time: float) -> None:
         return None
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
         return None
 
 
-def make_sink(kind: str | None, *, job_root: str, attempt: int, job: str, namespace: str) -> CheckpointSink:
+def make_sink(
+    kind: str | None, *, job_root: str, attempt: int, job: str, namespace: str
+) -> CheckpointSink:
     """The sink named by SPOTRUN_STATUS_SINK: `file` (default), `none`, or `module:factory`.
 
     `kubernetes` names spotrun.kube_sink:KubernetesSink, which the operator's pods use.
@@ -156,7 +177,9 @@ def make_sink(kind: str | None, *, job_root: str, attempt: int, job: str, namesp
         kind = "spotrun.kube_sink:from_pod"
     module, _, name = kind.partition(":")
     if not name:
-        raise ValueError(f"SPOTRUN_STATUS_SINK={kind!r}: expected file, none, kubernetes or module:factory")
+        raise ValueError(
+            f"SPOTRUN_STATUS_SINK={kind!r}: expected file, none, kubernetes or module:factory"
+        )
     factory = getattr(importlib.import_module(module), name)
     sink: CheckpointSink = factory(job=job, namespace=namespace, attempt=attempt, job_root=job_root)
     return sink

@@ -67,7 +67,10 @@ def check_fence(status: Mapping[str, Any], attempt: int, step: int | None = None
 
 
 def commit_fields(
-    status: Mapping[str, Any], commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]
+    status: Mapping[str, Any],
+    commit: Commit,
+    retention: Retention,
+    entries: Sequence[Mapping[str, Any]],
 ) -> dict[str, Any]:
     """The runtime's status fields after `commit`, with retention applied to the lists.
 
@@ -82,7 +85,9 @@ def commit_fields(
         "latestCheckpoint": commit.entry(),
         "checkpoints": checkpoints,
         "bestCheckpoints": best,
-        "lastMetrics": last_metrics(commit.manifest.metrics, commit.manifest.step, commit.manifest.time),
+        "lastMetrics": last_metrics(
+            commit.manifest.metrics, commit.manifest.step, commit.manifest.time
+        ),
     }
 
 
@@ -90,11 +95,17 @@ def last_metrics(metrics: Mapping[str, Any], step: int, time: float) -> dict[str
     return {**_json_metrics(metrics), "step": step, "time": rfc3339(time)}
 
 
-def completion(attempt: int, step: int, time: float) -> dict[str, Any]:
-    return {"attempt": attempt, "step": step, "time": rfc3339(time)}
+def completion(attempt: int, step: int | None, time: float) -> dict[str, Any]:
+    """The training finished; `step` is None when the recorder (the launcher) cannot know it."""
+    done: dict[str, Any] = {"attempt": attempt, "time": rfc3339(time)}
+    if step is not None:
+        done["step"] = step
+    return done
 
 
-def json_patch(status: Mapping[str, Any], attempt: int, fields: Mapping[str, Any]) -> list[dict[str, Any]]:
+def json_patch(
+    status: Mapping[str, Any], attempt: int, fields: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """A JSON patch (RFC 6902) that writes `fields` only if the fence still holds.
 
     It tests `status.attempt` and, when a checkpoint is recorded, the step the writer read,

@@ -39,7 +39,12 @@ def flatten(obj: Any) -> tuple[Any, list[torch.Tensor]]:
 
 def unflatten(skeleton: Any, lookup: Callable[[int], torch.Tensor]) -> Any:
     def walk(node: Any) -> Any:
-        if isinstance(node, tuple) and len(node) == 2 and node[0] == _MARK and isinstance(node[1], int):
+        if (
+            isinstance(node, tuple)
+            and len(node) == 2
+            and node[0] == _MARK
+            and isinstance(node[1], int)
+        ):
             return lookup(node[1])
         if isinstance(node, OrderedDict):
             return OrderedDict((k, walk(v)) for k, v in node.items())

@@ -10,6 +10,7 @@ the control socket, so it is not bound by a small /dev/shm in a container.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import mmap
@@ -79,10 +80,14 @@ class Worker:
     def sink(self) -> CheckpointSink:
         if self._sink is None:
             c = self.config
-            self._sink = make_sink(c.sink, job_root=c.root, attempt=c.attempt, job=c.job, namespace=c.namespace)
+            self._sink = make_sink(
+                c.sink, job_root=c.root, attempt=c.attempt, job=c.job, namespace=c.namespace
+            )
         return self._sink
 
-    def save(self, seq: int, kind: CheckpointKind, skeleton: Any, tensors: Mapping[int, torch.Tensor]) -> None:
+    def save(
+        self, seq: int, kind: CheckpointKind, skeleton: Any, tensors: Mapping[int, torch.Tensor]
+    ) -> None:
         shard: dict[str, Any] = {"kind": kind, "tensors": dict(tensors)}
         if skeleton is not None:
             shard["skeleton"] = skeleton
@@ -124,7 +129,9 @@ class Worker:
         )
         commit = self.store.commit(manifest)
         committed = self.store.committed()
-        candidates = [Candidate(c.manifest.seq, c.manifest.step, c.manifest.metrics) for c in committed]
+        candidates = [
+            Candidate(c.manifest.seq, c.manifest.step, c.manifest.metrics) for c in committed
+        ]
         retention = plan_retention(candidates, self.config.settings)
         # The status write comes before any deletion, so the status never points at a deleted
         # checkpoint; a fenced (stale) writer deletes nothing.
@@ -148,8 +155,6 @@ class Worker:
             return {"uri": commit.uri, "seq": commit.manifest.seq, "step": commit.manifest.step}
         if op == "progress":
             return self.sink.progress(args["metrics"], args["step"], args["time"])
-        if op == "completed":
-            return self.sink.completed(args["step"], args["time"])
         if op == "corrupt":
             return self.sink.checkpoint_corrupt(args["message"], args["time"])
         raise ValueError(f"unknown writer op {op!r}")
@@ -195,7 +200,9 @@ class WriterClient:
         theirs.close()
         self._sock = ours
         _send_frame(ours, pickle.dumps(self.config))
-        threading.Thread(target=self._read_results, name="spotrun-writer-results", daemon=True).start()
+        threading.Thread(
+            target=self._read_results, name="spotrun-writer-results", daemon=True
+        ).start()
 
     def _read_results(self) -> None:
         assert self._sock is not None
@@ -252,7 +259,9 @@ class WriterClient:
                     raise WriterError(self._dead)
                 remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
-                    raise TimeoutError(f"checkpoint writer job {job_id} still running after {timeout}s")
+                    raise TimeoutError(
+                        f"checkpoint writer job {job_id} still running after {timeout}s"
+                    )
                 self._cond.wait(remaining)
             ok, value = self._results.pop(job_id)
         if not ok:
@@ -393,7 +402,9 @@ def _serve(sock: socket.socket) -> None:
             if op == "save_slots":
                 assert buffer is not None, "no snapshot buffer was handed over"
                 tensors = {
-                    s.index: torch.frombuffer(buffer, dtype=s.dtype, count=s.count, offset=s.offset).view(s.shape)
+                    s.index: torch.frombuffer(
+                        buffer, dtype=s.dtype, count=s.count, offset=s.offset
+                    ).view(s.shape)
                     if s.count
                     else torch.empty(s.shape, dtype=s.dtype)
                     for s in args.pop("slots")
@@ -420,10 +431,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="[spotrun writer] %(levelname)s %(message)s")
     torch.set_num_threads(1)
     sock = socket.socket(fileno=int(sys.argv[1]))
-    try:
+    with contextlib.suppress(EOFError):
         _serve(sock)
-    except EOFError:
-        pass
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ class Job:
     def latest_uri(self) -> str:
         return str(self.status()["latestCheckpoint"]["uri"])
 
-    def env(self, config: dict[str, Any], *, nproc: int, attempt: int, resume_from: str | None) -> dict[str, str]:
+    def env(
+        self, config: dict[str, Any], *, nproc: int, attempt: int, resume_from: str | None
+    ) -> dict[str, str]:
         contract = pod.PodContract(
             job=self.name,
             namespace=self.namespace,
@@ -53,7 +55,12 @@ class Job:
             checkpoint=pod.CheckpointSettings.from_spec(self.checkpoint or {}),
             master_port=free_port(),
         )
-        return {**os.environ, **contract.to_env(), "PYTHONPATH": str(ROOT), "SPOTRUN_PROGRESS_SECONDS": "0"}
+        return {
+            **os.environ,
+            **contract.to_env(),
+            "PYTHONPATH": str(ROOT),
+            "SPOTRUN_PROGRESS_SECONDS": "0",
+        }
 
     def start(
         self,
@@ -66,11 +73,25 @@ class Job:
     ) -> subprocess.Popen[str]:
         env = self.env(config, nproc=nproc, attempt=attempt, resume_from=resume_from)
         # What the supervisor (operator or local mode) does before it starts an attempt.
-        update_status_file(f"{self.root}/status.json", lambda status: status.update(attempt=attempt))
-        command = [SPOTRUN, "launch", "--nproc-per-node", str(nproc), "--", sys.executable, str(WORKLOADS / workload)]
-        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        update_status_file(
+            f"{self.root}/status.json", lambda status: status.update(attempt=attempt)
+        )
+        command = [
+            SPOTRUN,
+            "launch",
+            "--nproc-per-node",
+            str(nproc),
+            "--",
+            sys.executable,
+            str(WORKLOADS / workload),
+        ]
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
 
-    def run(self, config: dict[str, Any], *, timeout: float = 180, **kwargs: Any) -> tuple[int, str]:
+    def run(
+        self, config: dict[str, Any], *, timeout: float = 180, **kwargs: Any
+    ) -> tuple[int, str]:
         proc = self.start(config, **kwargs)
         try:
             out, _ = proc.communicate(timeout=timeout)

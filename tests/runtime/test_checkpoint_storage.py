@@ -19,7 +19,9 @@ def ckpt(job: Job, seq: int) -> Path:
 
 
 def committed_seqs(job: Job) -> list[int]:
-    return sorted(int(p.name[5:]) for p in Path(job.root).glob("ckpt-*") if (p / "manifest.json").exists())
+    return sorted(
+        int(p.name[5:]) for p in Path(job.root).glob("ckpt-*") if (p / "manifest.json").exists()
+    )
 
 
 @pytest.fixture
@@ -45,15 +47,26 @@ def swap_for_valid_pickle(path: Path) -> None:
     "damage",
     [
         lambda job: flip_byte(ckpt(job, 5) / "rank-00000.pt"),
-        lambda job: (ckpt(job, 5) / "rank-00000.pt").write_bytes((ckpt(job, 5) / "rank-00000.pt").read_bytes()[:100]),
+        lambda job: (ckpt(job, 5) / "rank-00000.pt").write_bytes(
+            (ckpt(job, 5) / "rank-00000.pt").read_bytes()[:100]
+        ),
         lambda job: swap_for_valid_pickle(ckpt(job, 5) / "rank-00000.pt"),
         lambda job: (ckpt(job, 5) / "rank-00000.pt").unlink(),
         lambda job: flip_byte(ckpt(job, 5) / "manifest.json"),
         lambda job: (ckpt(job, 5) / "manifest.json").write_text('{"truncated": '),
     ],
-    ids=["bit-flipped-shard", "truncated-shard", "valid-pickle-wrong-bytes", "missing-shard", "bit-flipped-manifest", "truncated-manifest"],
+    ids=[
+        "bit-flipped-shard",
+        "truncated-shard",
+        "valid-pickle-wrong-bytes",
+        "missing-shard",
+        "bit-flipped-manifest",
+        "truncated-manifest",
+    ],
 )
-def test_damaged_checkpoint_is_caught_before_loading_and_falls_back(six_checkpoints: Job, damage: object) -> None:
+def test_damaged_checkpoint_is_caught_before_loading_and_falls_back(
+    six_checkpoints: Job, damage: object
+) -> None:
     job = six_checkpoints
     latest = job.latest_uri()
     damage(job)  # type: ignore[operator]
@@ -82,11 +95,18 @@ def test_rank_killed_mid_upload_leaves_no_committed_checkpoint(tmp_path: Path) -
     assert code == 128 + signal.SIGKILL, out
     leftover = ckpt(job, 1)
     assert leftover.exists(), "rank 0 should have started writing checkpoint 1"
-    assert not (leftover / "rank-00001.done.json").exists(), "rank 1 finished its upload before the kill"
+    assert not (leftover / "rank-00001.done.json").exists(), (
+        "rank 1 finished its upload before the kill"
+    )
     assert not (leftover / "manifest.json").exists()
     assert job.status()["latestCheckpoint"]["seq"] == 0
 
-    code, out = job.run({**config, "out": str(tmp_path / "w.pt")}, attempt=1, resume_from=job.latest_uri(), timeout=300)
+    code, out = job.run(
+        {**config, "out": str(tmp_path / "w.pt")},
+        attempt=1,
+        resume_from=job.latest_uri(),
+        timeout=300,
+    )
     assert code == 0, out
     assert "resumed at step 1" in out
     assert not (leftover / "manifest.json").exists()
@@ -98,9 +118,14 @@ def test_rank_killed_mid_upload_leaves_no_committed_checkpoint(tmp_path: Path) -
     ("order", "expected_best_steps"),
     [("max", [5, 4]), ("min", [0, 1])],
 )
-def test_retention_on_storage_keeps_latest_and_best(tmp_path: Path, order: str, expected_best_steps: list[int]) -> None:
+def test_retention_on_storage_keeps_latest_and_best(
+    tmp_path: Path, order: str, expected_best_steps: list[int]
+) -> None:
     # The workload's loss falls, so score by step: higher step = higher "score".
-    job = Job(str(tmp_path / "runs"), checkpoint={"numToKeep": 2, "scoreAttribute": "step", "scoreOrder": order})
+    job = Job(
+        str(tmp_path / "runs"),
+        checkpoint={"numToKeep": 2, "scoreAttribute": "step", "scoreOrder": order},
+    )
     code, out = job.run({"steps": 6, "use_cadence": False}, nproc=1)
     assert code == 0, out
     status = job.status()
@@ -118,12 +143,18 @@ def test_save_load_and_retention_on_gcs_emulator(gcs: GcsEmulator, tmp_path: Pat
     code, out = job.run({"steps": 5, "use_cadence": False})
     assert code == 0, out
     fs = fsspec.filesystem("gs", token="anon")
-    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(job.root.removeprefix("gs://"), refresh=True))
+    names = sorted(
+        p.rsplit("/", 1)[-1] for p in fs.ls(job.root.removeprefix("gs://"), refresh=True)
+    )
     assert names == ["ckpt-000003", "ckpt-000004", "status.json"]
     status = json.loads(fs.cat(f"{job.root}/status.json"))
     assert status["latestCheckpoint"]["uri"] == f"{job.root}/ckpt-000004"
 
-    code, out = job.run({"steps": 7, "use_cadence": False, "out": str(tmp_path / "w.pt")}, attempt=1, resume_from=status["latestCheckpoint"]["uri"])
+    code, out = job.run(
+        {"steps": 7, "use_cadence": False, "out": str(tmp_path / "w.pt")},
+        attempt=1,
+        resume_from=status["latestCheckpoint"]["uri"],
+    )
     assert code == 0, out
     assert "resumed at step 5" in out
     fs.invalidate_cache()
@@ -132,13 +163,21 @@ def test_save_load_and_retention_on_gcs_emulator(gcs: GcsEmulator, tmp_path: Pat
 
 
 @pytest.mark.parametrize("restore_world", [1, 2])
-def test_sharded_state_saved_by_two_ranks_restores_onto_any_world_size(tmp_path: Path, restore_world: int) -> None:
+def test_sharded_state_saved_by_two_ranks_restores_onto_any_world_size(
+    tmp_path: Path, restore_world: int
+) -> None:
     job = Job(str(tmp_path / "runs"))
     code, out = job.run({"mode": "save"}, nproc=2, workload="sharded_state.py")
     assert code == 0, out
     manifest = json.loads((ckpt(job, 0) / "manifest.json").read_text())
     assert manifest["kind"] == "dcp" and {f["rank"] for f in manifest["files"]} == {0, 1}
-    code, out = job.run({"mode": "load"}, nproc=restore_world, attempt=1, resume_from=job.latest_uri(), workload="sharded_state.py")
+    code, out = job.run(
+        {"mode": "load"},
+        nproc=restore_world,
+        attempt=1,
+        resume_from=job.latest_uri(),
+        workload="sharded_state.py",
+    )
     assert code == 0, out
     assert out.count(f"on world size {restore_world}") == restore_world
     assert os.path.isdir(job.root)

@@ -27,11 +27,15 @@ def assert_bitwise_equal(a: Path, b: Path) -> None:
 
 def test_sigkilled_group_resumes_bitwise_identical(tmp_path: Path) -> None:
     reference = Job(str(tmp_path / "ref"))
-    code, out = reference.run({"steps": STEPS, "checkpoint_every": 4, "out": str(tmp_path / "ref.pt")})
+    code, out = reference.run(
+        {"steps": STEPS, "checkpoint_every": 4, "out": str(tmp_path / "ref.pt")}
+    )
     assert code == 0, out
 
     job = Job(str(tmp_path / "runs"))
-    code, out = job.run({"steps": STEPS, "checkpoint_every": 4, "kill_after_step": 12, "kill_rank": 1})
+    code, out = job.run(
+        {"steps": STEPS, "checkpoint_every": 4, "kill_after_step": 12, "kill_rank": 1}
+    )
     assert code == 128 + signal.SIGKILL, out
     status = job.status()
     assert status["latestCheckpoint"]["step"] == 12
@@ -49,13 +53,19 @@ def test_sigkilled_group_resumes_bitwise_identical(tmp_path: Path) -> None:
 
 def test_sigterm_commits_a_final_checkpoint_at_the_current_step(tmp_path: Path) -> None:
     reference = Job(str(tmp_path / "ref"))
-    code, out = reference.run({"steps": 60, "checkpoint_every": 1000, "out": str(tmp_path / "ref.pt")})
+    code, out = reference.run(
+        {"steps": 60, "checkpoint_every": 1000, "out": str(tmp_path / "ref.pt")}
+    )
     assert code == 0, out
 
     job = Job(str(tmp_path / "runs"))
     config = {"steps": 60, "checkpoint_every": 1000, "step_seconds": 0.05}
     proc = job.start(config)
-    wait_for(lambda: job.status().get("lastMetrics", {}).get("step", -1) >= 15, 60, "training to reach step 15")
+    wait_for(
+        lambda: job.status().get("lastMetrics", {}).get("step", -1) >= 15,
+        60,
+        "training to reach step 15",
+    )
     send(proc, signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_PREEMPTED, out
@@ -66,7 +76,9 @@ def test_sigterm_commits_a_final_checkpoint_at_the_current_step(tmp_path: Path) 
     assert final_step >= 15
 
     code, out = job.run(
-        {**config, "step_seconds": 0, "out": str(tmp_path / "resumed.pt")}, attempt=1, resume_from=job.latest_uri()
+        {**config, "step_seconds": 0, "out": str(tmp_path / "resumed.pt")},
+        attempt=1,
+        resume_from=job.latest_uri(),
     )
     assert code == 0, out
     assert f"resumed at step {final_step + 1}" in out

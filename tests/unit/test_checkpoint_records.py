@@ -19,7 +19,14 @@ SHA = "a" * 64
 def make_manifest(seq: int = 3, step: int = 30, **metrics: float) -> Manifest:
     done = [DoneRecord(r, (FileRecord(r, layout.shard_name(r), 10 + r, SHA),)) for r in (1, 0)]
     return build_manifest(
-        seq=seq, step=step, kind="replicated", attempt=2, world_size=2, time=1_700_000_000.0, done=done, metrics=metrics
+        seq=seq,
+        step=step,
+        kind="replicated",
+        attempt=2,
+        world_size=2,
+        time=1_700_000_000.0,
+        done=done,
+        metrics=metrics,
     )
 
 
@@ -87,7 +94,8 @@ def test_done_record_round_trips() -> None:
 
 def cands(*scores: float | None) -> list[Candidate]:
     return [
-        Candidate(seq=i, step=i * 10, metrics={} if s is None else {"acc": s}) for i, s in enumerate(scores)
+        Candidate(seq=i, step=i * 10, metrics={} if s is None else {"acc": s})
+        for i, s in enumerate(scores)
     ]
 
 
@@ -100,9 +108,19 @@ def cands(*scores: float | None) -> list[Candidate]:
         (CheckpointSettings(num_to_keep=2), [1, 2, 3, 4], (2, 3), ()),
         (CheckpointSettings(num_to_keep=1), [1, 2, 3], (2,), ()),
         # best by max score, and the latest even though it is worse
-        (CheckpointSettings(num_to_keep=2, score_attribute="acc"), [0.9, 0.1, 0.8, 0.2], (0, 2, 3), (0, 2)),
+        (
+            CheckpointSettings(num_to_keep=2, score_attribute="acc"),
+            [0.9, 0.1, 0.8, 0.2],
+            (0, 2, 3),
+            (0, 2),
+        ),
         # best by min score
-        (CheckpointSettings(num_to_keep=2, score_attribute="acc", score_order="min"), [0.9, 0.1, 0.8, 0.2, 0.5], (1, 3, 4), (1, 3)),
+        (
+            CheckpointSettings(num_to_keep=2, score_attribute="acc", score_order="min"),
+            [0.9, 0.1, 0.8, 0.2, 0.5],
+            (1, 3, 4),
+            (1, 3),
+        ),
         # ties go to the newer checkpoint
         (CheckpointSettings(num_to_keep=1, score_attribute="acc"), [0.5, 0.5, 0.1], (1, 2), (1,)),
         # checkpoints without the score are never "best" but the latest stays
@@ -112,7 +130,10 @@ def cands(*scores: float | None) -> list[Candidate]:
     ],
 )
 def test_retention_keeps_exactly_what_the_settings_say(
-    settings: CheckpointSettings, scores: list[float | None], keep: tuple[int, ...], best: tuple[int, ...]
+    settings: CheckpointSettings,
+    scores: list[float | None],
+    keep: tuple[int, ...],
+    best: tuple[int, ...],
 ) -> None:
     retention = plan_retention(cands(*scores), settings)
     assert retention.keep == keep
@@ -132,9 +153,16 @@ def test_fence_refuses_an_older_attempt_and_a_lower_step() -> None:
 
 
 def test_commit_fields_list_only_retained_checkpoints() -> None:
-    commit = Commit(uri="gs://b/ns/j/ckpt-000003", manifest=make_manifest(seq=3, step=30, acc=0.7), manifest_sha256=SHA)
+    commit = Commit(
+        uri="gs://b/ns/j/ckpt-000003",
+        manifest=make_manifest(seq=3, step=30, acc=0.7),
+        manifest_sha256=SHA,
+    )
     old = [{"seq": s, "step": s * 10, "uri": f"u{s}"} for s in (1, 2)]
-    retention = plan_retention([Candidate(1, 10, {}), Candidate(2, 20, {}), Candidate(3, 30, {})], CheckpointSettings(num_to_keep=2))
+    retention = plan_retention(
+        [Candidate(1, 10, {}), Candidate(2, 20, {}), Candidate(3, 30, {})],
+        CheckpointSettings(num_to_keep=2),
+    )
     fields = commit_fields({}, commit, retention, old)
     assert [c["seq"] for c in fields["checkpoints"]] == [2, 3]
     assert fields["latestCheckpoint"]["uri"] == commit.uri

@@ -16,7 +16,12 @@ def test_flatten_round_trips_nested_state_with_int_keys() -> None:
         "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2)}},
         "param_groups": [{"lr": 0.1, "params": [0]}],
     }
-    state = {"model": OrderedDict(w=torch.zeros(2, 2)), "optim": optim_like, "epoch": 4, "pair": (torch.ones(1), "x")}
+    state = {
+        "model": OrderedDict(w=torch.zeros(2, 2)),
+        "optim": optim_like,
+        "epoch": 4,
+        "pair": (torch.ones(1), "x"),
+    }
     skeleton, tensors = flatten(state)
     assert len(tensors) == 4
     back = unflatten(skeleton, tensors.__getitem__)
@@ -36,7 +41,9 @@ def test_flatten_round_trips_nested_state_with_int_keys() -> None:
         ([], [0, 1], {0: [], 1: []}),
     ],
 )
-def test_partition_balances_bytes_deterministically(sizes: list[int], writers: list[int], expected: dict[int, list[int]]) -> None:
+def test_partition_balances_bytes_deterministically(
+    sizes: list[int], writers: list[int], expected: dict[int, list[int]]
+) -> None:
     parts = partition(sizes, writers)
     assert parts == expected
     assert sorted(i for ix in parts.values() for i in ix) == list(range(len(sizes)))

@@ -50,7 +50,14 @@ for step in range(start, int(cfg["steps"])):
     due = spotrun.should_checkpoint() if cfg.get("use_cadence", True) else False
     ckpt = None
     if due or step % every == 0:
-        ckpt = Checkpoint.from_dict({"model": net.state_dict(), "optim": optim.state_dict(), "step": step, "ballast": ballast})
+        ckpt = Checkpoint.from_dict(
+            {
+                "model": net.state_dict(),
+                "optim": optim.state_dict(),
+                "step": step,
+                "ballast": ballast,
+            }
+        )
     spotrun.report({"step": step, "loss": loss.item()}, checkpoint=ckpt)
     if step == cfg.get("kill_before_upload_step") and ctx.world_rank == cfg.get("kill_rank", 1):
         os.kill(os.getpid(), signal.SIGKILL)

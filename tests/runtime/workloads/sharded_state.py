@@ -16,7 +16,9 @@ full = torch.arange(64 * 6, dtype=torch.float32).reshape(64, 6)
 
 if ctx.world_size > 1:
     mesh = init_device_mesh("cpu", (ctx.world_size,))
-    weight = distribute_tensor(torch.zeros_like(full) if cfg["mode"] == "load" else full, mesh, [Shard(0)])
+    weight = distribute_tensor(
+        torch.zeros_like(full) if cfg["mode"] == "load" else full, mesh, [Shard(0)]
+    )
 else:
     weight = torch.zeros_like(full) if cfg["mode"] == "load" else full.clone()
 state = {"weight": weight, "step": torch.tensor(7)}
@@ -32,6 +34,9 @@ else:
     if ctx.world_size > 1:
         local = state["weight"].to_local()
         assert local.shape[0] == 64 // ctx.world_size
-    print(f"rank {ctx.world_rank} restored {tuple(loaded.shape)} on world size {ctx.world_size}", flush=True)
+    print(
+        f"rank {ctx.world_rank} restored {tuple(loaded.shape)} on world size {ctx.world_size}",
+        flush=True,
+    )
     if dist.is_initialized():
         dist.barrier()

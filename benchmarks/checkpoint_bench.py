@@ -1,0 +1,289 @@
+"""Checkpoint benchmark: spotrun's save and load against plain torch.save/torch.load, one run.
+
+Arms, all on the same fsspec target (local files by default, --target to change):
+  (a) training-loop stall per checkpoint: async `spotrun.report` vs synchronous torch.save
+  (b) total training time added per checkpoint: async vs synchronous
+  (c) save throughput: 2 ranks sharing the write vs rank 0 alone doing torch.save into
+      fsspec.open, and vs a raw copy of the same bytes
+  (d) load throughput: verified spotrun load vs torch.load
+Each worker runs in its own process; the training loop uses one thread (2-core machine).
+
+    .venv/bin/python benchmarks/checkpoint_bench.py --size-mb 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SPOTRUN = str(Path(sys.executable).with_name("spotrun"))
+
+
+def make_state(size_mb: int) -> dict[str, Any]:
+    import torch
+
+    chunks = max(1, size_mb // 64)
+    per = size_mb * (1 << 20) // 4 // chunks
+    return {
+        "model": {f"layer{i}.weight": torch.full((per,), float(i)) for i in range(chunks)},
+        "step": 0,
+    }
+
+
+def train_step(x: Any, w: Any) -> Any:
+    import torch
+
+    for _ in range(4):
+        x = torch.tanh(x @ w)
+    return x
+
+
+# --- workers (run in child processes) --------------------------------------------------------
+
+
+def worker_loop(arm: str, size_mb: int, steps: int, every: int, target: str) -> dict[str, Any]:
+    import fsspec
+    import torch
+
+    torch.set_num_threads(1)
+    state = make_state(size_mb)
+    x, w = torch.randn(512, 1024), torch.randn(1024, 1024) / 32
+    stalls = []
+    if arm == "async":
+        import spotrun
+        from spotrun.session import get_session
+
+        spotrun.get_context()  # start the session (and its writer) before timing
+        time.sleep(3)  # let the writer process finish importing torch
+    started = time.perf_counter()
+    for step in range(steps):
+        x = train_step(x, w)
+        for t in state["model"].values():  # the state changes every step, as weights do
+            t[:1] += 1
+        if (step + 1) % every:
+            continue
+        state["step"] = step
+        t0 = time.perf_counter()
+        if arm == "sync":
+            with fsspec.open(f"{target}/sync-{step}.pt", "wb") as f:
+                torch.save(state, f)
+        elif arm == "async":
+            spotrun.report({"step": step}, checkpoint=spotrun.Checkpoint.from_dict(state))
+        stalls.append(time.perf_counter() - t0)
+    if arm == "async":
+        get_session().flush()
+    total = time.perf_counter() - started
+    return {"total": total, "stalls": stalls}
+
+
+def worker_save_rank(size_mb: int) -> dict[str, Any]:
+    import torch
+
+    import spotrun
+    from spotrun.session import get_session
+
+    torch.set_num_threads(1)
+    state = make_state(size_mb)
+    spotrun.get_context()
+    import torch.distributed as dist
+
+    dist.barrier()
+    t0 = time.perf_counter()
+    spotrun.report({"step": 0}, checkpoint=spotrun.Checkpoint.from_dict(state))
+    get_session().flush()
+    dist.barrier()
+    return {"seconds": time.perf_counter() - t0}
+
+
+def worker_save_single(size_mb: int, target: str) -> dict[str, Any]:
+    import fsspec
+    import torch
+
+    torch.set_num_threads(1)
+    state = make_state(size_mb)
+    t0 = time.perf_counter()
+    with fsspec.open(f"{target}/single.pt", "wb") as f:
+        torch.save(state, f)
+    save = time.perf_counter() - t0
+    raw = b"\1" * (size_mb << 20)
+    t0 = time.perf_counter()
+    with fsspec.open(f"{target}/raw.bin", "wb") as f:
+        f.write(raw)
+    copy = time.perf_counter() - t0
+    return {"save": save, "copy": copy}
+
+
+def worker_load(target: str, uri: str) -> dict[str, Any]:
+    import fsspec
+    import torch
+
+    from spotrun.checkpoint import Checkpoint, _Committed
+    from spotrun.commit import CheckpointStore, split_uri
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    with fsspec.open(f"{target}/single.pt", "rb") as f:
+        torch.load(f, weights_only=True)
+    baseline = time.perf_counter() - t0
+    root, seq = split_uri(uri)
+    store = CheckpointStore(root)
+    t0 = time.perf_counter()
+    verified = store.verify(seq)
+    Checkpoint(committed=_Committed(store, verified, 0, 1)).to_dict()
+    ours = time.perf_counter() - t0
+    return {"torch_load": baseline, "spotrun": ours}
+
+
+# --- orchestration ---------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def contract_env(storage: str, job: str, nproc: int, async_save: bool) -> dict[str, str]:
+    from spotrun.contract import CheckpointSettings, PodContract
+
+    contract = PodContract(
+        job=job,
+        namespace="bench",
+        nproc_per_node=nproc,
+        storage=storage,
+        master_port=free_port(),
+        checkpoint=CheckpointSettings(num_to_keep=1, async_save=async_save),
+    )
+    return {
+        **os.environ,
+        **contract.to_env(),
+        "SPOTRUN_STATUS_SINK": "none",
+        "PYTHONPATH": str(ROOT),
+    }
+
+
+def child(
+    mode: str, env: dict[str, str] | None = None, nproc: int = 0, **kwargs: Any
+) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", mode, "--args", json.dumps(kwargs)]
+    if nproc:
+        cmd = [SPOTRUN, "launch", "--nproc-per-node", str(nproc), "--", *cmd]
+    out = subprocess.run(
+        cmd,
+        env=env or {**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    results = [
+        json.loads(line[7:]) for line in out.stdout.splitlines() if line.startswith("RESULT ")
+    ]
+    if out.returncode or not results:
+        raise SystemExit(f"{mode} failed ({out.returncode}):\n{out.stdout}\n{out.stderr}")
+    return results[0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size-mb", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--every", type=int, default=50)
+    parser.add_argument(
+        "--target", default=None, help="fsspec URL of a folder (default: a temp folder)"
+    )
+    parser.add_argument("--worker")
+    parser.add_argument("--args", default="{}")
+    args = parser.parse_args()
+    if args.worker:
+        fn = {
+            "loop": worker_loop,
+            "save_rank": worker_save_rank,
+            "save_single": worker_save_single,
+            "load": worker_load,
+        }[args.worker]
+        result = fn(**json.loads(args.args))
+        if os.environ.get("RANK", "0") == "0":
+            print("RESULT " + json.dumps(result), flush=True)
+        return
+
+    tmp = Path(tempfile.mkdtemp(prefix="spotrun-bench-", dir=os.environ.get("BENCH_TMP")))
+    target = args.target or str(tmp)
+    size, mb = args.size_mb, args.size_mb
+    print(
+        f"state {size} MB, {args.steps} steps, a checkpoint every {args.every}; target {target}\n"
+    )
+    try:
+        base = child(
+            "loop", arm="none", size_mb=size, steps=args.steps, every=args.every, target=target
+        )
+        sync = child(
+            "loop", arm="sync", size_mb=size, steps=args.steps, every=args.every, target=target
+        )
+        asyn = child(
+            "loop",
+            contract_env(f"{target}/async", "loop", 1, True),
+            arm="async",
+            size_mb=size,
+            steps=args.steps,
+            every=args.every,
+            target=target,
+        )
+        n = len(sync["stalls"])
+        stall_sync, stall_async = (
+            statistics.median(sync["stalls"]),
+            statistics.median(asyn["stalls"]),
+        )
+        added_sync = (sync["total"] - base["total"]) / n
+        added_async = (asyn["total"] - base["total"]) / n
+        print("(a) training-loop stall per checkpoint (median)")
+        print(f"    sync torch.save   {stall_sync:7.3f} s")
+        print(
+            f"    spotrun async     {stall_async:7.3f} s    ratio {stall_async / stall_sync:.3f}x  (goal <= 0.1x)"
+        )
+        print("(b) total training time added per checkpoint")
+        print(f"    loop alone        {base['total']:7.2f} s for {args.steps} steps")
+        print(f"    sync torch.save   {added_sync:7.3f} s")
+        print(
+            f"    spotrun async     {added_async:7.3f} s    ratio {added_async / added_sync:.3f}x  (goal <= 1.0x)"
+        )
+
+        two = child(
+            "save_rank", contract_env(f"{target}/two", "two", 2, False), nproc=2, size_mb=size
+        )
+        single = child("save_single", size_mb=size, target=target)
+        tp_two, tp_one, tp_copy = mb / two["seconds"], mb / single["save"], mb / single["copy"]
+        print("(c) save throughput")
+        print(f"    rank 0 torch.save {tp_one:7.0f} MB/s")
+        print(f"    raw copy          {tp_copy:7.0f} MB/s")
+        print(
+            f"    spotrun 2 ranks   {tp_two:7.0f} MB/s    ratio {tp_two / tp_one:.2f}x vs torch.save (goal >= 2x), "
+            f"{tp_two / tp_copy:.2f}x vs raw copy"
+        )
+
+        uri = f"{target}/two/bench/two/ckpt-000000"
+        load = child("load", target=target, uri=uri)
+        print("(d) load throughput (spotrun verifies sha256 before unpickling)")
+        print(f"    torch.load        {mb / load['torch_load']:7.0f} MB/s")
+        print(
+            f"    spotrun           {mb / load['spotrun']:7.0f} MB/s    ratio {load['torch_load'] / load['spotrun']:.2f}x (goal >= 2x)"
+        )
+    finally:
+        if args.target is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
