@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from spotrun import layout, storage
+from spotrun.lifecycle.conditions import CHECKPOINT_CORRUPT, set_condition
 from spotrun.retention import Retention
-from spotrun.status import Commit, check_fence, commit_fields, completion, last_metrics, rfc3339
+from spotrun.status import Commit, check_fence, commit_fields, completion, last_metrics
 
 StatusMutation = Callable[[dict[str, Any]], None]
 
@@ -81,28 +82,6 @@ def update_status_file(url: str, mutate: StatusMutation) -> dict[str, Any]:
         return status
 
 
-def set_condition(
-    status: dict[str, Any], type_: str, value: str, reason: str, message: str, time: float
-) -> None:
-    """Sets one metav1.Condition; lastTransitionTime moves only when the status value does."""
-    conditions: list[dict[str, Any]] = status.setdefault("conditions", [])
-    for cond in conditions:
-        if cond.get("type") == type_:
-            if cond.get("status") != value:
-                cond["lastTransitionTime"] = rfc3339(time)
-            cond.update(status=value, reason=reason, message=message)
-            return
-    conditions.append(
-        {
-            "type": type_,
-            "status": value,
-            "reason": reason,
-            "message": message,
-            "lastTransitionTime": rfc3339(time),
-        }
-    )
-
-
 class FileStatusSink:
     """Writes the runtime's status fields into `<job folder>/status.json`."""
 
@@ -135,12 +114,17 @@ class FileStatusSink:
         )
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
-        self._fenced(
-            None,
-            lambda status: set_condition(
-                status, "CheckpointCorrupt", "True", "FellBack", message, time
-            ),
-        )
+        def mark(status: dict[str, Any]) -> None:
+            status["conditions"] = set_condition(
+                status.get("conditions", []),
+                CHECKPOINT_CORRUPT,
+                True,
+                "FellBack",
+                message,
+                now=time,
+            )
+
+        self._fenced(None, mark)
 
 
 class NullSink:

@@ -9,11 +9,11 @@ a writer of an older attempt is refused, and `latestCheckpoint.step` never goes 
 
 from __future__ import annotations
 
-import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from spotrun.lifecycle.times import format_time as rfc3339
 from spotrun.manifest import Manifest
 from spotrun.retention import Retention
 
@@ -22,14 +22,6 @@ RUNTIME_FIELDS = ("latestCheckpoint", "checkpoints", "bestCheckpoints", "lastMet
 
 class FencingError(RuntimeError):
     """The status refused a write: the writer is of an older attempt, or the step would go down."""
-
-
-def rfc3339(timestamp: float) -> str:
-    return dt.datetime.fromtimestamp(timestamp, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(text: str) -> float:
-    return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
 
 
 @dataclass(frozen=True)
