@@ -144,9 +144,9 @@ def test_eviction_marks_the_pod_as_a_disruption_target(cluster: Cluster, namespa
         "kind": "Pod",
         "metadata": {
             "name": "trainer",
-            # KWOK finishes the pod's termination 10s after deletion, as a process that takes
-            # 10s to stop after SIGTERM would.
-            "annotations": {"pod-delete.stage.kwok.x-k8s.io/delay": "10s"},
+            # KWOK finishes the pod's termination 5s after deletion, as a process that takes
+            # 5s to stop after SIGTERM would.
+            "annotations": {"pod-delete.stage.kwok.x-k8s.io/delay": "5s"},
         },
         "spec": {
             "nodeSelector": SPOT,
@@ -173,6 +173,7 @@ def test_eviction_marks_the_pod_as_a_disruption_target(cluster: Cluster, namespa
         )
 
         evicted = core.read_namespaced_pod("trainer", namespace)
+        assert evicted.metadata is not None and evicted.status is not None
         assert evicted.metadata.deletion_timestamp is not None
         assert evicted.metadata.deletion_grace_period_seconds == 30
         conditions = {c.type: c for c in evicted.status.conditions or []}
@@ -181,7 +182,9 @@ def test_eviction_marks_the_pod_as_a_disruption_target(cluster: Cluster, namespa
         assert conditions["DisruptionTarget"].reason == "EvictionByEvictionAPI"
 
         def gone() -> bool:
-            names = [p.metadata.name for p in core.list_namespaced_pod(namespace).items]
+            names = [
+                p.metadata.name for p in core.list_namespaced_pod(namespace).items if p.metadata
+            ]
             return "trainer" not in names
 
         wait_until("the evicted pod to finish terminating", gone, timeout=60)
