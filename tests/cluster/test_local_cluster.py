@@ -1,9 +1,9 @@
 """The test cluster behaves like a real one where spotrun relies on it.
 
-These pin what later cluster tests take for granted: GPU pods get scheduled onto spot nodes
-and run; the pods of a vanished node come back elsewhere; an eviction leaves the
-DisruptionTarget condition that the operator reads to tell a preemption from a failure; Helm
-installs and removes a chart.
+These pin what later cluster tests take for granted: service-account tokens are issued; GPU
+pods get scheduled onto spot nodes and run; the pods of a vanished node come back elsewhere;
+an eviction leaves the DisruptionTarget condition that the operator reads to tell a
+preemption from a failure; Helm installs and removes a chart.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from tests.fixtures.cluster import Cluster, wait_until
 GPU = "nvidia.com/gpu"
 SPOT = {"cloud.google.com/gke-spot": "true"}
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
+SA_ANNOTATION = "kubernetes.io/service-account.name"
 
 
 def statefulset(
@@ -85,6 +86,26 @@ def get_json(cluster: Cluster, *args: str) -> dict[str, Any]:
 
 def test_api_server_answers_readyz(cluster: Cluster) -> None:
     assert cluster.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
+
+
+def test_service_account_tokens_are_issued(cluster: Cluster, namespace: str) -> None:
+    # TokenRequest (what projected pod tokens use) is signed by the API server's key ...
+    token = cluster.kubectl("create", "token", "default", "-n", namespace).stdout.strip()
+    assert token.count(".") == 2  # a JWT
+    # ... and the controller-manager's token controller fills legacy token Secrets with its own.
+    secret = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "kubernetes.io/service-account-token",
+        "metadata": {"name": "default-token", "annotations": {SA_ANNOTATION: "default"}},
+    }
+    apply(cluster, namespace, secret)
+    data = wait_until(
+        "the token controller to fill Secret default-token",
+        lambda: get_json(cluster, "secret", "default-token", "-n", namespace).get("data"),
+        timeout=60,
+    )
+    assert {"token", "ca.crt", "namespace"} <= set(data)
 
 
 def test_gpu_statefulset_runs_on_spot_gpu_nodes(cluster: Cluster, namespace: str) -> None:
