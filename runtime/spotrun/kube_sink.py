@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from spotrun.lifecycle.times import format_time
 from spotrun.retention import Retention
 from spotrun.status import (
     Commit,
@@ -37,7 +38,6 @@ from spotrun.status import (
     completion,
     json_patch,
     last_metrics,
-    rfc3339,
 )
 
 log = logging.getLogger(__name__)
@@ -144,7 +144,7 @@ class KubernetesSink:
             "status": "True",
             "reason": "FellBack",
             "message": message,
-            "lastTransitionTime": rfc3339(time),
+            "lastTransitionTime": format_time(time),
         }
         fence: dict[str, Any] = {"op": "test", "path": "/status/attempt", "value": self.attempt}
         first = self._send(

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spotrun.lifecycle.times import format_time as rfc3339
+from spotrun.lifecycle.times import format_time
 from spotrun.manifest import Manifest
 from spotrun.retention import Retention
 
@@ -38,7 +38,7 @@ class Commit:
             "seq": self.manifest.seq,
             "step": self.manifest.step,
             "attempt": self.manifest.attempt,
-            "time": rfc3339(self.manifest.time),
+            "time": format_time(self.manifest.time),
             "metrics": _json_metrics(self.manifest.metrics),
             "manifestSha256": self.manifest_sha256,
         }
@@ -84,12 +84,12 @@ def commit_fields(
 
 
 def last_metrics(metrics: Mapping[str, Any], step: int, time: float) -> dict[str, Any]:
-    return {**_json_metrics(metrics), "step": step, "time": rfc3339(time)}
+    return {**_json_metrics(metrics), "step": step, "time": format_time(time)}
 
 
 def completion(attempt: int, step: int | None, time: float) -> dict[str, Any]:
     """The training finished; `step` is None when the recorder (the launcher) cannot know it."""
-    done: dict[str, Any] = {"attempt": attempt, "time": rfc3339(time)}
+    done: dict[str, Any] = {"attempt": attempt, "time": format_time(time)}
     if step is not None:
         done["step"] = step
     return done
