@@ -236,6 +236,7 @@ class Session:
 
     def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> None:
         started = time.monotonic()
+        self._pending = [job for job in self._pending if not self.writer.collect(job)]
         rank, world = self.context.world_rank, self.context.world_size
         flags = [1.0 if self._notice else 0.0] + [0.0] * world
         flags[1 + rank] = 1.0 if checkpoint is not None else 0.0

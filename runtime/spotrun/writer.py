@@ -268,6 +268,16 @@ class WriterClient:
             raise WriterError(value)
         return value
 
+    def collect(self, job_id: int) -> bool:
+        """True once `job_id` finished (a failure is logged); never blocks."""
+        with self._cond:
+            if job_id not in self._results:
+                return False
+            ok, value = self._results.pop(job_id)
+        if not ok:
+            log.error("a background checkpoint job failed: %s", value)
+        return True
+
     def save(
         self, seq: int, kind: CheckpointKind, skeleton: Any, tensors: Mapping[int, torch.Tensor]
     ) -> int:
