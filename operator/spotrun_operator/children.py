@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import kopf
@@ -68,6 +69,41 @@ CONTAINER_SECURITY_CONTEXT: dict[str, Any] = {
 }
 
 
+# Where the operator's own settings (the chart's values) reach each job's children.
+DEFAULT_STORAGE_ENV = "SPOTRUN_DEFAULT_STORAGE"
+RUNTIME_GCP_SERVICE_ACCOUNT_ENV = "SPOTRUN_RUNTIME_GCP_SERVICE_ACCOUNT"
+WORKLOAD_IDENTITY_ANNOTATION = "iam.gke.io/gcp-service-account"
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """Operator-wide settings that fill in what a TrainJob leaves out.
+
+    `storage`: the checkpoint storage of jobs that name none (spec.checkpoint.storage).
+    `gcp_service_account`: the Google service account the per-job runtime ServiceAccount
+    impersonates through GKE Workload Identity, so the pods can write to GCS.
+    """
+
+    storage: str = ""
+    gcp_service_account: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str]) -> Defaults:
+        return cls(
+            storage=env.get(DEFAULT_STORAGE_ENV, "").strip(),
+            gcp_service_account=env.get(RUNTIME_GCP_SERVICE_ACCOUNT_ENV, "").strip(),
+        )
+
+
+NO_DEFAULTS = Defaults()
+
+
+def storage(job: Mapping[str, Any], defaults: Defaults = NO_DEFAULTS) -> str:
+    """The job's checkpoint storage URL: its own, else the operator's default, else empty."""
+    own = ((job.get("spec") or {}).get("checkpoint") or {}).get("storage")
+    return str(own or defaults.storage)
+
+
 def labels(job: str) -> dict[str, str]:
     return {names.JOB_LABEL: job}
 
@@ -115,20 +151,17 @@ def service(job: Mapping[str, Any]) -> dict[str, Any]:
     )
 
 
-def service_account(job: Mapping[str, Any]) -> dict[str, Any]:
+def service_account(job: Mapping[str, Any], defaults: Defaults = NO_DEFAULTS) -> dict[str, Any]:
+    """The pods' identity; with Workload Identity, it also stands for a Google account."""
     name, namespace = _meta(job)
-    return _owned(
-        {
-            "apiVersion": "v1",
-            "kind": "ServiceAccount",
-            "metadata": {
-                "name": names.runtime_account(name),
-                "namespace": namespace,
-                "labels": labels(name),
-            },
-        },
-        job,
-    )
+    metadata: dict[str, Any] = {
+        "name": names.runtime_account(name),
+        "namespace": namespace,
+        "labels": labels(name),
+    }
+    if defaults.gcp_service_account:
+        metadata["annotations"] = {WORKLOAD_IDENTITY_ANNOTATION: defaults.gcp_service_account}
+    return _owned({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": metadata}, job)
 
 
 def role(job: Mapping[str, Any]) -> dict[str, Any]:
@@ -191,7 +224,12 @@ def role_binding(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def statefulset(
-    job: Mapping[str, Any], *, attempt: int, resume_from: str | None, replicas: int
+    job: Mapping[str, Any],
+    *,
+    attempt: int,
+    resume_from: str | None,
+    replicas: int,
+    defaults: Defaults = NO_DEFAULTS,
 ) -> dict[str, Any]:
     """The StatefulSet that runs incarnation `attempt` of the group with `replicas` pods.
 
@@ -207,7 +245,7 @@ def statefulset(
         "updateStrategy": {"type": "OnDelete"},
         "revisionHistoryLimit": 2,
         "selector": {"matchLabels": labels(name)},
-        "template": pod_template(job, attempt=attempt, resume_from=resume_from),
+        "template": pod_template(job, attempt=attempt, resume_from=resume_from, defaults=defaults),
     }
     return _owned(
         {
@@ -231,7 +269,8 @@ def spec_hash(spec: Mapping[str, Any]) -> str:
 
 
 def master_port(job: Mapping[str, Any]) -> int:
-    return int(job.get("spec", {}).get("masterPort") or contract.DEFAULT_MASTER_PORT)
+    """Rank 0's rendezvous port: fixed, since every pod has an address of its own."""
+    return contract.DEFAULT_MASTER_PORT
 
 
 def command(trainer: Mapping[str, Any]) -> list[str]:
@@ -249,7 +288,11 @@ def command(trainer: Mapping[str, Any]) -> list[str]:
 
 
 def contract_env(
-    job: Mapping[str, Any], *, attempt: int, resume_from: str | None
+    job: Mapping[str, Any],
+    *,
+    attempt: int,
+    resume_from: str | None,
+    defaults: Defaults = NO_DEFAULTS,
 ) -> list[dict[str, Any]]:
     """The pod contract as container env; the node rank comes from the pod-index label."""
     name, namespace = _meta(job)
@@ -262,7 +305,7 @@ def contract_env(
         attempt=attempt,
         replicas=int(spec.get("replicas", 1)),
         nproc_per_node=int(spec.get("nprocPerNode", 1)),
-        storage=str(checkpoint.get("storage", "")),
+        storage=storage(job, defaults),
         resume_from=resume_from,
         config=spec.get("config") or {},
         checkpoint=CheckpointSettings.from_spec(checkpoint),
@@ -287,7 +330,11 @@ def contract_env(
 
 
 def pod_template(
-    job: Mapping[str, Any], *, attempt: int, resume_from: str | None
+    job: Mapping[str, Any],
+    *,
+    attempt: int,
+    resume_from: str | None,
+    defaults: Defaults = NO_DEFAULTS,
 ) -> dict[str, Any]:
     """The pod template of one attempt: the user's overrides merged under the contract."""
     name, _ = _meta(job)
@@ -301,10 +348,17 @@ def pod_template(
     metadata: dict[str, Any] = {"labels": pod_labels}
     if user_meta.get("annotations"):
         metadata["annotations"] = {str(k): str(v) for k, v in user_meta["annotations"].items()}
-    return {"metadata": metadata, "spec": pod_spec(job, attempt=attempt, resume_from=resume_from)}
+    spec = pod_spec(job, attempt=attempt, resume_from=resume_from, defaults=defaults)
+    return {"metadata": metadata, "spec": spec}
 
 
-def pod_spec(job: Mapping[str, Any], *, attempt: int, resume_from: str | None) -> dict[str, Any]:
+def pod_spec(
+    job: Mapping[str, Any],
+    *,
+    attempt: int,
+    resume_from: str | None,
+    defaults: Defaults = NO_DEFAULTS,
+) -> dict[str, Any]:
     """The pod spec: the contract's trainer container, restricted defaults, user overrides.
 
     The user's `spec.template.spec` wins for every field except FIXED_POD_FIELDS; its
@@ -324,7 +378,7 @@ def pod_spec(job: Mapping[str, Any], *, attempt: int, resume_from: str | None) -
         "command": command(trainer),
         "env": [
             *[dict(e) for e in trainer.get("env") or [] if e.get("name") not in RESERVED_ENV],
-            *contract_env(job, attempt=attempt, resume_from=resume_from),
+            *contract_env(job, attempt=attempt, resume_from=resume_from, defaults=defaults),
         ],
         "ports": [{"name": names.RENDEZVOUS_PORT_NAME, "containerPort": master_port(job)}],
         "volumeMounts": [{"name": names.SHM_VOLUME, "mountPath": "/dev/shm"}],
@@ -387,6 +441,8 @@ def _template_spec(job: Mapping[str, Any]) -> Mapping[str, Any]:
     return spec
 
 
-def runtime_children(job: Mapping[str, Any]) -> Sequence[dict[str, Any]]:
+def runtime_children(
+    job: Mapping[str, Any], defaults: Defaults = NO_DEFAULTS
+) -> Sequence[dict[str, Any]]:
     """The children that do not change with the attempt, in creation order."""
-    return [service_account(job), role(job), role_binding(job), service(job)]
+    return [service_account(job, defaults), role(job), role_binding(job), service(job)]

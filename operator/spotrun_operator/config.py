@@ -13,6 +13,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from spotrun_operator.children import Defaults
 from spotrun_operator.observe import NodeFacts
 from spotrun_operator.wakeups import Wakeups
 
@@ -29,13 +30,15 @@ class Config:
     `resync_seconds`: a job's loop runs at least this often even when nothing is heard
     (a lost watch event costs at most this much delay). `debounce_seconds`: after a
     wake-up, how long to let a burst of events (a group restart is dozens) settle.
-    `metrics_address`: host:port of /metrics, empty to serve none.
+    `metrics_address`: host:port of /metrics, empty to serve none. `defaults`: what jobs
+    leave out (the chart's defaultCheckpointStorage and Workload Identity account).
     """
 
     resync_seconds: float = 60.0
     debounce_seconds: float = 0.2
     error_backoff_max_seconds: float = 60.0
     metrics_address: str = field(default_factory=lambda: os.environ.get(METRICS_ADDRESS_ENV, ""))
+    defaults: Defaults = field(default_factory=lambda: Defaults.from_env(os.environ))
 
 
 @dataclass

@@ -259,3 +259,25 @@ def test_builders_do_not_mutate_the_job() -> None:
     children.statefulset(job, attempt=1, resume_from=None, replicas=4)
     children.runtime_children(job)
     assert job == before
+
+
+def test_operator_defaults_fill_in_storage_and_workload_identity() -> None:
+    defaults = children.Defaults.from_env(
+        {
+            "SPOTRUN_DEFAULT_STORAGE": "gs://ckpt-bucket/spotrun",
+            "SPOTRUN_RUNTIME_GCP_SERVICE_ACCOUNT": "trainer@proj.iam.gserviceaccount.com",
+        }
+    )
+    job = make_job(checkpoint={})
+    sts = children.statefulset(job, attempt=1, resume_from=None, replicas=4, defaults=defaults)
+    assert env_of(sts["spec"]["template"])["SPOTRUN_STORAGE"] == "gs://ckpt-bucket/spotrun"
+    account = children.service_account(job, defaults)
+    assert account["metadata"]["annotations"] == {
+        "iam.gke.io/gcp-service-account": "trainer@proj.iam.gserviceaccount.com"
+    }
+    # A job's own storage wins over the default.
+    own = children.statefulset(
+        make_job(), attempt=1, resume_from=None, replicas=4, defaults=defaults
+    )
+    assert env_of(own["spec"]["template"])["SPOTRUN_STORAGE"] == "gs://bucket/runs"
+    assert "annotations" not in children.service_account(make_job())["metadata"]

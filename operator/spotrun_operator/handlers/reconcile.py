@@ -42,6 +42,14 @@ from spotrun_operator.wakeups import JobKey
 
 log = logging.getLogger(__name__)
 
+NO_STORAGE = transitions.Event(
+    "Warning",
+    "NoCheckpointStorage",
+    "spec.checkpoint.storage is not set and the operator has no default "
+    f"({children.DEFAULT_STORAGE_ENV}): checkpoints cannot survive a restart of the group; "
+    "set spec.checkpoint.storage (e.g. gs://bucket/prefix) in a new TrainJob",
+)
+
 
 @dataclass
 class JobMemory:
@@ -158,10 +166,13 @@ async def reconcile_once(
     if meta.get("deletionTimestamp"):
         return time.time() + shared.config.resync_seconds  # kopf stops us shortly
 
+    defaults = shared.config.defaults
     if not memory.children_ensured:
-        for child in children.runtime_children(job):
+        for child in children.runtime_children(job, defaults):
             await api.ensure(child)
         memory.children_ensured = True
+        if not children.storage(job, defaults):
+            api.event(job, NO_STORAGE)
 
     job_pods = [dict(p) for p in pods.get(key, ())]
     facts = {node: next(iter(values)) for node, values in nodes.items() if values}
@@ -194,6 +205,7 @@ async def reconcile_once(
                 attempt=action.attempt,
                 resume_from=action.resume_from,
                 replicas=spec.replicas,
+                defaults=defaults,
             )
         elif isinstance(action, Wait):
             next_at = min(next_at, action.until)
@@ -241,6 +253,7 @@ async def _run_attempt(
     attempt: int,
     resume_from: str | None,
     replicas: int,
+    defaults: children.Defaults,
 ) -> None:
     """Makes the StatefulSet run `attempt`, then removes the pods of any other attempt.
 
@@ -249,7 +262,9 @@ async def _run_attempt(
     The loop is woken by the StatefulSet's own status update.
     """
     api = shared.api
-    desired = children.statefulset(job, attempt=attempt, resume_from=resume_from, replicas=replicas)
+    desired = children.statefulset(
+        job, attempt=attempt, resume_from=resume_from, replicas=replicas, defaults=defaults
+    )
     want_hash = desired["metadata"]["annotations"][names.SPEC_HASH_ANNOTATION]
     if sts is None:
         await api.create_statefulset(desired)
