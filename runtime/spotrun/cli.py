@@ -16,6 +16,8 @@ from collections.abc import Sequence
 # name -> module implementing it (HELP, add_arguments, main).
 SUBCOMMANDS: dict[str, str] = {
     "launch": "spotrun.launcher",
+    "run": "spotrun.local",
+    "status": "spotrun.status_command",
 }
 
 

@@ -1,0 +1,877 @@
+"""`spotrun run`: a TrainJob on this machine, supervised by the same policy as on a cluster.
+
+Local mode is the operator's loop with processes for pods: each pass observes the replica
+launchers (one `spotrun launch` per replica, `nprocPerNode` workers each), asks
+`spotrun.lifecycle.plan` what to do, writes the policy's status fields into
+`<storage>/<namespace>/<job>/status.json` (beside rank 0's checkpoint records, under the
+same file lock) and applies the actions: start a group, restart it from the latest
+checkpoint, back off, succeed, fail. Nothing here decides what an interruption is or
+whether a budget is spent, so what works here works on the cluster and the reverse.
+
+The status is written BEFORE a group starts: it carries the attempt that fences the
+group's checkpoint records. The plan that bumps the attempt is computed under the status
+file's lock, so a checkpoint recorded meanwhile is never passed over as the resume point.
+One addition to the policy, local to this supervisor: when part of the group honoured a
+preemption notice (exit 75) while the rest still run, they are committing the final
+checkpoint, and the restart waits for them (within the grace period) instead of fencing
+that checkpoint out.
+
+Fault injection (spotrun.faults) rehearses spot capacity; a replica the supervisor hit is
+flagged preempted, which is all the policy needs to tell it from a bug.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import ctypes
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from spotrun import _fault_worker, contract, faults, layout
+from spotrun.contract import PodContract
+from spotrun.lifecycle import (
+    FAILED,
+    FINISHED,
+    OWNED_FIELDS,
+    RUNNING,
+    SUCCEEDED,
+    SUSPENDED,
+    Action,
+    Fail,
+    JobSpec,
+    Plan,
+    RestartGroup,
+    StartGroup,
+    Succeed,
+    Suspend,
+    format_time,
+    parse_time,
+    plan,
+)
+from spotrun.local_observe import ReplicaFacts, committing, describe_exit, observe
+from spotrun.progress import Display, Snapshot, make_display, print_summary
+from spotrun.sink import read_status_file, status_file, update_status_file
+from spotrun.trainjob import TrainJob, TrainJobError, load_trainjob
+
+LOG_PREFIX = "[spotrun run]"
+TRAINJOB_FILE = "trainjob.yaml"
+LOGS_DIR = "logs"
+
+POLL_SECONDS = 0.2
+# Replicas of an attempt that was replaced: status.attempt already fences their writes, so
+# a graceful stop would save nothing; they get SIGTERM and this long before SIGKILL.
+STOP_GRACE_SECONDS = 5.0
+# How often rank 0 writes lastMetrics: the live view and the hang check read it.
+PROGRESS_SECONDS = "1"
+# The launcher's own grace when the pod template sets none (spotrun.launcher's default).
+LAUNCHER_GRACE_SECONDS = 25.0
+
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+_PR_SET_PDEATHSIG = 1
+
+
+class LocalRunError(RuntimeError):
+    """The TrainJob cannot run locally as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class Options:
+    """`spotrun run`'s flags, parsed."""
+
+    storage: str | None = None
+    preempt_every: float | None = None
+    kill_every: float | None = None
+    fail_rank: int | None = None
+    fail_after: int = _fault_worker.DEFAULT_FAIL_AFTER
+    max_injections: int | None = None
+    seed: int | None = None
+    live: bool = True
+
+
+# --- pure helpers -----------------------------------------------------------------------
+
+
+def owned(status: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of `status` that the lifecycle policy writes."""
+    return {name: status[name] for name in OWNED_FIELDS if name in status}
+
+
+def merge_owned(target: dict[str, Any], decided: Mapping[str, Any]) -> None:
+    """Sets the policy's fields of `target` to those of `decided`; leaves the runtime's alone."""
+    for name in OWNED_FIELDS:
+        if name in decided:
+            target[name] = copy.deepcopy(decided[name])
+        else:
+            target.pop(name, None)
+
+
+def storage_url(flag: str | None, spec_storage: str | None) -> str:
+    """Where checkpoints go: --storage, else spec.checkpoint.storage, else ./spotrun-runs.
+
+    A plain path is made absolute: every replica must name the same folder.
+    """
+    chosen = flag or spec_storage or layout.DEFAULT_STORAGE
+    if "://" in chosen:
+        return chosen.rstrip("/")
+    return os.path.abspath(chosen)
+
+
+def launcher_argv(job: TrainJob, *, inject_failure: bool) -> list[str]:
+    """The argv of one replica: `spotrun launch` running the job's trainer.
+
+    With `inject_failure`, every worker runs through spotrun._fault_worker, which fails the
+    rank chosen by --fail-rank; it can wrap a function or a Python command only.
+    """
+    base = [sys.executable, "-m", "spotrun.cli", "launch", "--nproc-per-node"]
+    base.append(str(job.nproc_per_node))
+    trainer = job.trainer
+    worker = [sys.executable, "-m", "spotrun._fault_worker"]
+    if trainer.function:
+        if inject_failure:
+            return [*base, "--", *worker, trainer.function]
+        return [*base, "--function", trainer.function]
+    command = [*(trainer.command or ()), *trainer.args]
+    if not inject_failure:
+        return [*base, "--", *command]
+    rest = command[1:]
+    if not _PYTHON.match(os.path.basename(command[0])) or not rest:
+        raise LocalRunError(
+            f"--fail-rank runs the trainer inside the rank it fails, which works for a "
+            f"trainer.function or a trainer.command of the form [python, script.py, ...] or "
+            f"[python, -m, module, ...]; this job's command is {command}"
+        )
+    if rest[0].startswith("-") and rest[0] != "-m":
+        raise LocalRunError(
+            f"--fail-rank cannot wrap python option {rest[0]!r} in {command}: put the "
+            "options in the script, or run without --fail-rank"
+        )
+    return [*base, "--", *worker, "--", *rest]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now: each attempt's rendezvous gets its own."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def mtbf_seconds(options: Options) -> float | None:
+    """The mean time between injected faults, for the checkpoint cadence (Young/Daly)."""
+    rates = [1.0 / s for s in (options.preempt_every, options.kill_every) if s]
+    return 1.0 / sum(rates) if rates else None
+
+
+# --- one replica: a `spotrun launch` process --------------------------------------------
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    """preexec_fn: the launcher gets SIGKILL if the supervisor dies, and takes its workers along."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+@dataclass
+class _Replica:
+    """One replica launcher of one attempt, in its own process group (its 'node')."""
+
+    index: int
+    attempt: int
+    process: subprocess.Popen[bytes]
+    log: str
+    fault: faults.FaultKind | None = None
+    returncode: int | None = None
+    stopping: bool = False
+    kill_at: float | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.returncode is None
+
+    def facts(self) -> ReplicaFacts:
+        return ReplicaFacts(
+            index=self.index,
+            attempt=self.attempt,
+            returncode=self.returncode,
+            fault=self.fault,
+            stopping=self.stopping,
+            log=self.log,
+        )
+
+    def poll(self) -> bool:
+        """Reaps the launcher; True when it exited since the last poll."""
+        if self.returncode is not None:
+            return False
+        self.returncode = self.process.poll()
+        return self.returncode is not None
+
+    def signal(self, signum: int, *, group: bool = False) -> None:
+        """Sends `signum` to the launcher, or with `group` to all its processes."""
+        if self.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            if group:
+                os.killpg(self.process.pid, signum)
+            else:
+                self.process.send_signal(signum)
+
+    def stop(self, now: float, grace: float, *, term: bool = True) -> None:
+        """Asks the replica to go: SIGTERM now (unless not `term`), SIGKILL after `grace`."""
+        if self.stopping or not self.running:
+            self.stopping = True
+            return
+        self.stopping = True
+        if term:
+            self.signal(signal.SIGTERM)
+        self.kill_at = now + grace
+
+    def enforce(self, now: float) -> None:
+        if self.running and self.kill_at is not None and now >= self.kill_at:
+            self.signal(signal.SIGKILL, group=True)
+            self.kill_at = None
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL, group=True)
+
+
+# --- the supervisor ---------------------------------------------------------------------
+
+
+@dataclass
+class _Memory:
+    """What the supervisor remembers between passes, beyond status.json."""
+
+    ports: dict[int, int] = field(default_factory=dict)
+    # lastMetrics as it was when an attempt started: a change means the attempt trains.
+    progress_at_start: dict[int, Any] = field(default_factory=dict)
+    training_since: dict[int, float] = field(default_factory=dict)
+    exits: list[ReplicaFacts] = field(default_factory=list)
+
+
+class LocalRun:
+    """Supervises one TrainJob's replicas until it succeeds, fails or is stopped."""
+
+    def __init__(
+        self,
+        job: TrainJob,
+        options: Options,
+        display: Display,
+        *,
+        storage: str,
+        cwd: str,
+    ) -> None:
+        self.job = job
+        self.options = options
+        self.display = display
+        self.storage = storage
+        self.cwd = cwd
+        self.spec: JobSpec = job.job_spec()
+        self.root = layout.job_root(storage, job.namespace, job.name)
+        self.status_url = status_file(self.root)
+        self.logs = os.path.join(_local_folder(self.root, job), LOGS_DIR)
+        self.rng = random.Random(options.seed)
+        every = {
+            kind: seconds
+            for kind, seconds in (("preempt", options.preempt_every), ("kill", options.kill_every))
+            if seconds
+        }
+        self.schedule = (
+            faults.FaultSchedule(every, options.max_injections, random.Random(options.seed))  # type: ignore[arg-type]
+            if every
+            else None
+        )
+        self.replicas: list[_Replica] = []
+        self.memory = _Memory()
+        # What an earlier run left (when carrying one on): only news is announced.
+        self.status: dict[str, Any] = read_status_file(self.status_url)
+        self.holding: str | None = None
+        self.interrupted = 0  # SIGINT/SIGTERM received by the supervisor
+        self.started = time.time()
+        self._last_pass = time.monotonic()
+        self._argv = launcher_argv(job, inject_failure=options.fail_rank is not None)
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Runs passes until the job is finished (or suspended) and no replica is left."""
+        previous = {
+            signum: signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGINT, signal.SIGTERM)
+        }
+        try:
+            while not self.step():
+                time.sleep(POLL_SECONDS)
+        finally:
+            for replica in self.replicas:
+                replica.kill()
+            for replica in self.replicas:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    replica.process.wait(timeout=10)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+        return self.status
+
+    def step(self) -> bool:
+        """One pass: observe, plan, write the status, act. True when there is nothing left."""
+        now = time.time()
+        elapsed = time.monotonic() - self._last_pass
+        self._last_pass = time.monotonic()
+        if self.interrupted > 1:
+            for replica in self.replicas:
+                replica.kill()
+        for replica in self.replicas:
+            replica.enforce(now)
+            if replica.poll():
+                self._exited(replica)
+        status = read_status_file(self.status_url)
+        facts = [r.facts() for r in self.replicas]
+        observation = observe(facts, status, now=now, suspended=self.interrupted > 0)
+        decision = plan(self.spec, status, observation, self.rng)
+        self.holding = self._hold(status, decision, facts, now)
+        if self.holding is not None:
+            actions: tuple[Action, ...] = ()
+        else:
+            if owned(decision.status) != owned(status):
+                decision = self._write(observation)
+            actions = decision.actions
+            status = decision.status
+        self._notice_changes(status, now)
+        self.status = status
+        self._apply(actions, now)
+        self._forget_stale()
+        self._inject(elapsed, now)
+        self.display.update(self._snapshot(now))
+        state = status.get("state")
+        done = state in FINISHED or (state == SUSPENDED and self.interrupted > 0)
+        if self.job.suspend and state == SUSPENDED:
+            done = True
+        return done and not any(r.running for r in self.replicas)
+
+    def _write(self, observation: Any) -> Plan:
+        """Plans again under the status file's lock and writes the policy's fields."""
+        decided: list[Plan] = []
+
+        def mutate(current: dict[str, Any]) -> None:
+            decision = plan(self.spec, current, observation, self.rng)
+            merge_owned(current, decision.status)
+            decided.append(decision)
+
+        update_status_file(self.status_url, mutate)
+        return decided[-1]
+
+    def _hold(
+        self, status: Mapping[str, Any], decision: Plan, facts: Sequence[ReplicaFacts], now: float
+    ) -> str | None:
+        """Why a restart that the plan wants must wait, or None (see the module docstring)."""
+        attempt = int(status.get("attempt") or 0)
+        restart = any(isinstance(a, RestartGroup) for a in decision.actions)
+        if not restart or int(decision.status.get("attempt") or 0) <= attempt:
+            return None
+        if not committing(facts, attempt):
+            return None
+        entries = [e for e in status.get("interruptions") or [] if e.get("attempt") == attempt]
+        since = parse_time(str(entries[-1]["time"])) if entries else now
+        if now >= since + self.spec.grace_seconds:
+            return None
+        return "the group is committing its final checkpoint"
+
+    # -- actions ----------------------------------------------------------------------
+
+    def _apply(self, actions: Sequence[Action], now: float) -> None:
+        for action in actions:
+            if isinstance(action, StartGroup | RestartGroup):
+                self._ensure_group(action.attempt, action.resume_from, now)
+            elif isinstance(action, Succeed):
+                # Replicas still running are finishing (flushing their last saves).
+                for replica in self.replicas:
+                    replica.stop(now, self._launcher_grace(), term=False)
+            elif isinstance(action, Fail):
+                for replica in self.replicas:
+                    replica.stop(now, STOP_GRACE_SECONDS)
+            elif isinstance(action, Suspend):
+                # SIGTERM is a preemption notice to the group: its final checkpoint is kept.
+                for replica in self.replicas:
+                    replica.stop(now, self._launcher_grace() + 5)
+            # Wait: the loop polls anyway; DeleteJob (ttlSecondsAfterFinished): the local
+            # run ends with the job, its folder stays for `spotrun status`.
+
+    def _ensure_group(self, attempt: int, resume_from: str | None, now: float) -> None:
+        """The group of `attempt` should run: stop the others, start what is missing."""
+        for replica in self.replicas:
+            if replica.attempt != attempt and replica.running:
+                replica.stop(now, STOP_GRACE_SECONDS)
+        if attempt not in self.memory.ports:
+            self.memory.ports[attempt] = free_port()
+            self.memory.progress_at_start[attempt] = self.status.get("lastMetrics")
+            where = f"from {_short(resume_from)}" if resume_from else "from scratch"
+            step = (self.status.get("latestCheckpoint") or {}).get("step")
+            if resume_from and step is not None and resume_from == _latest_uri(self.status):
+                where += f" (step {step})"
+            self.display.event(
+                now, f"attempt {attempt}: starting {self.spec.replicas} replica(s) {where}"
+            )
+        for index in range(self.spec.replicas):
+            if any(r.index == index and r.attempt == attempt for r in self.replicas):
+                continue
+            if any(r.index == index and r.running for r in self.replicas):
+                continue  # as a StatefulSet does: the old pod goes before the new one comes
+            self.replicas.append(self._start(index, attempt, resume_from))
+
+    def _start(self, index: int, attempt: int, resume_from: str | None) -> _Replica:
+        folder = os.path.join(self.logs, f"attempt-{attempt:03d}")
+        os.makedirs(folder, exist_ok=True)
+        log_path = os.path.join(folder, f"replica-{index}.log")
+        env = self._env(index, attempt, resume_from)
+        with open(log_path, "ab") as log:
+            process = subprocess.Popen(
+                self._argv,
+                cwd=self.cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(os.getpid()),
+            )
+        return _Replica(index, attempt, process, log_path)
+
+    def _env(self, index: int, attempt: int, resume_from: str | None) -> dict[str, str]:
+        job = self.job
+        pod = PodContract(
+            job=job.name,
+            namespace=job.namespace,
+            attempt=attempt,
+            replicas=job.replicas,
+            nproc_per_node=job.nproc_per_node,
+            node_rank=index,
+            storage=self.storage,
+            resume_from=resume_from,
+            config=job.config,
+            checkpoint=job.checkpoint.settings,
+            master_addr="127.0.0.1",
+            master_port=self.memory.ports[attempt],
+            function=job.trainer.function if self.options.fail_rank is None else None,
+        )
+        env = dict(os.environ)
+        for name in (contract.STATUS_SINK, contract.HOLD_AFTER_SUCCESS, contract.FUNCTION):
+            env.pop(name, None)
+        env.update({e.name: e.value or "" for e in job.trainer.env})
+        env.update(pod.to_env())
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (self.cwd, os.environ.get("PYTHONPATH", "")) if p
+        )
+        # As if the virtualenv were activated: `python` in trainer.command is this one.
+        env["PATH"] = os.pathsep.join(
+            p for p in (os.path.dirname(sys.executable), os.environ.get("PATH", "")) if p
+        )
+        env["PYTHONUNBUFFERED"] = "1"
+        env.setdefault("SPOTRUN_PROGRESS_SECONDS", PROGRESS_SECONDS)
+        grace = _template_grace(job)
+        if grace is not None:
+            env["SPOTRUN_GRACE_SECONDS"] = str(max(1.0, grace - 5))
+        mtbf = mtbf_seconds(self.options)
+        if mtbf is not None:
+            env.setdefault("SPOTRUN_MTBF_SECONDS", f"{mtbf:g}")
+        if self.options.fail_rank is not None:
+            env[_fault_worker.FAIL_RANK] = str(self.options.fail_rank)
+            env[_fault_worker.FAIL_AFTER] = str(self.options.fail_after)
+        return env
+
+    def _launcher_grace(self) -> float:
+        grace = _template_grace(self.job)
+        return LAUNCHER_GRACE_SECONDS if grace is None else max(1.0, grace - 5)
+
+    def _forget_stale(self) -> None:
+        """Replicas of older attempts are forgotten once they exited (a deleted pod is gone)."""
+        attempt = int(self.status.get("attempt") or 0)
+        self.replicas = [r for r in self.replicas if r.attempt == attempt or r.running]
+
+    def _exited(self, replica: _Replica) -> None:
+        self.memory.exits.append(replica.facts())
+        assert replica.returncode is not None
+        how = describe_exit(replica.returncode)
+        if replica.returncode == contract.EXIT_PREEMPTED:
+            how += " (preemption notice honoured, final checkpoint committed)"
+        if replica.stopping and replica.attempt != int(self.status.get("attempt") or 0):
+            how += " (stopped: replaced by a newer attempt)"
+        self.display.event(
+            time.time(),
+            f"attempt {replica.attempt} replica {replica.index}: launcher {how}",
+            quiet=replica.returncode == 0,
+        )
+
+    # -- fault injection --------------------------------------------------------------
+
+    def _inject(self, elapsed: float, now: float) -> None:
+        schedule = self.schedule
+        if schedule is None or self.interrupted:
+            return
+        attempt = int(self.status.get("attempt") or 0)
+        group = [r for r in self.replicas if r.attempt == attempt]
+        training = (
+            self.status.get("state") == RUNNING
+            and attempt in self.memory.training_since
+            and len(group) == self.spec.replicas
+            and all(r.running and r.fault is None and not r.stopping for r in group)
+        )
+        if not training:
+            return
+        schedule.advance(elapsed)
+        kind = schedule.due()
+        if kind is None:
+            return
+        victim = next(r for r in group if r.index == schedule.choose([r.index for r in group]))
+        victim.fault = kind
+        schedule.fired(kind)
+        self.display.event(
+            now,
+            f"injected {kind} into replica {victim.index} of attempt {attempt}: "
+            f"{faults.DESCRIPTIONS[kind]}",
+        )
+        if kind == "kill":
+            victim.kill()
+        else:
+            victim.signal(faults.SIGNALS[kind])
+
+    # -- what changed, for people -----------------------------------------------------
+
+    def _notice_changes(self, status: Mapping[str, Any], now: float) -> None:
+        before = self.status
+        attempt = int(status.get("attempt") or 0)
+        if (
+            attempt in self.memory.progress_at_start
+            and attempt not in self.memory.training_since
+            and status.get("lastMetrics") != self.memory.progress_at_start[attempt]
+        ):
+            self.memory.training_since[attempt] = now
+            step = (status.get("lastMetrics") or {}).get("step")
+            self.display.event(now, f"attempt {attempt}: training (step {step})", quiet=True)
+        old_entries = before.get("interruptions") or []
+        for entry in (status.get("interruptions") or [])[len(old_entries) :]:
+            at = f" at step {entry['step']}" if "step" in entry else ""
+            self.display.event(
+                now,
+                f"attempt {entry.get('attempt')} interrupted{at}: {entry.get('kind')} "
+                f"({entry.get('reason')}): {entry.get('message')}",
+            )
+        if status.get("state") != before.get("state"):
+            self.display.event(now, f"state {status.get('state')}: {_running_message(status)}")
+
+    def _snapshot(self, now: float) -> Snapshot:
+        schedule = self.schedule
+        return Snapshot(
+            job=self.job.name,
+            namespace=self.job.namespace,
+            status=self.status,
+            now=now,
+            started=self.started,
+            replicas=self.spec.replicas,
+            running=tuple(
+                (r.index, r.process.pid)
+                for r in self.replicas
+                if r.running and r.attempt == int(self.status.get("attempt") or 0)
+            ),
+            total_steps=_total_steps(self.job),
+            next_faults={
+                kind: schedule.remaining(kind) for kind in faults.KINDS if kind in schedule.every
+            }
+            if schedule is not None
+            else {},
+            holding=self.holding,
+        )
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.interrupted += 1
+        if self.interrupted == 1:
+            self.display.event(
+                time.time(),
+                f"{signal.Signals(signum).name}: suspending the job (final checkpoint, then "
+                "stop); again to kill the workers at once",
+            )
+
+    # -- reporting --------------------------------------------------------------------
+
+    def training_started(self) -> Mapping[int, float]:
+        """Per attempt, when its first progress report was seen."""
+        return dict(self.memory.training_since)
+
+    def failure_log(self) -> str | None:
+        """The log of the replica whose failure ended the job, if one failed on its own."""
+        attempt = int(self.status.get("attempt") or 0)
+        failed = [
+            f
+            for f in self.memory.exits
+            if f.attempt == attempt
+            and f.fault is None
+            and not f.stopping
+            and f.exit_code not in (0, contract.EXIT_PREEMPTED)
+        ]
+        return failed[0].log if failed else None
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _template_grace(job: TrainJob) -> float | None:
+    pod = (job.template or {}).get("spec") or {}
+    grace = pod.get("terminationGracePeriodSeconds")
+    return None if grace is None else float(grace)
+
+
+def _total_steps(job: TrainJob) -> int | None:
+    steps = job.config.get("steps")
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
+
+
+def _latest_uri(status: Mapping[str, Any]) -> str | None:
+    uri = (status.get("latestCheckpoint") or {}).get("uri")
+    return str(uri) if uri else None
+
+
+def _short(uri: str | None) -> str:
+    """The checkpoint's folder name (ckpt-000012) for messages; the whole URI is in status."""
+    return (uri or "").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _running_message(status: Mapping[str, Any]) -> str:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == (FAILED if status.get("state") == FAILED else "Running"):
+            return f"{cond.get('reason')}: {cond.get('message')}"
+    return ""
+
+
+def _local_folder(root: str, job: TrainJob) -> str:
+    """The job's folder on this machine: the job root itself for local storage."""
+    if "://" not in root or root.startswith("file://"):
+        return root.removeprefix("file://")
+    return os.path.join(os.path.abspath(layout.DEFAULT_STORAGE), job.namespace, job.name)
+
+
+def prepare_folder(root: str, job: TrainJob, now: float) -> str | None:
+    """Makes the job folder ready for this run; returns a note for people, if any.
+
+    A folder whose status says the job finished belongs to an earlier run: it is moved
+    aside to `<job>.<completion time>` (a job name has no dots, so it never collides) and
+    this run starts fresh. A folder whose status says the job is unfinished is carried on:
+    the policy sees the old group gone and restarts it from the latest checkpoint, as the
+    operator would after a restart of its own.
+    """
+    status = read_status_file(status_file(root))
+    note = None
+    state = status.get("state")
+    if state in FINISHED:
+        local = _local_folder(root, job)
+        if local != root:
+            raise LocalRunError(
+                f"{root} holds a run that already {str(state).lower()}; delete that folder or "
+                "pass another --storage to run the job again"
+            )
+        stamp = str(status.get("completionTime") or format_time(now))
+        stamp = re.sub(r"[^0-9TZ]", "", stamp.split(".")[0])
+        aside = f"{root}.{stamp}"
+        os.rename(root, aside)
+        note = f"an earlier run of {job.name} {str(state).lower()}: moved it to {aside}"
+        status = {}
+    elif state:
+        note = (
+            f"carrying on the unfinished run in {root} (state {state}, attempt "
+            f"{status.get('attempt')}); it resumes from its latest checkpoint"
+        )
+    _write_manifest(root, job, now, keep_existing=bool(status))
+    return note
+
+
+def _write_manifest(root: str, job: TrainJob, now: float, *, keep_existing: bool) -> None:
+    """Keeps the TrainJob beside its status, as the API server keeps the object (for `status`)."""
+    local = _local_folder(root, job)
+    path = os.path.join(local, TRAINJOB_FILE)
+    if keep_existing and os.path.exists(path):
+        return
+    os.makedirs(local, exist_ok=True)
+    manifest = copy.deepcopy(dict(job.manifest))
+    metadata = manifest.setdefault("metadata", {})
+    metadata.setdefault("namespace", job.namespace)
+    metadata["creationTimestamp"] = format_time(round(now))
+    metadata["generation"] = 1
+    with open(path, "w", encoding="utf-8") as handle:
+        yaml.safe_dump(manifest, handle, sort_keys=False)
+
+
+def _exit_code(status: Mapping[str, Any], interrupted: bool) -> int:
+    state = status.get("state")
+    if state == SUCCEEDED:
+        return 0
+    if state == FAILED:
+        return 1
+    return 130 if interrupted else 0
+
+
+# --- the `spotrun run` subcommand -------------------------------------------------------
+
+HELP = "run a TrainJob on this machine, restarted through preemptions (local mode)"
+
+
+def _duration(text: str) -> float:
+    try:
+        return faults.parse_duration(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `spotrun run`."""
+    parser.add_argument(
+        "file", metavar="FILE", help="the TrainJob (YAML), e.g. examples/trainjob.yaml"
+    )
+    parser.add_argument(
+        "--storage",
+        metavar="URL",
+        help=(
+            "where checkpoints and status.json go (a path or an fsspec URL; default: "
+            "spec.checkpoint.storage, else ./spotrun-runs)"
+        ),
+    )
+    parser.add_argument(
+        "--preempt-every",
+        type=_duration,
+        metavar="DURATION",
+        help="preempt a random replica (SIGTERM: notice, final checkpoint) after each DURATION of training, e.g. 20s",
+    )
+    parser.add_argument(
+        "--kill-every",
+        type=_duration,
+        metavar="DURATION",
+        help="kill a random replica (SIGKILL, no notice) after each DURATION of training, e.g. 45s",
+    )
+    parser.add_argument(
+        "--max-injections",
+        type=int,
+        metavar="N",
+        help="inject at most N faults in all (default: no limit)",
+    )
+    parser.add_argument(
+        "--fail-rank",
+        type=int,
+        metavar="RANK",
+        help="make global rank RANK raise an application error in every attempt",
+    )
+    parser.add_argument(
+        "--fail-after",
+        type=int,
+        default=_fault_worker.DEFAULT_FAIL_AFTER,
+        metavar="N",
+        help=f"with --fail-rank: fail at that rank's N-th report of each attempt (default {_fault_worker.DEFAULT_FAIL_AFTER})",
+    )
+    parser.add_argument(
+        "--seed", type=int, metavar="N", help="seed of the fault and backoff draws, to replay a run"
+    )
+    parser.add_argument(
+        "--no-live",
+        dest="live",
+        action="store_false",
+        help="plain log lines instead of the live view (the default when not on a terminal)",
+    )
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run `spotrun run` from parsed arguments; returns the exit code."""
+    try:
+        job = load_trainjob(args.file)
+    except TrainJobError as err:
+        print(err, file=sys.stderr)
+        return 2
+    options = Options(
+        storage=args.storage,
+        preempt_every=args.preempt_every,
+        kill_every=args.kill_every,
+        fail_rank=args.fail_rank,
+        fail_after=args.fail_after,
+        max_injections=args.max_injections,
+        seed=args.seed,
+        live=args.live,
+    )
+    try:
+        _check(job, options)
+        storage = storage_url(options.storage, job.checkpoint.storage)
+        root = layout.job_root(storage, job.namespace, job.name)
+        note = prepare_folder(root, job, time.time())
+    except (LocalRunError, OSError) as err:
+        print(f"{LOG_PREFIX} error: {err}", file=sys.stderr)
+        return 2
+
+    display = make_display(live=options.live)
+    run = LocalRun(job, options, display, storage=storage, cwd=os.getcwd())
+    with display:
+        if note:
+            display.event(time.time(), note)
+        display.event(time.time(), _banner(job, options, run))
+        status = run.run()
+    print_summary(
+        status,
+        job=job.name,
+        namespace=job.namespace,
+        elapsed=time.time() - run.started,
+        total_steps=_total_steps(job),
+        training_started=run.training_started(),
+        status_path=run.status_url,
+        failure_log=run.failure_log(),
+    )
+    if status.get("state") == SUSPENDED and run.interrupted:
+        print(f"suspended: `spotrun run {args.file}` carries it on from its latest checkpoint")
+    return _exit_code(status, run.interrupted > 0)
+
+
+def _check(job: TrainJob, options: Options) -> None:
+    if options.fail_rank is not None and not 0 <= options.fail_rank < job.world_size:
+        raise LocalRunError(
+            f"--fail-rank {options.fail_rank} is not a rank of this job: ranks run from 0 to "
+            f"{job.world_size - 1} (replicas x nprocPerNode)"
+        )
+    if options.fail_after < 1:
+        raise LocalRunError(f"--fail-after must be >= 1, got {options.fail_after}")
+    if options.max_injections is not None and options.max_injections < 0:
+        raise LocalRunError(f"--max-injections must be >= 0, got {options.max_injections}")
+    sourced = [e.name for e in job.trainer.env if e.value_from is not None]
+    if sourced:
+        raise LocalRunError(
+            f"trainer.env {', '.join(sourced)} use valueFrom (secrets, fields of the pod), which "
+            "only a cluster can resolve: give them a value in a copy of the file to run locally"
+        )
+    launcher_argv(job, inject_failure=options.fail_rank is not None)
+
+
+def _banner(job: TrainJob, options: Options, run: LocalRun) -> str:
+    trainer = job.trainer.function or " ".join([*(job.trainer.command or ()), *job.trainer.args])
+    injected = [
+        f"{name} every {faults.format_duration(seconds)}"
+        for name, seconds in (("preempt", options.preempt_every), ("kill", options.kill_every))
+        if seconds
+    ]
+    if options.fail_rank is not None:
+        injected.append(f"rank {options.fail_rank} fails at its report {options.fail_after}")
+    faults_text = "; faults: " + ", ".join(injected) if injected else ""
+    return (
+        f"{job.namespace}/{job.name}: {job.replicas} replica(s) x {job.nproc_per_node} worker(s) "
+        f"running {trainer}; checkpoints in {run.root}; logs in {run.logs}{faults_text}"
+    )
