@@ -1,0 +1,105 @@
+"""Local mode's fault injection: durations as people write them, and when faults are due."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from spotrun.faults import FaultSchedule, format_duration, parse_duration
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("20s", 20.0),
+        ("1m", 60.0),
+        ("1m30s", 90.0),
+        ("1.5h", 5400.0),
+        ("500ms", 0.5),
+        ("2m500ms", 120.5),
+        ("45", 45.0),
+        ("0.25", 0.25),
+        (" 10S ", 10.0),
+    ],
+)
+def test_durations_parse_with_units_or_as_bare_seconds(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "s", "20x", "1m 30s", "m1", "-5s", "0s", "0", "inf", "nan"])
+def test_bad_durations_are_refused_with_the_accepted_forms(text: str) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_unit_errors_name_examples_of_the_accepted_forms() -> None:
+    with pytest.raises(ValueError, match=r"20s, 1m, 1m30s"):
+        parse_duration("20 seconds")
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(20.0, "20s"), (90.0, "1m30s"), (120.0, "2m")])
+def test_durations_format_back(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+    assert parse_duration(text) == seconds
+
+
+def test_a_fault_is_due_after_its_interval_of_training() -> None:
+    schedule = FaultSchedule({"preempt": 20.0})
+    schedule.advance(19.9)
+    assert schedule.due() is None
+    assert schedule.remaining("preempt") == pytest.approx(0.1)
+    schedule.advance(0.1)
+    assert schedule.due() == "preempt"
+
+
+def test_firing_restarts_only_that_kinds_clock() -> None:
+    schedule = FaultSchedule({"preempt": 2.0, "kill": 3.0})
+    schedule.advance(2.0)
+    assert schedule.due() == "preempt"
+    schedule.fired("preempt")
+    schedule.advance(1.0)
+    # The kill clock kept the 2 s trained before the preemption.
+    assert schedule.due() == "kill"
+    schedule.fired("kill")
+    schedule.advance(1.0)
+    assert schedule.due() == "preempt"
+
+
+def test_the_most_overdue_kind_goes_first() -> None:
+    schedule = FaultSchedule({"preempt": 5.0, "kill": 1.0})
+    schedule.advance(6.0)
+    assert schedule.due() == "kill"
+
+
+def test_max_injections_stops_every_kind() -> None:
+    schedule = FaultSchedule({"preempt": 1.0, "kill": 1.0}, max_injections=2)
+    for _ in range(2):
+        schedule.advance(1.0)
+        kind = schedule.due()
+        assert kind is not None
+        schedule.fired(kind)
+    schedule.advance(10.0)
+    assert schedule.due() is None
+    assert not schedule.active
+    assert schedule.remaining("kill") is None
+
+
+def test_a_kind_not_asked_for_never_comes() -> None:
+    schedule = FaultSchedule({"kill": 1.0})
+    schedule.advance(100.0)
+    assert schedule.due() == "kill"
+    assert schedule.remaining("preempt") is None
+
+
+def test_victims_are_replayed_by_the_seed() -> None:
+    first = FaultSchedule({"kill": 1.0}, rng=random.Random(7))
+    second = FaultSchedule({"kill": 1.0}, rng=random.Random(7))
+    picks = [first.choose([2, 0, 1]) for _ in range(20)]
+    assert picks == [second.choose([0, 1, 2]) for _ in range(20)]
+    assert set(picks) == {0, 1, 2}
+
+
+def test_intervals_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        FaultSchedule({"kill": 0.0})
