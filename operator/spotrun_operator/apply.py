@@ -144,9 +144,15 @@ class Api:
             if err.status != 409:
                 raise
             # It exists (an earlier pass, or an operator before a restart): make it right.
-            # ServiceAccounts get their token secrets attached by others: labels only.
+            # ServiceAccounts get secrets attached by others: only their metadata is ours.
             desired = (
-                {"metadata": {"labels": obj["metadata"].get("labels", {})}}
+                {
+                    "metadata": {
+                        key: obj["metadata"][key]
+                        for key in ("labels", "annotations")
+                        if key in obj["metadata"]
+                    }
+                }
                 if kind == "ServiceAccount"
                 else {k: v for k, v in obj.items() if k not in ("apiVersion", "kind")}
             )

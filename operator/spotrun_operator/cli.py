@@ -16,6 +16,21 @@ import kopf
 
 from spotrun_operator.config import METRICS_ADDRESS_ENV, Config
 
+# Watch handlers that only wake a job's loop: kopf logs each call at INFO, one line per
+# pod event, which would drown the operator's own transition logs.
+QUIET_HANDLERS = ("pod_changed", "statefulset_changed", "node_changed", "trainjob_changed")
+
+
+class QuietWakeups(logging.Filter):
+    """Drops kopf's "Handler 'pod_changed' succeeded." lines (failures still pass)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (
+            message.endswith(" succeeded.")
+            and any(message.startswith(f"Handler '{name}'") for name in QUIET_HANDLERS)
+        )
+
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -73,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         verbose=args.verbose,
         log_format=kopf.LogFormat.JSON if args.log_format == "json" else kopf.LogFormat.FULL,
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(QuietWakeups())
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     config = Config(resync_seconds=args.resync_seconds, metrics_address=args.metrics_address)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from spotrun_operator.children import Defaults
 from spotrun_operator.observe import NodeFacts
-from spotrun_operator.wakeups import Wakeups
+from spotrun_operator.wakeups import JobKey, Wakeups
 
 if TYPE_CHECKING:
     from spotrun_operator.apply import Api
@@ -49,6 +49,8 @@ class Shared:
     api: Api
     wakeups: Wakeups = field(default_factory=Wakeups)
     nodes: dict[str, NodeFacts] = field(default_factory=dict)
+    # Per job, what pods said before they went: (attempt, index) -> preemption reason.
+    evidence: dict[JobKey, dict[tuple[int, int], str]] = field(default_factory=dict)
     states: Counter[str] = field(default_factory=Counter)
     rng: random.Random = field(default_factory=random.Random)
     last_pass: float = 0.0

@@ -74,9 +74,9 @@ def node_health(*, name: str, body: kopf.Body, **_: Any) -> dict[str, NodeFacts]
 
 @kopf.on.event("pods", labels=OURS)
 async def pod_changed(
-    *, namespace: str | None, labels: Mapping[str, str], memo: Any, **_: Any
+    *, namespace: str | None, labels: Mapping[str, str], body: kopf.Body, memo: Any, **_: Any
 ) -> None:
-    await indexes.wake(memo, indexes.job_key(namespace, labels))
+    await indexes.pod_changed(memo, indexes.job_key(namespace, labels), body)
 
 
 @kopf.on.event("statefulsets.apps", labels=OURS)

@@ -89,6 +89,29 @@ class SeenPods:
         return known is not None and known != uid
 
 
+Evidence = Mapping[tuple[int, int], str]  # (attempt, index) -> preemption reason
+
+
+def direct_evidence(pod: Mapping[str, Any]) -> tuple[tuple[int, int], str] | None:
+    """The preemption a pod itself states (DisruptionTarget, a shutdown), keyed by replica.
+
+    The StatefulSet controller replaces a failed or deleted pod within milliseconds, so a
+    pass may only ever see the replacement. The watch handlers keep what each pod said in
+    its last moments; a replacement of that replica then carries the original reason.
+    """
+    meta = pod.get("metadata") or {}
+    attempt = _attempt(meta)
+    if attempt is None:
+        return None
+    status = pod.get("status") or {}
+    disruption = _condition(pod, DISRUPTION_TARGET)
+    if _is_true(disruption) and disruption is not None:
+        return (attempt, _index(meta)), str(disruption.get("reason") or DISRUPTION_TARGET)
+    if status.get("phase") == "Failed" and status.get("reason") in SHUTDOWN_REASONS:
+        return (attempt, _index(meta)), str(status["reason"])
+    return None
+
+
 def node_facts(node: Mapping[str, Any]) -> NodeFacts:
     """Whether a node still carries its pods: Ready, not unreachable, not going away."""
     name = str(node.get("metadata", {}).get("name", ""))
@@ -110,12 +133,14 @@ def replica(
     current_attempt: int,
     running_since: float | None = None,
     seen: SeenPods | None = None,
+    evidence: Evidence | None = None,
 ) -> ReplicaObservation:
     """One pod as the policy sees it.
 
     `nodes` are the facts of the nodes that exist, by name. `running_since` is when the
     current attempt was first seen running (status.attemptStartTime), None if it has not
-    been; `seen` the UIDs remembered since then.
+    been; `seen` the UIDs remembered since then; `evidence` what earlier pods of each
+    replica said before they went (see direct_evidence).
     """
     meta = pod.get("metadata") or {}
     status = pod.get("status") or {}
@@ -145,6 +170,8 @@ def replica(
         seen=seen,
         index=index,
     )
+    if preemption in (POD_DELETED, POD_REPLACED) and evidence and attempt is not None:
+        preemption = evidence.get((attempt, index), preemption)
     if preemption in GONE_REASONS:
         phase = "failed"
     if phase == "failed" and preemption is None and exit_code is None:
@@ -175,6 +202,7 @@ def observe(
     *,
     now: float,
     seen: SeenPods | None = None,
+    evidence: Evidence | None = None,
 ) -> Observation:
     """The Observation of TrainJob `job` (its body) from its pods and the nodes that exist."""
     status = job.get("status") or {}
@@ -189,6 +217,7 @@ def observe(
             current_attempt=current,
             running_since=running_since,
             seen=seen,
+            evidence=evidence,
         )
         for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", "")))
     )

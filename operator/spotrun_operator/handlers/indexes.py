@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from spotrun_operator import metrics, names
-from spotrun_operator.observe import node_facts
+from spotrun_operator.observe import direct_evidence, node_facts
 from spotrun_operator.wakeups import JobKey
 
 # Pod conditions the observer reads.
@@ -99,6 +99,18 @@ def slim_statefulset(body: Mapping[str, Any]) -> dict[str, Any]:
         "replicas": (body.get("spec") or {}).get("replicas"),
         "observedGeneration": (body.get("status") or {}).get("observedGeneration"),
     }
+
+
+async def pod_changed(memo: Mapping[str, Any], key: JobKey | None, body: Mapping[str, Any]) -> None:
+    """Keeps the pod's own preemption evidence (it may be replaced before a pass sees it)."""
+    shared = memo.get("shared")
+    if key is None or shared is None:
+        return
+    found = direct_evidence(body)
+    if found is not None:
+        replica, reason = found
+        shared.evidence.setdefault(key, {})[replica] = reason
+    await wake(memo, key)
 
 
 async def wake(memo: Mapping[str, Any], key: JobKey | None) -> None:

@@ -138,6 +138,7 @@ async def run(
     finally:
         stop_task.cancel()
         shared.wakeups.forget(key)
+        shared.evidence.pop(key, None)
         metrics.forget_job(namespace, name)
         _count_state(shared, memory, None)
 
@@ -179,7 +180,13 @@ async def reconcile_once(
     sts = next(iter(statefulsets.get(key, ())), None)
     now = time.time()
     status = dict(job.get("status") or {})
-    observation = observe.observe(job, job_pods, facts, now=now, seen=memory.seen)
+    evidence = shared.evidence.get(key, {})
+    current = int(status.get("attempt") or 0)
+    for replica in [r for r in evidence if r[0] < current]:
+        del evidence[replica]  # of attempts already restarted
+    observation = observe.observe(
+        job, job_pods, facts, now=now, seen=memory.seen, evidence=evidence
+    )
     spec = JobSpec.from_spec(job.get("spec") or {})
     decision = plan(spec, status, observation, jitter=shared.rng)
 

@@ -1,0 +1,181 @@
+"""Each real preemption signal gives exactly one group restart, resumed from the checkpoint.
+
+The signals are produced the way the cloud and Kubernetes produce them: a pod deleted, a
+pod evicted through the Eviction API (DisruptionTarget=EvictionByEvictionAPI), its node
+deleted, a pod failed by a node shutdown (what the kubelet writes: phase Failed, reason
+Shutdown or NodeShutdown, DisruptionTarget=TerminationByKubelet). Each must bump the
+attempt once, count one preemption and no failure, and every new pod must carry
+SPOTRUN_RESUME_FROM = the latest checkpoint's URI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.cluster.operator_harness import (
+    Operator,
+    api,
+    create,
+    env_of,
+    operator,
+    pods,
+    record_checkpoint,
+    runtime_sink,
+    status,
+    temp_nodes,
+    trainjob,
+    trainjob_crd,
+    wait_running,
+)
+from tests.fixtures.cluster import Cluster, wait_until
+
+FIXTURES = (api, operator, trainjob_crd)
+JOB = "llm"
+
+
+def holds(what: str, check: Callable[[], bool], seconds: float = 6.0) -> None:
+    """Asserts `check` stays true while the operator gets several passes to do something wrong."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert check(), what
+        time.sleep(0.5)
+
+
+def assert_one_restart(api: client.ApiClient, namespace: str, uri: str) -> None:
+    st = wait_running(api, namespace, JOB, attempt=2, replicas=2)
+    assert (st["preemptions"], st["failures"]) == (1, 0), st
+    [interruption] = st["interruptions"]
+    assert interruption["kind"] == "preemption"
+    live = pods(api, namespace, JOB)
+    assert {p["metadata"]["labels"]["spotrun.dev/attempt"] for p in live} == {"2"}
+    for pod in live:
+        assert env_of(pod)["SPOTRUN_RESUME_FROM"] == uri
+        assert env_of(pod)["SPOTRUN_ATTEMPT"] == "2"
+
+    def still_one() -> bool:
+        now = status(api, namespace, JOB)
+        return (now["attempt"], now["preemptions"], now["failures"]) == (2, 1, 0)
+
+    holds("exactly one group restart", still_one)
+
+
+def start_with_checkpoint(
+    api: client.ApiClient, cluster: Cluster, namespace: str, **spec: Any
+) -> str:
+    create(api, namespace, trainjob(JOB, replicas=2, **spec))
+    wait_running(api, namespace, JOB, attempt=1, replicas=2)
+    return record_checkpoint(runtime_sink(cluster, api, namespace, JOB, attempt=1), 7, 700)
+
+
+def delete_pod(core: client.CoreV1Api, namespace: str) -> str:
+    core.delete_namespaced_pod(f"{JOB}-0", namespace)
+    return "PodDeleted"
+
+
+def evict_pod(core: client.CoreV1Api, namespace: str) -> str:
+    core.create_namespaced_pod_eviction(
+        f"{JOB}-0",
+        namespace,
+        client.V1Eviction(metadata=client.V1ObjectMeta(name=f"{JOB}-0", namespace=namespace)),
+    )
+    return "EvictionByEvictionAPI"
+
+
+def node_shutdown(reason: str) -> Callable[[client.CoreV1Api, str], str]:
+    def shut_down(core: client.CoreV1Api, namespace: str) -> str:
+        # What the kubelet's graceful node shutdown manager writes before the node goes.
+        now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        core.patch_namespaced_pod_status(
+            f"{JOB}-0",
+            namespace,
+            {
+                "status": {
+                    "phase": "Failed",
+                    "reason": reason,
+                    "message": "Pod was terminated in response to imminent node shutdown.",
+                    "conditions": [
+                        {
+                            "type": "DisruptionTarget",
+                            "status": "True",
+                            "reason": "TerminationByKubelet",
+                            "message": "Pod was terminated in response to imminent node shutdown.",
+                            "lastTransitionTime": now,
+                        }
+                    ],
+                }
+            },
+        )
+        return "TerminationByKubelet"
+
+    return shut_down
+
+
+SIGNALS: dict[str, Callable[[client.CoreV1Api, str], str]] = {
+    "pod-deleted": delete_pod,
+    "pod-evicted": evict_pod,
+    "node-shutdown": node_shutdown("Shutdown"),
+    "node-shutdown-reason": node_shutdown("NodeShutdown"),
+    "terminated": node_shutdown("Terminated"),
+}
+
+
+@pytest.mark.parametrize("signal", sorted(SIGNALS))
+def test_preemption_signal_restarts_the_group_once_from_the_checkpoint(
+    api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator, signal: str
+) -> None:
+    uri = start_with_checkpoint(api, cluster, namespace)
+
+    reason = SIGNALS[signal](client.CoreV1Api(api), namespace)
+
+    assert_one_restart(api, namespace, uri)
+    assert status(api, namespace, JOB)["interruptions"][0]["reason"] == reason
+    assert not operator.tracebacks(), operator.log()
+
+
+def test_node_deleted_restarts_the_group_once_from_the_checkpoint(
+    api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    with temp_nodes(cluster, namespace[-12:], count=3) as pool:
+        template = {"spec": {"nodeSelector": {"cloud.google.com/gke-spot": "true", **pool}}}
+        uri = start_with_checkpoint(api, cluster, namespace, template=template)
+        victim = next(p for p in pods(api, namespace, JOB) if p["metadata"]["name"] == f"{JOB}-0")
+        node = victim["spec"]["nodeName"]
+
+        cluster.kubectl("delete", "node", node, "--wait=false")
+
+        assert_one_restart(api, namespace, uri)
+        st = status(api, namespace, JOB)
+        assert st["interruptions"][0]["reason"] in ("NodeDeleted", "DeletionByPodGC")
+        assert all(p["spec"].get("nodeName") != node for p in pods(api, namespace, JOB))
+
+
+def test_preemptions_keep_restarting_and_count_each_incident_once(
+    api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    uri = start_with_checkpoint(
+        api,
+        cluster,
+        namespace,
+        failurePolicy={"maxFailures": 0, "backoff": {"initialSeconds": 0.5, "maxSeconds": 1}},
+    )
+    core = client.CoreV1Api(api)
+    for incident in (1, 2, 3):
+        wait_running(api, namespace, JOB, attempt=incident, replicas=2)
+        # Past the clock-skew margin of the replacement check (observe.REPLACED_AFTER_SECONDS).
+        time.sleep(1)
+        delete_pod(core, namespace)
+        wait_until(
+            f"incident {incident} to be seen",
+            lambda incident=incident: status(api, namespace, JOB)["preemptions"] == incident,  # type: ignore[misc]
+            timeout=60,
+        )
+    st = wait_running(api, namespace, JOB, attempt=4, replicas=2)
+    # maxFailures is 0 and the job still runs: preemptions never spend it.
+    assert (st["preemptions"], st["failures"], st["state"]) == (3, 0, "Running")
+    for pod in pods(api, namespace, JOB):
+        assert env_of(pod)["SPOTRUN_RESUME_FROM"] == uri
