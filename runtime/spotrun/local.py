@@ -541,7 +541,8 @@ class LocalRun:
         kind = schedule.due()
         if kind is None:
             return
-        victim = next(r for r in group if r.index == schedule.choose([r.index for r in group]))
+        chosen = schedule.choose([r.index for r in group])
+        victim = next(r for r in group if r.index == chosen)
         victim.fault = kind
         schedule.fired(kind)
         self.display.event(

@@ -1,0 +1,294 @@
+"""`spotrun run` on real processes: the example survives faults, budgets hold, bad files fail.
+
+Every run goes through the real CLI (`spotrun run FILE`), from the repository root as a
+person would run it, on a copy of examples/trainjob.yaml shortened for a 2-core machine.
+Each run is bounded by a timeout; the supervisor is killed if it overruns, and its
+launchers (and their workers) die with it (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import copy
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from spotrun.checkpoint import Checkpoint, _Committed
+from spotrun.commit import CheckpointStore, split_uri
+from spotrun.sink import read_status_file
+from tests.runtime.helpers import ROOT, SPOTRUN, wait_for
+
+pytestmark = pytest.mark.timeout(600)
+
+EXAMPLE = ROOT / "examples" / "trainjob.yaml"
+# Short enough for CI, long enough that every fault lands mid-training.
+CONFIG = {"steps": 120, "step_seconds": 0.05, "checkpoint_every": 10, "seed": 0}
+
+
+def trainjob(tmp_path: Path, name: str = "job.yaml", **changes: Any) -> Path:
+    """examples/trainjob.yaml with a shorter config and `changes` merged into its spec."""
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    spec = manifest["spec"]
+    spec["config"] = dict(CONFIG)
+    spec["failurePolicy"]["backoff"] = {"initialSeconds": 0.5, "maxSeconds": 1}
+    for key, value in changes.items():
+        spec[key] = value
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def run(*args: str, timeout: float = 240) -> tuple[int, str]:
+    """`spotrun run ...` from the repository root; returns (exit code, output)."""
+    process = start(*args)
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        out, _ = process.communicate()
+        raise AssertionError(
+            f"spotrun {' '.join(args)} did not finish in {timeout}s:\n{out}"
+        ) from None
+    return process.returncode, out
+
+
+def start(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [SPOTRUN, *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def status_of(storage: Path, job: str = "linear-demo") -> dict[str, Any]:
+    return read_status_file(str(storage / "default" / job / "status.json"))
+
+
+def final_state(storage: Path) -> dict[str, Any]:
+    """The latest checkpoint of the job, loaded through spotrun's verified loader."""
+    uri = str(status_of(storage)["latestCheckpoint"]["uri"])
+    root, seq = split_uri(uri)
+    store = CheckpointStore(root)
+    verified, problems = store.resolve(seq)
+    assert problems == [], problems
+    state = Checkpoint(committed=_Committed(store, verified, rank=0, world_size=2)).to_dict()
+    return dict(state)
+
+
+def assert_bitwise_equal(a: Any, b: Any, where: str = "state") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{where} differs"
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_bitwise_equal(a[key], b[key], f"{where}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_bitwise_equal(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def test_the_example_survives_preemptions_and_kills_with_the_weights_of_an_uninterrupted_run(
+    tmp_path: Path,
+) -> None:
+    job = trainjob(tmp_path)
+    code, out = run("run", str(job), "--storage", str(tmp_path / "reference"))
+    assert code == 0, out
+    reference = final_state(tmp_path / "reference")
+    assert status_of(tmp_path / "reference")["preemptions"] == 0
+
+    storage = tmp_path / "faults"
+    code, out = run(
+        "run",
+        str(job),
+        "--storage",
+        str(storage),
+        "--preempt-every",
+        "2s",
+        "--kill-every",
+        "3s",
+        "--max-injections",
+        "3",
+        "--seed",
+        "1",
+    )
+    assert code == 0, out
+    status = status_of(storage)
+    assert status["state"] == "Succeeded"
+    # Fault clocks count training time: preempt at 2 s, kill when its clock reaches 3 s,
+    # then preempt again; each one restarts the group, and none spends the failure budget.
+    reasons = [e["reason"] for e in status["interruptions"]]
+    assert reasons == ["InjectedPreemption", "InjectedKill", "InjectedPreemption"], out
+    assert (status["preemptions"], status["failures"], status["attempt"]) == (3, 0, 4)
+    # A preemption with notice commits a final checkpoint: no step is redone.
+    assert status["interruptions"][0]["stepsLost"] == 0, status["interruptions"]
+    assert status["latestCheckpoint"]["step"] == CONFIG["steps"] - 1
+    assert len(status["checkpoints"]) == 3  # numToKeep
+
+    state = final_state(storage)
+    assert state["step"] == CONFIG["steps"] - 1
+    assert_bitwise_equal(state, reference)
+
+    assert "Succeeded after" in out and "InjectedKill" in out and "work lost" in out
+    code, table = run("status", str(storage / "default" / "linear-demo"), timeout=60)
+    assert code == 0, table
+    header, line = table.splitlines()
+    assert header.split() == [
+        "NAME",
+        "STATE",
+        "READY",
+        "REPLICAS",
+        "PREEMPTIONS",
+        "FAILURES",
+        "CHECKPOINT-STEP",
+        "CHECKPOINT-AGE",
+        "AGE",
+    ]
+    assert line.split()[:7] == ["linear-demo", "Succeeded", "0", "2", "3", "0", "119"]
+
+
+def test_application_failures_fail_the_job_after_max_failures_and_preemptions_do_not_count(
+    tmp_path: Path,
+) -> None:
+    manifest_policy = {
+        "maxFailures": 1,
+        "backoff": {"initialSeconds": 0.5, "maxSeconds": 1},
+    }
+    job = trainjob(tmp_path, failurePolicy=manifest_policy)
+    storage = tmp_path / "runs"
+    code, out = run(
+        "run",
+        str(job),
+        "--storage",
+        str(storage),
+        "--fail-rank",
+        "1",
+        "--fail-after",
+        "40",
+        "--preempt-every",
+        "1s",
+        "--max-injections",
+        "1",
+    )
+    assert code == 1, out
+    status = status_of(storage)
+    assert status["state"] == "Failed"
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "MaxFailuresExceeded"
+    assert "more than failurePolicy.maxFailures=1" in failed["message"]
+    # Attempt 1 is preempted before rank 1's bug strikes; attempts 2 and 3 hit the bug.
+    assert (status["preemptions"], status["failures"]) == (1, 2), status["interruptions"]
+    assert [e["kind"] for e in status["interruptions"]] == ["preemption", "failure", "failure"]
+    assert "Failed: MaxFailuresExceeded" in out
+    # The failed rank's own traceback is shown, not only the collateral crash.
+    assert "InjectedFailure: injected by `spotrun run --fail-rank 1`" in out
+
+
+def test_a_script_that_crashes_at_once_trips_the_circuit_breaker(tmp_path: Path) -> None:
+    job = trainjob(
+        tmp_path,
+        trainer={
+            "image": "spotrun-runtime:dev",
+            "command": ["python", "tests/runtime/workloads/crash_at_once.py"],
+        },
+        failurePolicy={
+            "maxFailures": 10,
+            "circuitBreaker": {"failures": 3, "windowSeconds": 120},
+            "backoff": {"initialSeconds": 0.2, "maxSeconds": 0.5},
+        },
+    )
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=120)
+    assert code == 1, out
+    status = status_of(storage)
+    assert status["state"] == "Failed"
+    assert status["failures"] == 3
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "CircuitBreakerTripped"
+    assert "circuit breaker" in failed["message"].lower()
+    assert "CircuitBreakerTripped" in out
+    assert "crash_at_once: the training script fails before its first step" in out
+
+
+BAD_FILES = [
+    (
+        "malformed YAML",
+        "apiVersion: spotrun.dev/v1alpha1\nkind: TrainJob\nmetadata:\n  name: x\nspec: [\n",
+        "malformed YAML",
+    ),
+    (
+        "schema violation",
+        None,
+        "spec.replicas: Invalid value: 0: should be greater than or equal to 1",
+    ),
+    (
+        "CEL rule",
+        None,
+        "set exactly one of trainer.command",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "text", "message"), BAD_FILES, ids=[b[0] for b in BAD_FILES])
+def test_bad_files_fail_with_the_crds_message(
+    tmp_path: Path, name: str, text: str | None, message: str
+) -> None:
+    path = tmp_path / "bad.yaml"
+    if text is not None:
+        path.write_text(text)
+    else:
+        manifest = yaml.safe_load(EXAMPLE.read_text())
+        bad = copy.deepcopy(manifest)
+        if name == "schema violation":
+            bad["spec"]["replicas"] = 0
+        else:
+            bad["spec"]["trainer"]["command"] = ["python", "train.py"]
+        path.write_text(yaml.safe_dump(bad))
+    code, out = run("run", str(path), "--storage", str(tmp_path / "runs"), timeout=60)
+    assert code == 2, out
+    assert message in out
+    assert str(path) in out  # the message names the file
+    assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_ctrl_c_suspends_with_a_final_checkpoint_and_the_next_run_carries_on(
+    tmp_path: Path,
+) -> None:
+    job = trainjob(tmp_path)
+    storage = tmp_path / "runs"
+    process = start("run", str(job), "--storage", str(storage))
+    try:
+        wait_for(
+            lambda: (status_of(storage).get("lastMetrics") or {}).get("step", 0) >= 20,
+            120,
+            "training to pass step 20",
+        )
+        process.send_signal(signal.SIGINT)
+        out, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, out
+    status = status_of(storage)
+    assert status["state"] == "Suspended"
+    suspended_at = status["latestCheckpoint"]["step"]
+    # The workers heard the interrupt as a preemption notice: the step they stopped at was saved.
+    assert suspended_at == status["lastMetrics"]["step"], status
+    assert suspended_at < CONFIG["steps"] - 1
+
+    code, out = run("run", str(job), "--storage", str(storage))
+    assert code == 0, out
+    assert "carrying on the unfinished run" in out
+    status = status_of(storage)
+    assert status["state"] == "Succeeded" and status["attempt"] == 2
+    assert status["latestCheckpoint"]["step"] == CONFIG["steps"] - 1
