@@ -577,7 +577,7 @@ class LocalRun:
                 f"({entry.get('reason')}): {entry.get('message')}",
             )
         if status.get("state") != before.get("state"):
-            self.display.event(now, f"state {status.get('state')}: {_running_message(status)}")
+            self.display.event(now, f"state {status.get('state')}{_state_reason(status)}")
 
     def _snapshot(self, now: float) -> Snapshot:
         schedule = self.schedule
@@ -655,10 +655,14 @@ def _short(uri: str | None) -> str:
     return (uri or "").rstrip("/").rsplit("/", 1)[-1]
 
 
-def _running_message(status: Mapping[str, Any]) -> str:
+def _state_reason(status: Mapping[str, Any]) -> str:
+    """` (reason)` of the Running condition, or `: reason: message` of Failed."""
+    failed = status.get("state") == FAILED
     for cond in status.get("conditions") or []:
-        if cond.get("type") == (FAILED if status.get("state") == FAILED else "Running"):
-            return f"{cond.get('reason')}: {cond.get('message')}"
+        if cond.get("type") == (FAILED if failed else "Running"):
+            if failed:
+                return f": {cond.get('reason')}: {cond.get('message')}"
+            return f" ({cond.get('reason')})"
     return ""
 
 

@@ -220,7 +220,7 @@ class LiveDisplay:
             waiting = _waiting_text(snapshot)
             if waiting:
                 grid.add_row("restart", escape(waiting))
-            faults = _faults_text(snapshot)
+            faults = _faults_text(snapshot) if state == RUNNING else ""
             if faults:
                 grid.add_row("next fault", faults)
         log = Text()
