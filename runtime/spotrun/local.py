@@ -59,10 +59,9 @@ from spotrun.lifecycle import (
     Succeed,
     Suspend,
     format_time,
-    parse_time,
     plan,
 )
-from spotrun.local_observe import ReplicaFacts, committing, describe_exit, observe
+from spotrun.local_observe import ReplicaFacts, describe_exit, held_restart, observe
 from spotrun.progress import Display, Snapshot, make_display, print_summary
 from spotrun.sink import read_status_file, status_file, update_status_file
 from spotrun.trainjob import TrainJob, TrainJobError, load_trainjob
@@ -348,7 +347,7 @@ class LocalRun:
         facts = [r.facts() for r in self.replicas]
         observation = observe(facts, status, now=now, suspended=self.interrupted > 0)
         decision = plan(self.spec, status, observation, self.rng)
-        self.holding = self._hold(status, decision, facts, now)
+        self.holding = held_restart(status, decision, facts, now=now, grace=self.spec.grace_seconds)
         if self.holding is not None:
             actions: tuple[Action, ...] = ()
         else:
@@ -379,22 +378,6 @@ class LocalRun:
 
         update_status_file(self.status_url, mutate)
         return decided[-1]
-
-    def _hold(
-        self, status: Mapping[str, Any], decision: Plan, facts: Sequence[ReplicaFacts], now: float
-    ) -> str | None:
-        """Why a restart that the plan wants must wait, or None (see the module docstring)."""
-        attempt = int(status.get("attempt") or 0)
-        restart = any(isinstance(a, RestartGroup) for a in decision.actions)
-        if not restart or int(decision.status.get("attempt") or 0) <= attempt:
-            return None
-        if not committing(facts, attempt):
-            return None
-        entries = [e for e in status.get("interruptions") or [] if e.get("attempt") == attempt]
-        since = parse_time(str(entries[-1]["time"])) if entries else now
-        if now >= since + self.spec.grace_seconds:
-            return None
-        return "the group is committing its final checkpoint"
 
     # -- actions ----------------------------------------------------------------------
 

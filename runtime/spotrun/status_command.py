@@ -135,7 +135,9 @@ def find_folders(path: str | None, storage: str | None) -> list[str]:
     if path is None:
         base = storage_path(storage)
         found = glob.glob(os.path.join(base, "*", "*", layout.STATUS_FILE))
-        return sorted(os.path.dirname(p) for p in found)
+        # `<job>.<time>` folders are finished runs set aside by `spotrun run`, not jobs.
+        folders = (os.path.dirname(p) for p in found)
+        return sorted(f for f in folders if "." not in os.path.basename(f))
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, layout.STATUS_FILE)):
             raise FileNotFoundError(

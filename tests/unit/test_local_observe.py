@@ -9,13 +9,20 @@ import pytest
 
 from spotrun.lifecycle import (
     JobSpec,
+    Plan,
     RestartGroup,
     Wait,
     classify,
     format_time,
     plan,
 )
-from spotrun.local_observe import ReplicaFacts, committing, observe, replica_observation
+from spotrun.local_observe import (
+    ReplicaFacts,
+    committing,
+    held_restart,
+    observe,
+    replica_observation,
+)
 
 T0 = 1_700_000_000.0
 KILLED = -signal.SIGKILL
@@ -178,3 +185,44 @@ def test_the_policy_restarts_a_group_after_an_injected_kill_and_its_collateral_c
     decision = plan(spec, status, observe(crashed, status, now=T0 + 12))
     assert decision.actions == (RestartGroup(2, None, "InjectedKill", T0 + 12),)
     assert decision.status["interruptions"][-1]["reason"] == "InjectedKill"
+
+
+def restarting(attempt: int = 1, since: float = T0) -> dict[str, Any]:
+    return {
+        "attempt": attempt,
+        "interruptions": [
+            {"time": format_time(since), "attempt": attempt, "kind": "preemption"},
+        ],
+    }
+
+
+def restart_to(attempt: int) -> Plan:
+    return Plan(
+        (RestartGroup(attempt, "/r/ckpt-000003", "InjectedPreemption", T0),), {"attempt": attempt}
+    )
+
+
+def test_a_restart_waits_while_the_group_commits_its_final_checkpoint() -> None:
+    committing_group = [facts(0), facts(1, returncode=75, fault="preempt")]
+    held = held_restart(restarting(), restart_to(2), committing_group, now=T0 + 2, grace=30)
+    assert held == "the group is committing its final checkpoint"
+
+
+def test_a_restart_goes_out_once_the_group_exited_or_the_grace_is_over() -> None:
+    done = [facts(0, returncode=75), facts(1, returncode=75, fault="preempt")]
+    assert held_restart(restarting(), restart_to(2), done, now=T0 + 2, grace=30) is None
+    slow = [facts(0), facts(1, returncode=75, fault="preempt")]
+    assert held_restart(restarting(), restart_to(2), slow, now=T0 + 30, grace=30) is None
+
+
+def test_a_kill_is_never_waited_for() -> None:
+    # Nobody exited 75: there is no final checkpoint to wait for.
+    group = [facts(0), facts(1, returncode=KILLED, fault="kill")]
+    assert held_restart(restarting(), restart_to(2), group, now=T0 + 1, grace=30) is None
+
+
+def test_only_a_restart_that_bumps_the_attempt_waits() -> None:
+    group = [facts(0, attempt=2), facts(1, attempt=2, returncode=75)]
+    # status.attempt is already 2: the repeated RestartGroup fences nothing more.
+    assert held_restart(restarting(2), restart_to(2), group, now=T0 + 1, grace=30) is None
+    assert held_restart(restarting(), Plan((), {"attempt": 1}), group, now=T0, grace=30) is None
