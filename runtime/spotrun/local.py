@@ -290,13 +290,13 @@ class LocalRun:
         self.status_url = status_file(self.root)
         self.logs = os.path.join(_local_folder(self.root, job), LOGS_DIR)
         self.rng = random.Random(options.seed)
-        every = {
-            kind: seconds
-            for kind, seconds in (("preempt", options.preempt_every), ("kill", options.kill_every))
-            if seconds
+        intervals: dict[faults.FaultKind, float | None] = {
+            "preempt": options.preempt_every,
+            "kill": options.kill_every,
         }
+        every = {kind: seconds for kind, seconds in intervals.items() if seconds}
         self.schedule = (
-            faults.FaultSchedule(every, options.max_injections, random.Random(options.seed))  # type: ignore[arg-type]
+            faults.FaultSchedule(every, options.max_injections, random.Random(options.seed))
             if every
             else None
         )
