@@ -649,9 +649,13 @@ def _state_reason(status: Mapping[str, Any]) -> str:
     return ""
 
 
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
 def _local_folder(root: str, job: TrainJob) -> str:
     """The job's folder on this machine: the job root itself for local storage."""
-    if "://" not in root or root.startswith("file://"):
+    if _is_local(root):
         return root.removeprefix("file://")
     return os.path.join(os.path.abspath(layout.DEFAULT_STORAGE), job.namespace, job.name)
 
@@ -669,16 +673,16 @@ def prepare_folder(root: str, job: TrainJob, now: float) -> str | None:
     note = None
     state = status.get("state")
     if state in FINISHED:
-        local = _local_folder(root, job)
-        if local != root:
+        if not _is_local(root):
             raise LocalRunError(
                 f"{root} holds a run that already {str(state).lower()}; delete that folder or "
                 "pass another --storage to run the job again"
             )
+        local = _local_folder(root, job)
         stamp = str(status.get("completionTime") or format_time(now))
         stamp = re.sub(r"[^0-9TZ]", "", stamp.split(".")[0])
-        aside = f"{root}.{stamp}"
-        os.rename(root, aside)
+        aside = f"{local}.{stamp}"
+        os.rename(local, aside)
         note = f"an earlier run of {job.name} {str(state).lower()}: moved it to {aside}"
         status = {}
     elif state:
