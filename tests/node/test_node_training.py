@@ -1,0 +1,204 @@
+"""TrainJobs on a real node: real pods train, lose a pod, get drained, and end bit for bit.
+
+One TrainJob of 2 replicas (1 gloo worker each, CPU) runs examples.train_linear's
+train_func_steps on the kubelet of `hack/cluster up --real-node`, with its checkpoints on
+fake-gcs-server, under the operator running as in production (its own process). It is
+interrupted twice:
+
+1. without notice: the trainer container of one pod is SIGKILLed (every process in it, via
+   containerd) and its pod force-deleted (`--grace-period=0 --force`), as when a node
+   vanishes. Nothing can write a final checkpoint, so up to one checkpoint interval is lost.
+   (A plain `kubectl delete pod` is a notice: the kubelet sends SIGTERM first.)
+2. with notice: the node is drained (`kubectl drain`, the Eviction API). Each pod gets
+   SIGTERM, the runtime commits a final checkpoint at the next step and exits 75; the
+   operator restarts the group, whose new pods stay Pending until the test uncordons.
+
+Each time the group restarts from status.latestCheckpoint; the job then completes, and its
+final weights and Adam state equal those of an uninterrupted run of the same config
+(`spotrun launch` on this machine, world size 2).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from kubernetes import client
+
+from spotrun import storage
+from tests.cluster.operator_harness import GROUP, PLURAL, VERSION, Operator, install_crd
+from tests.fixtures.cluster import wait_until
+from tests.node.conftest import NODE_NAME, REPO, NodeCluster
+from tests.runtime.helpers import SPOTRUN, Job
+
+pytestmark = pytest.mark.timeout(900)
+
+STEPS = 240
+EVERY = 20
+CONFIG = {"steps": STEPS, "checkpoint_every": EVERY, "seed": 0, "batch_size": 8, "samples": 64}
+FUNCTION = "examples.train_linear:train_func_steps"
+
+
+def the_job(name: str) -> dict[str, Any]:
+    body: dict[str, Any] = yaml.safe_load((REPO / "examples" / "trainjob.yaml").read_text())
+    body["metadata"] = {"name": name}
+    body["spec"]["config"] = {**CONFIG, "step_seconds": 0.1}
+    # A final checkpoint of this model takes well under a second; shorter graces make the
+    # old attempt's pods go sooner (a worker blocked in rendezvous only dies at the deadline).
+    body["spec"]["trainer"]["env"] = [{"name": "SPOTRUN_GRACE_SECONDS", "value": "10"}]
+    body["spec"]["template"] = {"spec": {"terminationGracePeriodSeconds": 15}}
+    body["spec"]["failurePolicy"]["maxFailures"] = 5
+    return body
+
+
+def reference_run(tmp_path: Path) -> dict[str, Any]:
+    """The same config, uninterrupted, on this machine: 2 workers, gloo on CPU."""
+    job = Job(str(tmp_path / "reference"), name="reference")
+    env = job.env(CONFIG, nproc=2, attempt=0, resume_from=None)
+    proc = subprocess.run(
+        [SPOTRUN, "launch", "--nproc-per-node", "2", "--function", FUNCTION],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return load_checkpoint(job.latest_uri())
+
+
+def load_checkpoint(uri: str) -> dict[str, Any]:
+    manifest = json.loads(storage.read_bytes(f"{uri}/manifest.json"))
+    data = storage.read_bytes(f"{uri}/rank-00000.pt")
+    state: dict[str, Any] = torch.load(io.BytesIO(data), weights_only=True)
+    return {"manifest": manifest, "state": state}
+
+
+def assert_same_state(a: Any, b: Any, path: str = "") -> None:
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{path} differs"
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), f"{path} keys differ"
+        for key in a:
+            assert_same_state(a[key], b[key], f"{path}.{key}")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), f"{path} lengths differ"
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, f"{path}: {a!r} != {b!r}"
+
+
+def job_status(api: client.ApiClient, ns: str, name: str) -> dict[str, Any]:
+    obj = client.CustomObjectsApi(api).get_namespaced_custom_object(
+        GROUP, VERSION, ns, PLURAL, name
+    )
+    status: dict[str, Any] = obj.get("status") or {}
+    return status
+
+
+def progress(status: dict[str, Any]) -> int:
+    return int((status.get("lastMetrics") or {}).get("step", -1))
+
+
+def kill_without_notice(cluster: NodeCluster, ns: str, pod: str) -> None:
+    """SIGKILL every process of the pod's trainer container, then force-delete the pod."""
+    obj = json.loads(cluster.kubectl("get", "pod", pod, "-n", ns, "-o", "json").stdout)
+    container_id = obj["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    cluster.ctr("tasks", "kill", "--all", "--signal=SIGKILL", container_id)
+    cluster.kubectl("delete", "pod", pod, "-n", ns, "--grace-period=0", "--force", "--wait=false")
+
+
+def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run(
+    cluster: NodeCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", cluster.gcs_endpoint)
+    reference = reference_run(tmp_path)
+    install_crd(cluster)
+    name = "linear"
+    operator = Operator(cluster, namespace, tmp_path).start()
+    try:
+        with cluster.api_client() as api:
+            body = cluster.job(the_job(name), storage=f"gs://spotrun/{namespace}")
+            cluster.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(body))
+
+            # 1. No notice, once the group has trained past a few checkpoints.
+            wait_until(
+                "training past step 50",
+                lambda: progress(job_status(api, namespace, name)) >= 50,
+                timeout=240,
+            )
+            kill_without_notice(cluster, namespace, f"{name}-1")
+            after_kill = wait_until(
+                "the group to restart and train again",
+                lambda: (
+                    (s := job_status(api, namespace, name)).get("attempt", 0) >= 2
+                    and s.get("state") == "Running"
+                    and progress(s) > int(s["interruptions"][-1].get("step", 0)) + 5
+                    and s
+                ),
+                timeout=240,
+            )
+            first = after_kill["interruptions"][-1]
+            assert first["kind"] == "preemption", first
+            assert first["stepsLost"] <= EVERY, first
+
+            # 2. With notice: drain. The new attempt's pods wait, Pending, on the cordon.
+            attempt = after_kill["attempt"]
+            cluster.kubectl(
+                *("drain", NODE_NAME, "--ignore-daemonsets", "--delete-emptydir-data"),
+                *("--pod-selector", f"spotrun.dev/job={name}", "--timeout=120s"),
+                timeout=180,
+            )
+            drained = wait_until(
+                "the operator to restart the group after the drain",
+                lambda: (
+                    (s := job_status(api, namespace, name)).get("attempt", 0) > attempt
+                    and len(s.get("interruptions", [])) >= 2
+                    and s
+                ),
+                timeout=120,
+            )
+            second = drained["interruptions"][-1]
+            assert second["kind"] == "preemption", second
+            assert second["stepsLost"] <= 1, second
+            pending = json.loads(
+                cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout
+            )["items"]
+            assert all(p["status"]["phase"] == "Pending" for p in pending), [
+                (p["metadata"]["name"], p["status"]["phase"]) for p in pending
+            ]
+            cluster.kubectl("uncordon", NODE_NAME)
+
+            done = wait_until(
+                "the job to succeed",
+                lambda: (s := job_status(api, namespace, name)).get("state") == "Succeeded" and s,
+                timeout=300,
+            )
+            assert done["preemptions"] >= 2, done
+            assert done["latestCheckpoint"]["step"] == STEPS - 1
+            final = load_checkpoint(done["latestCheckpoint"]["uri"])
+            assert final["manifest"]["metrics"] == reference["manifest"]["metrics"]
+            assert_same_state(final["state"], reference["state"])
+            custom = client.CustomObjectsApi(api)
+            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+            wait_until(
+                "the TrainJob to go",
+                lambda: (
+                    not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
+                        "items"
+                    ]
+                ),
+                timeout=60,
+            )
+    finally:
+        cluster.kubectl("uncordon", NODE_NAME, check=False)
+        operator.stop()
+        print(f"operator log:\n{operator.log(80)}")
