@@ -17,6 +17,7 @@ event loop (all the jobs' loops, kopf's watches) never blocks on the network.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any, cast
@@ -52,14 +53,26 @@ class Api:
         self.rbac = client.RbacAuthorizationV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
 
-    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await asyncio.to_thread(fn, *args, **kwargs)
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Runs one API call in a worker thread; returns the answer's JSON body.
+
+        The answer is not turned into the client's models (`_preload_content=False`):
+        parsing a whole StatefulSet into pydantic objects costs more CPU than the request,
+        and the operator reads nothing but a few fields of the TrainJob back.
+        """
+        response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
+        try:
+            data = response.data
+        finally:
+            response.release_conn()
+        body: dict[str, Any] = json.loads(data) if data else {}
+        return body
 
     # -- the TrainJob ----------------------------------------------------------------
 
     async def read_job(self, namespace: str, name: str) -> dict[str, Any]:
         try:
-            body: dict[str, Any] = await self._call(
+            body = await self._call(
                 self.custom.get_namespaced_custom_object,
                 names.GROUP,
                 names.VERSION,
@@ -79,7 +92,7 @@ class Api:
         """Merge-patches `status` if the job is still at `resource_version`; returns the new job."""
         body = {"metadata": {"resourceVersion": resource_version}, "status": dict(status)}
         try:
-            result: dict[str, Any] = await self._call(
+            result = await self._call(
                 self.custom.patch_namespaced_custom_object_status,
                 names.GROUP,
                 names.VERSION,

@@ -10,6 +10,7 @@ kopf re-lists, and the client gives up on a silent connection after `client_time
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import time
@@ -30,6 +31,7 @@ WATCH_SERVER_TIMEOUT = 300
 WATCH_CLIENT_TIMEOUT = 330.0
 WATCH_CONNECT_TIMEOUT = 30.0
 HEARTBEAT_SECONDS = 10.0
+API_THREADS = 32
 
 
 def configure(settings: kopf.OperatorSettings, config: Config, *, peering: str | None) -> None:
@@ -74,6 +76,11 @@ def api_client() -> ApiClient:
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     config: Config = memo.get("config") or Config()
     configure(settings, config, peering=memo.get("peering"))
+    # API calls run in worker threads (apply.Api); they mostly wait on the network, so
+    # many jobs restarting at once need more threads than the default (CPUs + 4).
+    asyncio.get_running_loop().set_default_executor(
+        concurrent.futures.ThreadPoolExecutor(API_THREADS, thread_name_prefix="spotrun-api")
+    )
     memo["shared"] = Shared(config=config, api=Api(api_client()))
     if config.metrics_address:
         metrics.serve(config.metrics_address)
