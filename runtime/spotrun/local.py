@@ -11,10 +11,6 @@ whether a budget is spent, so what works here works on the cluster and the rever
 The status is written BEFORE a group starts: it carries the attempt that fences the
 group's checkpoint records. The plan that bumps the attempt is computed under the status
 file's lock, so a checkpoint recorded meanwhile is never passed over as the resume point.
-One addition to the policy, local to this supervisor: when part of the group honoured a
-preemption notice (exit 75) while the rest still run, they are committing the final
-checkpoint, and the restart waits for them (within the grace period) instead of fencing
-that checkpoint out.
 
 Fault injection (spotrun.faults) rehearses spot capacity; a replica the supervisor hit is
 flagged preempted, which is all the policy needs to tell it from a bug.
@@ -58,10 +54,11 @@ from spotrun.lifecycle import (
     StartGroup,
     Succeed,
     Suspend,
+    Wait,
     format_time,
     plan,
 )
-from spotrun.local_observe import ReplicaFacts, describe_exit, held_restart, observe
+from spotrun.local_observe import ReplicaFacts, describe_exit, observe
 from spotrun.progress import Display, Snapshot, make_display, print_summary
 from spotrun.sink import read_status_file, status_file, update_status_file
 from spotrun.trainjob import TrainJob, TrainJobError, load_trainjob
@@ -347,14 +344,18 @@ class LocalRun:
         facts = [r.facts() for r in self.replicas]
         observation = observe(facts, status, now=now, suspended=self.interrupted > 0)
         decision = plan(self.spec, status, observation, self.rng)
-        self.holding = held_restart(status, decision, facts, now=now, grace=self.spec.grace_seconds)
-        if self.holding is not None:
-            actions: tuple[Action, ...] = ()
-        else:
-            if owned(decision.status) != owned(status):
-                decision = self._write(observation)
-            actions = decision.actions
-            status = decision.status
+        if owned(decision.status) != owned(status):
+            decision = self._write(observation)
+        actions: tuple[Action, ...] = decision.actions
+        status = decision.status
+        self.holding = next(
+            (
+                "the group is committing its final checkpoint"
+                for a in actions
+                if isinstance(a, Wait) and a.reason == "CommittingFinalCheckpoint"
+            ),
+            None,
+        )
         self._notice_changes(status, now)
         self.status = status
         self._apply(actions, now)

@@ -22,9 +22,7 @@ from spotrun.lifecycle import (
     EXIT_PREEMPTED,
     Observation,
     Phase,
-    Plan,
     ReplicaObservation,
-    RestartGroup,
     parse_time,
 )
 
@@ -137,42 +135,3 @@ def observe(
         suspended=suspended,
         generation=1,
     )
-
-
-def committing(replicas: Iterable[ReplicaFacts], attempt: int) -> bool:
-    """Part of the group honoured a preemption notice (exit 75) while the rest still run.
-
-    Every rank agreed on the notice at the same report, so the ranks still running are
-    writing the final checkpoint; rank 0 records it in the status last. Bumping the
-    attempt now would fence that record out, so the supervisor waits for them (within
-    the grace period) before it lets a restart go out.
-    """
-    group = [r for r in replicas if r.attempt == attempt]
-    return any(r.exit_code == EXIT_PREEMPTED for r in group) and any(r.running for r in group)
-
-
-def held_restart(
-    status: Mapping[str, Any],
-    decision: Plan,
-    replicas: Iterable[ReplicaFacts],
-    *,
-    now: float,
-    grace: float,
-) -> str | None:
-    """Why the restart `decision` asks for must wait, or None to let it go out.
-
-    Only a restart that bumps the attempt waits, only while the group is `committing`
-    its final checkpoint, and at most `grace` seconds from the interruption: a group
-    that cannot finish its checkpoint in the grace period would not on a cluster either.
-    """
-    attempt = int(status.get("attempt") or 0)
-    restart = any(isinstance(a, RestartGroup) for a in decision.actions)
-    if not restart or int(decision.status.get("attempt") or 0) <= attempt:
-        return None
-    if not committing(replicas, attempt):
-        return None
-    entries = [e for e in status.get("interruptions") or [] if e.get("attempt") == attempt]
-    since = parse_time(str(entries[-1]["time"])) if entries else now
-    if now >= since + grace:
-        return None
-    return "the group is committing its final checkpoint"

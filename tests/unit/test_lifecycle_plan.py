@@ -624,10 +624,10 @@ def test_restart_waits_for_a_preempted_replica_to_write_its_final_checkpoint() -
     still_running = preempted(1, phase="running")
     # The backoff alone would end at T0 + 110; the grace period ends at T0 + 130.
     assert job.see(running(0), still_running, at=T0 + 100).actions == (
-        Wait(T0 + 130, "DrainingPreemptedReplicas"),
+        Wait(T0 + 130, "CommittingFinalCheckpoint"),
     )
     assert job.see(running(0), still_running, at=T0 + 110).actions == (
-        Wait(T0 + 130, "DrainingPreemptedReplicas"),
+        Wait(T0 + 130, "CommittingFinalCheckpoint"),
     )
     # Gone within its grace period: no need to wait longer.
     result = job.see(running(0), preempted(1, phase="missing"), at=T0 + 115)
@@ -955,3 +955,28 @@ def test_plan_is_idempotent() -> None:
         assert again.status == first.status
         assert again.actions == first.actions
     assert (job.attempt, job.status["failures"]) == (2, 1)
+
+
+def honoured_notice(index: int, attempt: int = 1) -> ReplicaObservation:
+    return ReplicaObservation(index, attempt, phase="failed", exit_code=75, reason="Error")
+
+
+def test_restart_waits_while_rank_0_commits_after_another_replica_honoured_the_notice() -> None:
+    # Replica 1 got the notice and exited 75 once its shard was written; replica 0 (rank 0)
+    # still writes the manifest and the status record. Restarting now would fence it out.
+    job = Job(make_spec(grace=30.0)).started()
+    assert job.see(running(0), honoured_notice(1), at=T0 + 100).actions == (
+        Wait(T0 + 130, "CommittingFinalCheckpoint"),
+    )
+    result = job.see(honoured_notice(0), honoured_notice(1), at=T0 + 112)
+    assert [type(a) for a in result.actions] == [RestartGroup]
+    assert job.status["preemptions"] == 1 and job.status["failures"] == 0
+
+
+def test_a_replica_lost_without_notice_does_not_hold_the_restart() -> None:
+    job = Job(make_spec(grace=30.0)).started()
+    killed = preempted(1, phase="missing", reason="Vanished")
+    result = job.see(running(0), killed, at=T0 + 100)
+    assert not any(
+        isinstance(a, Wait) and a.reason == "CommittingFinalCheckpoint" for a in result.actions
+    )

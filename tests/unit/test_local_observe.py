@@ -9,7 +9,6 @@ import pytest
 
 from spotrun.lifecycle import (
     JobSpec,
-    Plan,
     RestartGroup,
     Wait,
     classify,
@@ -18,8 +17,6 @@ from spotrun.lifecycle import (
 )
 from spotrun.local_observe import (
     ReplicaFacts,
-    committing,
-    held_restart,
     observe,
     replica_observation,
 )
@@ -160,13 +157,6 @@ def test_a_supervisor_interrupt_is_a_suspend() -> None:
     assert observe([], {}, now=T0, suspended=True).suspended
 
 
-def test_committing_while_part_of_the_group_exited_75_and_the_rest_runs() -> None:
-    assert committing([facts(0), facts(1, returncode=75)], 1)
-    assert not committing([facts(0, returncode=75), facts(1, returncode=75)], 1)
-    assert not committing([facts(0), facts(1, returncode=KILLED, fault="kill")], 1)
-    assert not committing([facts(0, attempt=2), facts(1, returncode=75)], 2)
-
-
 def test_the_policy_restarts_a_group_after_an_injected_kill_and_its_collateral_crash() -> None:
     spec = JobSpec.from_spec({"replicas": 2, "failurePolicy": {"backoff": {"initialSeconds": 1}}})
     status: dict[str, Any] = {}
@@ -187,42 +177,37 @@ def test_the_policy_restarts_a_group_after_an_injected_kill_and_its_collateral_c
     assert decision.status["interruptions"][-1]["reason"] == "InjectedKill"
 
 
-def restarting(attempt: int = 1, since: float = T0) -> dict[str, Any]:
-    return {
-        "attempt": attempt,
-        "interruptions": [
-            {"time": format_time(since), "attempt": attempt, "kind": "preemption"},
-        ],
+def running_group(spec: JobSpec) -> dict[str, Any]:
+    status = plan(spec, {}, observe([], {}, now=T0)).status
+    return plan(spec, status, observe([facts(0), facts(1)], status, now=T0 + 1)).status
+
+
+SPEC = JobSpec.from_spec(
+    {
+        "replicas": 2,
+        "failurePolicy": {"backoff": {"initialSeconds": 1, "maxSeconds": 1, "jitter": 0}},
     }
+)
 
 
-def restart_to(attempt: int) -> Plan:
-    return Plan(
-        (RestartGroup(attempt, "/r/ckpt-000003", "InjectedPreemption", T0),), {"attempt": attempt}
-    )
-
-
-def test_a_restart_waits_while_the_group_commits_its_final_checkpoint() -> None:
+def test_the_policy_waits_while_the_group_commits_its_final_checkpoint() -> None:
+    status = running_group(SPEC)
     committing_group = [facts(0), facts(1, returncode=75, fault="preempt")]
-    held = held_restart(restarting(), restart_to(2), committing_group, now=T0 + 2, grace=30)
-    assert held == "the group is committing its final checkpoint"
-
-
-def test_a_restart_goes_out_once_the_group_exited_or_the_grace_is_over() -> None:
+    decision = plan(SPEC, status, observe(committing_group, status, now=T0 + 10), jitter=0.0)
+    assert [a.reason for a in decision.actions if isinstance(a, Wait)] == [
+        "CommittingFinalCheckpoint"
+    ]
+    status = decision.status
     done = [facts(0, returncode=75), facts(1, returncode=75, fault="preempt")]
-    assert held_restart(restarting(), restart_to(2), done, now=T0 + 2, grace=30) is None
-    slow = [facts(0), facts(1, returncode=75, fault="preempt")]
-    assert held_restart(restarting(), restart_to(2), slow, now=T0 + 30, grace=30) is None
+    decision = plan(SPEC, status, observe(done, status, now=T0 + 12), jitter=0.0)
+    assert [type(a) for a in decision.actions] == [RestartGroup]
 
 
 def test_a_kill_is_never_waited_for() -> None:
     # Nobody exited 75: there is no final checkpoint to wait for.
+    status = running_group(SPEC)
     group = [facts(0), facts(1, returncode=KILLED, fault="kill")]
-    assert held_restart(restarting(), restart_to(2), group, now=T0 + 1, grace=30) is None
-
-
-def test_only_a_restart_that_bumps_the_attempt_waits() -> None:
-    group = [facts(0, attempt=2), facts(1, attempt=2, returncode=75)]
-    # status.attempt is already 2: the repeated RestartGroup fences nothing more.
-    assert held_restart(restarting(2), restart_to(2), group, now=T0 + 1, grace=30) is None
-    assert held_restart(restarting(), Plan((), {"attempt": 1}), group, now=T0, grace=30) is None
+    decision = plan(SPEC, status, observe(group, status, now=T0 + 10), jitter=0.0)
+    assert not any(
+        isinstance(a, Wait) and a.reason == "CommittingFinalCheckpoint" for a in decision.actions
+    )

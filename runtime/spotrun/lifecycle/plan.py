@@ -40,7 +40,13 @@ from spotrun.lifecycle.actions import (
 )
 from spotrun.lifecycle.backoff import consecutive, delay
 from spotrun.lifecycle.budget import Exhausted, exhausted
-from spotrun.lifecycle.classify import Interruption, blocker, classify, preemption_of
+from spotrun.lifecycle.classify import (
+    EXIT_PREEMPTED,
+    Interruption,
+    blocker,
+    classify,
+    preemption_of,
+)
 from spotrun.lifecycle.observation import Observation, ReplicaObservation
 from spotrun.lifecycle.spec import JobSpec
 from spotrun.lifecycle.times import format_time, parse_time
@@ -298,14 +304,12 @@ class _Step:
         reason, message = str(entry["reason"]), str(entry.get("message", ""))
 
         until, why = parse_time(str(st["restartNotBefore"])), "Backoff"
-        if entry["kind"] == "preemption" and any(
-            r.preempted and r.phase == "running" for r in replicas
-        ):
-            # A preempted replica still running is writing its final checkpoint within its
-            # grace period; restarting now would fence that checkpoint out.
+        if entry["kind"] == "preemption" and _committing_final_checkpoint(replicas):
+            # The group is writing its final checkpoint within the grace period; rank 0
+            # records it last, so restarting now would fence that checkpoint out.
             drained_by = parse_time(str(entry["time"])) + self.spec.grace_seconds
             if drained_by > until:
-                until, why = drained_by, "DrainingPreemptedReplicas"
+                until, why = drained_by, "CommittingFinalCheckpoint"
         verdict = self._exhausted(st)
         if self.now < until:
             then = (
@@ -456,3 +460,17 @@ def _last_open(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None
 
 
 __all__ = ["FINISHED", "OWNED_FIELDS", "Plan", "plan", "resume_point"]
+
+
+def _committing_final_checkpoint(replicas: Sequence[ReplicaObservation]) -> bool:
+    """The group is writing the final checkpoint of a preemption notice.
+
+    Either a preempted replica still runs (it got the notice), or part of the group already
+    honoured the notice (exit 75) while the rest still run: every rank agreed on the same
+    final step, and rank 0 records it last. A replica lost without notice (killed, node
+    gone) leaves nothing to wait for.
+    """
+    running = [r for r in replicas if r.phase == "running"]
+    if any(r.preempted for r in running):
+        return True
+    return bool(running) and any(r.exit_code == EXIT_PREEMPTED for r in replicas)
