@@ -9,6 +9,11 @@ link to. It also points the job's storage at the node's fake-gcs-server. A produ
 cluster uses the runtime image built from the Dockerfile and needs none of this.
 
     hack/dev-node-job examples/trainjob.yaml | kubectl apply -f -
+
+With --operator-patch it prints instead a strategic-merge patch that does the same for the
+Helm chart's operator Deployment (image spotrun-runtime:dev, host-Python mounts):
+
+    kubectl -n spotrun-system patch deployment spotrun --patch "$(hack/dev-node-job --operator-patch)"
 """
 
 from __future__ import annotations
@@ -98,6 +103,39 @@ def dev_node_job(
     return job
 
 
+def operator_patch(repo: Path = REPO, venv: Path | None = None) -> dict[str, Any]:
+    """A strategic-merge patch: the chart's operator container on the dev node's Python."""
+    venv = venv or repo / ".venv"
+    mounts = host_mounts(repo, venv)
+    return {
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {
+                            "name": "operator",
+                            "image": "spotrun-runtime:dev",
+                            "imagePullPolicy": "IfNotPresent",
+                            "env": [
+                                {"name": "PATH", "value": f"{venv}/bin:/bin"},
+                                {"name": "PYTHONDONTWRITEBYTECODE", "value": "1"},
+                            ],
+                            "volumeMounts": [
+                                {"name": name, "mountPath": path, "readOnly": True}
+                                for name, path in mounts
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": name, "hostPath": {"path": path, "type": "Directory"}}
+                        for name, path in mounts
+                    ],
+                }
+            }
+        }
+    }
+
+
 _ENV_NAMES = {
     "PATH",
     "PYTHONPATH",
@@ -110,7 +148,12 @@ _ENV_NAMES = {
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="hack/dev-node-job", description=__doc__.split("\n")[0])
-    parser.add_argument("file", help="a TrainJob manifest (YAML)")
+    parser.add_argument("file", nargs="?", help="a TrainJob manifest (YAML)")
+    parser.add_argument(
+        "--operator-patch",
+        action="store_true",
+        help="print a patch for the chart's operator Deployment instead",
+    )
     parser.add_argument(
         "--storage",
         default="gs://spotrun/runs",
@@ -123,6 +166,12 @@ def main(argv: list[str]) -> int:
         "`hack/cluster up --real-node` prints)",
     )
     args = parser.parse_args(argv)
+    if args.operator_patch:
+        json.dump(operator_patch(), sys.stdout)
+        print()
+        return 0
+    if not args.file:
+        parser.error("a TrainJob manifest is needed (or --operator-patch)")
     job = yaml.safe_load(Path(args.file).read_text())
     storage = args.storage if args.storage.startswith("gs://") and args.gcs_endpoint else None
     if args.storage and not args.storage.startswith("gs://"):
