@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spotrun import layout
-from spotrun.commit import CheckpointStore, Verified, load_blob, read_blob
+from spotrun.commit import CheckpointStore, Verified, load_blob, read_blob, split_uri
 from spotrun.tree import unflatten
 
 
@@ -66,6 +66,19 @@ class Checkpoint:
     def from_sharded_state_dict(cls, state_dict: Mapping[str, Any]) -> Checkpoint:
         """Sharded state (FSDP, DTensor), saved with torch.distributed.checkpoint by every rank."""
         return cls(sharded=state_dict)
+
+    @classmethod
+    def from_uri(cls, uri: str, *, rank: int = 0, weights_only: bool = True) -> Checkpoint:
+        """Opens a committed checkpoint (…/ckpt-NNNNNN) outside training, verifying every file.
+
+        Raises CheckpointCorruptError when the manifest or a file fails its check. For
+        per-rank checkpoints, `rank` picks whose state `to_dict()` returns.
+        """
+        root, seq = split_uri(uri)
+        store = CheckpointStore(root)
+        verified = store.verify(seq)
+        world = verified.manifest.world_size
+        return cls(committed=_Committed(store, verified, rank, world, weights_only))
 
     # --- what a committed checkpoint says about itself ----------------------------------
 

@@ -181,3 +181,15 @@ def test_sharded_state_saved_by_two_ranks_restores_onto_any_world_size(
     assert code == 0, out
     assert out.count(f"on world size {restore_world}") == restore_world
     assert os.path.isdir(job.root)
+
+
+def test_from_uri_opens_a_committed_checkpoint_and_refuses_a_damaged_one(six_checkpoints: Job) -> None:
+    from spotrun import Checkpoint
+    from spotrun.commit import CheckpointCorruptError
+
+    latest = six_checkpoints.latest_uri()
+    checkpoint = Checkpoint.from_uri(latest)
+    assert checkpoint.step == 5 and checkpoint.to_dict()["step"] == 5
+    flip_byte(ckpt(six_checkpoints, 5) / "rank-00000.pt")
+    with pytest.raises(CheckpointCorruptError, match="sha256"):
+        Checkpoint.from_uri(latest)

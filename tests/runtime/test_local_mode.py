@@ -18,8 +18,7 @@ import pytest
 import torch
 import yaml
 
-from spotrun.checkpoint import Checkpoint, _Committed
-from spotrun.commit import CheckpointStore, split_uri
+from spotrun.checkpoint import Checkpoint
 from spotrun.sink import read_status_file
 from tests.runtime.helpers import ROOT, SPOTRUN, wait_for
 
@@ -74,12 +73,7 @@ def status_of(storage: Path, job: str = "linear-demo") -> dict[str, Any]:
 def final_state(storage: Path) -> dict[str, Any]:
     """The latest checkpoint of the job, loaded through spotrun's verified loader."""
     uri = str(status_of(storage)["latestCheckpoint"]["uri"])
-    root, seq = split_uri(uri)
-    store = CheckpointStore(root)
-    verified, problems = store.resolve(seq)
-    assert problems == [], problems
-    state = Checkpoint(committed=_Committed(store, verified, rank=0, world_size=2)).to_dict()
-    return dict(state)
+    return Checkpoint.from_uri(uri).to_dict()
 
 
 def assert_bitwise_equal(a: Any, b: Any, where: str = "state") -> None:
