@@ -1,0 +1,352 @@
+"""Recovery benchmark: from a pod's loss to every rank training again, phase by phase.
+
+On the real node of `hack/cluster up --real-node` (a kubelet on containerd, see
+docs/cluster.md), a TrainJob of 2 replicas x 1 gloo worker runs
+benchmarks/recovery_workload.py (examples.train_linear's train_func_steps with timestamps)
+under the operator, running as in production in its own process. Each run kills replica 1
+and times the way back:
+
+  detect              loss -> the operator records the interruption (status.interruptions[].time)
+  decide              -> it restarts the group (interruptions[].restartTime): the old
+                        attempt's pods must be gone first, then the restart backoff
+  pods created        -> the last pod of the new attempt is created (seen by a watch)
+  containers started  -> the last trainer container runs (seen by a watch)
+  imports             -> python is up with torch and spotrun imported (last rank)
+  rendezvous          -> every rank joined the process group (gloo, via CoreDNS)
+  checkpoint loaded   -> every rank read and verified the checkpoint to resume from
+  first step          -> every rank reported its first training step: training again
+
+The loss is without notice by default (every process of the trainer container SIGKILLed
+through containerd, then the pod force-deleted, as when a node vanishes); --notice deletes
+the pod gracefully instead (SIGTERM: the runtime commits a final checkpoint first).
+Prints each run and the median of each phase.
+
+    .venv/bin/python benchmarks/recovery.py --runs 5
+    .venv/bin/python benchmarks/recovery.py --run-dir ~/.cache/spotrun/run/cluster  # running cluster
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+HACK_CLUSTER = ROOT / "hack" / "cluster"
+GROUP, VERSION, PLURAL = "spotrun.dev", "v1alpha1", "trainjobs"
+JOB = "recovery"
+ATTEMPT_LABEL = "spotrun.dev/attempt"
+MARK = re.compile(r"^\[recovery-mark\] (\S+) (\d+\.\d+) (\d+)$", re.M)
+PHASES = (
+    "detect",
+    "decide",
+    "pods created",
+    "containers started",
+    "imports",
+    "rendezvous",
+    "checkpoint loaded",
+    "first step",
+)
+
+
+def log(msg: str) -> None:
+    print(f"recovery: {msg}", file=sys.stderr, flush=True)
+
+
+def hack_cluster(*args: str) -> str:
+    proc = subprocess.run(
+        [str(HACK_CLUSTER), *args], capture_output=True, text=True, timeout=1800, check=False
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"hack/cluster {' '.join(args)} failed:\n{proc.stderr}")
+    return proc.stdout
+
+
+def ts(value: str) -> float:
+    return datetime.fromisoformat(value).timestamp()
+
+
+class Bench:
+    def __init__(self, run_dir: Path, namespace: str, notice: bool, grace: int) -> None:
+        self.run_dir = run_dir
+        state = json.loads((run_dir / "state.json").read_text())
+        self.kubeconfig = str(run_dir / "kubeconfig")
+        self.gcs = f"http://10.88.0.1:{state['ports']['fake-gcs-server']}"
+        self.socket = str(run_dir / "node" / "containerd" / "containerd.sock")
+        self.kubectl_bin = hack_cluster("bin", "kubectl").strip()
+        self.namespace = namespace
+        self.notice = notice
+        self.grace = grace
+        self.seen: dict[str, dict[str, Any]] = {}  # pod uid -> name, attempt, added, running
+        self._stop = threading.Event()
+        self.operator: subprocess.Popen[bytes] | None = None
+
+    def kubectl(self, *args: str, input: str | None = None, check: bool = True) -> str:
+        proc = subprocess.run(
+            [self.kubectl_bin, f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"kubectl {' '.join(args)}: {proc.stderr.strip()}")
+        return proc.stdout
+
+    def status(self) -> dict[str, Any]:
+        out = self.kubectl("get", "trainjob", JOB, "-n", self.namespace, "-o", "json")
+        status: dict[str, Any] = json.loads(out).get("status") or {}
+        return status
+
+    # -- set-up ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.kubectl(
+            "apply", "--server-side", "-f", str(ROOT / "crds" / "trainjobs.spotrun.dev.yaml")
+        )
+        self.kubectl("wait", "--for=condition=Established", "crd/trainjobs.spotrun.dev")
+        self.kubectl("create", "namespace", self.namespace)
+        deadline = time.monotonic() + 60
+        while not self.kubectl("get", "sa", "default", "-n", self.namespace, check=False):
+            if time.monotonic() > deadline:
+                raise RuntimeError("no default ServiceAccount")
+            time.sleep(0.5)
+        log_path = Path(tempfile.gettempdir()) / f"recovery-operator-{self.namespace}.log"
+        with open(log_path, "wb") as out:
+            self.operator = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "spotrun_operator",
+                    f"--namespace={self.namespace}",
+                    "--metrics-address=127.0.0.1:0",
+                    "--log-format=json",
+                    "--resync-seconds=15",
+                ],
+                cwd=ROOT,
+                env={**os.environ, "KUBECONFIG": self.kubeconfig},
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        log(f"operator log: {log_path}")
+        threading.Thread(target=self._watch, daemon=True).start()
+        self.kubectl("apply", "-n", self.namespace, "-f", "-", input=json.dumps(self.job()))
+
+    def job(self) -> dict[str, Any]:
+        sys.path.insert(0, str(ROOT / "hack" / "cluster.d"))
+        from dev_node_job import dev_node_job
+
+        body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "trainjob.yaml").read_text())
+        body["metadata"] = {"name": JOB}
+        spec = body["spec"]
+        spec["config"] = {"steps": 10**7, "step_seconds": 0.05, "checkpoint_every": 20, "seed": 0}
+        spec["trainer"].pop("function", None)
+        spec["trainer"]["command"] = ["python", str(ROOT / "benchmarks" / "recovery_workload.py")]
+        spec["trainer"]["env"] = [{"name": "SPOTRUN_GRACE_SECONDS", "value": str(self.grace - 5)}]
+        spec["template"] = {"spec": {"terminationGracePeriodSeconds": self.grace}}
+        spec["failurePolicy"]["maxFailures"] = 100
+        result: dict[str, Any] = dev_node_job(
+            body, storage=f"gs://spotrun/{self.namespace}", gcs_endpoint=self.gcs, repo=ROOT
+        )
+        return result
+
+    def _watch(self) -> None:
+        """Records when each pod is first seen and when its container is first running."""
+        from kubernetes import client, config, watch
+
+        api = client.CoreV1Api(config.new_client_from_config(config_file=self.kubeconfig))
+        while not self._stop.is_set():
+            try:
+                for event in watch.Watch().stream(
+                    api.list_namespaced_pod, self.namespace, timeout_seconds=30
+                ):
+                    now = time.time()
+                    pod = event["object"]
+                    uid = pod.metadata.uid
+                    rec = self.seen.setdefault(
+                        uid,
+                        {
+                            "name": pod.metadata.name,
+                            "attempt": int((pod.metadata.labels or {}).get(ATTEMPT_LABEL, -1)),
+                            "added": now,
+                        },
+                    )
+                    statuses = pod.status.container_statuses or []
+                    if "running" not in rec and statuses and statuses[0].state.running:
+                        rec["running"] = now
+                    if self._stop.is_set():
+                        return
+            except Exception as err:  # a dropped watch: start another
+                log(f"pod watch: {err}")
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.kubectl("delete", "trainjob", JOB, "-n", self.namespace, "--wait=true", check=False)
+        if self.operator is not None and self.operator.poll() is None:
+            self.operator.terminate()
+            self.operator.wait(30)
+        self.kubectl("delete", "namespace", self.namespace, "--wait=false", check=False)
+
+    # -- one run -----------------------------------------------------------------------------
+
+    def marks(self, attempt: int) -> dict[str, dict[str, float]]:
+        """pod -> mark -> time, from the trainer logs of ATTEMPT."""
+        out: dict[str, dict[str, float]] = {}
+        for pod in (f"{JOB}-0", f"{JOB}-1"):
+            text = self.kubectl("logs", pod, "-n", self.namespace, check=False)
+            for name, when, att in MARK.findall(text):
+                if int(att) == attempt:
+                    out.setdefault(pod, {})[name] = float(when)
+        return out
+
+    def wait_training(self, attempt: int, timeout: float = 300) -> dict[str, dict[str, float]]:
+        deadline = time.monotonic() + timeout
+        while True:
+            marks = self.marks(attempt)
+            if len(marks) == 2 and all("first_step" in m for m in marks.values()):
+                return marks
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"attempt {attempt} did not train within {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def wait_attempt(self, after: int, timeout: float = 300) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            attempt = int(self.status().get("attempt", 0))
+            if attempt > after and self.status().get("state") in ("Running", "Restarting"):
+                return attempt
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no attempt after {after} within {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def interrupt(self) -> float:
+        pod = f"{JOB}-1"
+        if self.notice:
+            t0 = time.time()
+            self.kubectl("delete", "pod", pod, "-n", self.namespace, "--wait=false")
+            return t0
+        obj = json.loads(self.kubectl("get", "pod", pod, "-n", self.namespace, "-o", "json"))
+        container = obj["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+        t0 = time.time()
+        subprocess.run(
+            [
+                *("ctr", f"--address={self.socket}", "--namespace=k8s.io"),
+                *("tasks", "kill", "--all", "--signal=SIGKILL", container),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        self.kubectl(
+            "delete",
+            "pod",
+            pod,
+            "-n",
+            self.namespace,
+            "--grace-period=0",
+            "--force",
+            "--wait=false",
+        )
+        return t0
+
+    def run_once(self) -> dict[str, float]:
+        attempt = self.wait_attempt(0)
+        self.wait_training(attempt)
+        time.sleep(3)  # train a little: a checkpoint or two
+        t0 = self.interrupt()
+        new = self.wait_attempt(attempt)
+        marks = self.wait_training(new)
+        status = self.status()
+        event = next(i for i in reversed(status["interruptions"]) if i["attempt"] == attempt)
+        pods = [r for r in self.seen.values() if r["attempt"] == new]
+        deadline = time.monotonic() + 10
+        while (
+            len(pods) < 2 or not all("running" in p for p in pods)
+        ) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            pods = [r for r in self.seen.values() if r["attempt"] == new]
+        points = [
+            ("detect", ts(event["time"])),
+            ("decide", ts(event["restartTime"])),
+            ("pods created", max(p["added"] for p in pods)),
+            ("containers started", max(p["running"] for p in pods)),
+            ("imports", max(m["imported"] for m in marks.values())),
+            ("rendezvous", max(m["rendezvous"] for m in marks.values())),
+            ("checkpoint loaded", max(m["checkpoint_loaded"] for m in marks.values())),
+            ("first step", max(m["first_step"] for m in marks.values())),
+        ]
+        phases: dict[str, float] = {}
+        last = t0
+        for name, when in points:
+            # Status times have millisecond resolution and come from another clock reading;
+            # a phase never counts negative.
+            phases[name] = max(0.0, when - last)
+            last = max(last, when)
+        phases["total"] = last - t0
+        phases["steps lost"] = float(event.get("stepsLost", -1))
+        return phases
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="a running `hack/cluster up --real-node` cluster (default: start one, stop it after)",
+    )
+    parser.add_argument("--notice", action="store_true", help="graceful pod deletion (SIGTERM)")
+    parser.add_argument(
+        "--grace", type=int, default=15, help="the pods' terminationGracePeriodSeconds (15)"
+    )
+    parser.add_argument("--json", type=Path, default=None, help="also write the runs here")
+    args = parser.parse_args(argv)
+
+    own = args.run_dir is None
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="recovery-cluster-"))
+    if own:
+        log(f"starting a cluster with a real node in {run_dir}")
+        hack_cluster("up", "--real-node", f"--run-dir={run_dir}")
+    bench = Bench(run_dir, f"recovery-{uuid.uuid4().hex[:6]}", args.notice, args.grace)
+    runs: list[dict[str, float]] = []
+    try:
+        bench.start()
+        for i in range(args.runs):
+            phases = bench.run_once()
+            runs.append(phases)
+            log(f"run {i + 1}/{args.runs}: total {phases['total']:.2f}s")
+    finally:
+        bench.stop()
+        if own:
+            hack_cluster("down", f"--run-dir={run_dir}")
+
+    kind = "graceful delete (notice)" if args.notice else "SIGKILL + force delete (no notice)"
+    print(f"recovery of a 2-replica TrainJob on the real node, {kind}, {len(runs)} runs")
+    header = f"{'phase':20}" + "".join(f"{f'run {i + 1}':>9}" for i in range(len(runs)))
+    print(header + f"{'median':>9}")
+    for name in (*PHASES, "total", "steps lost"):
+        values = [r[name] for r in runs]
+        cells = "".join(f"{v:9.2f}" for v in values)
+        print(f"{name:20}{cells}{statistics.median(values):9.2f}")
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
