@@ -386,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
         passes = samples.get("spotrun_reconcile_duration_seconds_count", 0.0)
         pass_seconds = samples.get("spotrun_reconcile_duration_seconds_sum", 0.0)
         writes = samples.get('spotrun_status_writes_total{outcome="written"}', 0.0)
+        calls = sum(v for k, v in samples.items() if k.startswith("spotrun_api_calls_total{"))
         print()
         print(
             f"operator scale: {args.jobs} TrainJobs x {args.replicas} replicas = {pods_total} pods on {nodes} KWOK nodes ({os.cpu_count()} CPUs)"
@@ -404,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  operator peak RSS (VmHWM):              {peak_mib:8.1f} MiB")
         print(f"  operator CPU time:                      {cpu_seconds:8.1f} s")
         print(
-            f"  reconcile passes: {passes:.0f} (mean {1000 * pass_seconds / max(passes, 1):.1f} ms), status writes: {writes:.0f}"
+            f"  reconcile passes: {passes:.0f} (mean {1000 * pass_seconds / max(passes, 1):.1f} ms), status writes: {writes:.0f}, API calls: {calls:.0f}"
         )
         print(
             json.dumps(

@@ -27,7 +27,7 @@ from kubernetes import client
 from kubernetes.client import ApiClient
 from kubernetes.client.exceptions import ApiException
 
-from spotrun_operator import names
+from spotrun_operator import metrics, names
 from spotrun_operator.transitions import Event
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Api:
         parsing a whole StatefulSet into pydantic objects costs more CPU than the request,
         and the operator reads nothing but a few fields of the TrainJob back.
         """
+        metrics.API_CALLS.labels(getattr(fn, "__name__", "call")).inc()
         response = await asyncio.to_thread(fn, *args, _preload_content=False, **kwargs)
         try:
             data = response.data

@@ -38,6 +38,12 @@ STATUS_WRITES = Counter(
     ["outcome"],
     registry=REGISTRY,
 )
+API_CALLS = Counter(
+    "spotrun_api_calls_total",
+    "Kubernetes API calls the operator made (reads of kopf's watches excluded), by call.",
+    ["call"],
+    registry=REGISTRY,
+)
 CHECKPOINT_AGE = Gauge(
     "spotrun_checkpoint_age_seconds",
     "Seconds since the latest committed checkpoint of a running TrainJob.",

@@ -61,6 +61,11 @@ class JobMemory:
     # watch event of that write arrives.
     written: dict[str, Any] | None = None
     state: str | None = None
+    # The StatefulSet spec (hash, replicas) last sent, and when: until the watch shows it,
+    # passes woken by other events must not send it again.
+    statefulset_sent: tuple[str, int, float] | None = None
+    # Pods this loop asked to delete, by UID (with whether it forced it): not asked twice.
+    deleted: set[tuple[str, bool]] = field(default_factory=set)
 
 
 def _rv(body: Mapping[str, Any] | None) -> int:
@@ -176,6 +181,8 @@ async def reconcile_once(
             api.event(job, NO_STORAGE)
 
     job_pods = [dict(p) for p in pods.get(key, ())]
+    live = {str(p["metadata"].get("uid")) for p in job_pods}
+    memory.deleted = {entry for entry in memory.deleted if entry[0] in live}
     facts = {node: next(iter(values)) for node, values in nodes.items() if values}
     sts = next(iter(statefulsets.get(key, ())), None)
     now = time.time()
@@ -205,6 +212,7 @@ async def reconcile_once(
         if isinstance(action, StartGroup | RestartGroup):
             await _run_attempt(
                 shared,
+                memory,
                 job,
                 sts,
                 job_pods,
@@ -217,7 +225,7 @@ async def reconcile_once(
         elif isinstance(action, Wait):
             next_at = min(next_at, action.until)
         elif isinstance(action, Succeed | Fail | Suspend):
-            await _stop_group(shared, job, sts, job_pods, facts)
+            await _stop_group(shared, memory, job, sts, job_pods, facts)
         elif isinstance(action, DeleteJob):
             await api.delete_job(namespace, name, str(meta.get("uid")))
     return next_at
@@ -252,6 +260,7 @@ def _after_write(
 
 async def _run_attempt(
     shared: Shared,
+    memory: JobMemory,
     job: Mapping[str, Any],
     sts: Mapping[str, Any] | None,
     pods: Iterable[Mapping[str, Any]],
@@ -273,11 +282,13 @@ async def _run_attempt(
         job, attempt=attempt, resume_from=resume_from, replicas=replicas, defaults=defaults
     )
     want_hash = desired["metadata"]["annotations"][names.SPEC_HASH_ANNOTATION]
-    if sts is None:
-        await api.create_statefulset(desired)
-        return
-    if sts.get("specHash") != want_hash or sts.get("replicas") != replicas:
-        await api.replace_statefulset_spec(desired)
+    if sts is None or sts.get("specHash") != want_hash or sts.get("replicas") != replicas:
+        if not _recently_sent(memory, want_hash, replicas):
+            if sts is None:
+                await api.create_statefulset(desired)
+            else:
+                await api.replace_statefulset_spec(desired)
+            memory.statefulset_sent = (want_hash, replicas, time.monotonic())
         return
     if (sts.get("observedGeneration") or 0) < (sts.get("generation") or 0):
         return
@@ -285,11 +296,25 @@ async def _run_attempt(
         meta = pod["metadata"]
         if meta.get("labels", {}).get(names.ATTEMPT_LABEL) == str(attempt):
             continue
-        await _remove_pod(shared, pod, facts)
+        await _remove_pod(shared, memory, pod, facts)
+
+
+# How long a StatefulSet write may take to show in the watch before it is sent again.
+RESEND_AFTER_SECONDS = 15.0
+
+
+def _recently_sent(memory: JobMemory, spec_hash: str, replicas: int) -> bool:
+    sent = memory.statefulset_sent
+    return (
+        sent is not None
+        and sent[:2] == (spec_hash, replicas)
+        and time.monotonic() - sent[2] < RESEND_AFTER_SECONDS
+    )
 
 
 async def _stop_group(
     shared: Shared,
+    memory: JobMemory,
     job: Mapping[str, Any],
     sts: Mapping[str, Any] | None,
     pods: Iterable[Mapping[str, Any]],
@@ -298,20 +323,27 @@ async def _stop_group(
     """Suspended, Succeeded or Failed: scale to 0 (the pods go, the StatefulSet stays)."""
     meta = job["metadata"]
     if sts is not None and sts.get("replicas") != 0:
-        await shared.api.scale_statefulset(meta["namespace"], names.statefulset(meta["name"]), 0)
+        spec_hash = str(sts.get("specHash"))
+        if not _recently_sent(memory, spec_hash, 0):
+            name = names.statefulset(meta["name"])
+            await shared.api.scale_statefulset(meta["namespace"], name, 0)
+            memory.statefulset_sent = (spec_hash, 0, time.monotonic())
     for pod in pods:
         if pod["metadata"].get("deletionTimestamp") and _node_gone(pod, facts):
-            await _remove_pod(shared, pod, facts)
+            await _remove_pod(shared, memory, pod, facts)
 
 
 async def _remove_pod(
-    shared: Shared, pod: Mapping[str, Any], facts: Mapping[str, NodeFacts]
+    shared: Shared, memory: JobMemory, pod: Mapping[str, Any], facts: Mapping[str, NodeFacts]
 ) -> None:
     meta = pod["metadata"]
     force = _node_gone(pod, facts)
     if meta.get("deletionTimestamp") and not force:
         return  # already going; its kubelet confirms the end
+    if (str(meta["uid"]), force) in memory.deleted:
+        return  # asked already; the watch has not shown it yet
     await shared.api.delete_pod(meta["namespace"], meta["name"], str(meta["uid"]), force=force)
+    memory.deleted.add((str(meta["uid"]), force))
 
 
 def _node_gone(pod: Mapping[str, Any], facts: Mapping[str, NodeFacts]) -> bool:
