@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import datetime
 import json
 import math
 import os
@@ -166,6 +167,7 @@ class Watcher(threading.Thread):
         self.pods: dict[str, tuple[str, str, bool]] = {}  # name -> (job, attempt, deleting)
         self.awaiting: dict[str, tuple[float, str]] = {}  # job -> (deleted at, attempt)
         self.recovered: dict[str, float] = {}  # job -> seconds from deletion to new pods
+        self.deleted_at: dict[str, float] = {}
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -238,6 +240,7 @@ class Watcher(threading.Thread):
     def expect_restart(self, job: str, attempt: int) -> None:
         with self.lock:
             self.awaiting[job] = (time.time(), str(attempt))
+            self.deleted_at[job] = self.awaiting[job][0]
 
     def wait(self, what: str, done: Any, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -247,6 +250,10 @@ class Watcher(threading.Thread):
                 if left <= 0:
                     raise SystemExit(f"timed out after {timeout:.0f}s waiting for {what}")
                 self.lock.wait(min(left, 5))
+
+
+def parse_time(text: str) -> float:
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -379,6 +386,13 @@ def main(argv: list[str] | None = None) -> int:
                 args.timeout,
             )
             recovery = list(watcher.recovered.values())
+            seen, decided = [], []
+            for name in victims:
+                job = custom.get_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, name)
+                entry = (job.get("status") or {}).get("interruptions", [{}])[-1]
+                if "time" in entry and "restartTime" in entry:
+                    seen.append(parse_time(entry["time"]) - watcher.deleted_at[name])
+                    decided.append(parse_time(entry["restartTime"]) - watcher.deleted_at[name])
             peak_mib, cpu_seconds = proc_stats(proc.pid)
             samples = scrape(metrics_port)
 
@@ -402,6 +416,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"                                  p50 {percentile(recovery, 50):6.2f} s   p99 {percentile(recovery, 99):6.2f} s   max {max(recovery):6.2f} s"
         )
+        print(
+            f"    of which: loss seen by the operator   p50 {percentile(seen, 50):6.2f} s   "
+            f"p99 {percentile(seen, 99):6.2f} s"
+        )
+        print(
+            f"              restart decided (drain)    p50 {percentile(decided, 50):6.2f} s   "
+            f"p99 {percentile(decided, 99):6.2f} s"
+        )
         print(f"  operator peak RSS (VmHWM):              {peak_mib:8.1f} MiB")
         print(f"  operator CPU time:                      {cpu_seconds:8.1f} s")
         print(
@@ -418,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
                     "create_to_running_p99_s": round(percentile(per_job, 99), 2),
                     "recovery_p50_s": round(percentile(recovery, 50), 3),
                     "recovery_p99_s": round(percentile(recovery, 99), 3),
+                    "loss_seen_p50_s": round(percentile(seen, 50), 3),
+                    "restart_decided_p50_s": round(percentile(decided, 50), 3),
                     "operator_peak_rss_mib": round(peak_mib, 1),
                     "operator_cpu_s": round(cpu_seconds, 1),
                 }
