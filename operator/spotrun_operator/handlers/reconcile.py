@@ -115,8 +115,15 @@ async def run(
                 failures = 0
             except Conflict:
                 metrics.STATUS_WRITES.labels("conflict").inc()
-                memory.written = await shared.api.read_job(namespace, name)
+                memory.written = None
                 next_at = 0.0
+                try:
+                    memory.written = await shared.api.read_job(namespace, name)
+                except Gone:
+                    return
+                except Exception:
+                    log.exception("re-reading TrainJob %s/%s failed", namespace, name)
+                    next_at = time.time() + 1.0
             except Gone:
                 return
             except asyncio.CancelledError:
