@@ -190,7 +190,7 @@ async def reconcile_once(
     job_pods = [dict(p) for p in pods.get(key, ())]
     live = {str(p["metadata"].get("uid")) for p in job_pods}
     memory.deleted = {entry for entry in memory.deleted if entry[0] in live}
-    facts = {node: next(iter(values)) for node, values in nodes.items() if values}
+    facts = _node_facts(nodes, job_pods)
     sts = next(iter(statefulsets.get(key, ())), None)
     now = time.time()
     status = dict(job.get("status") or {})
@@ -351,6 +351,20 @@ async def _remove_pod(
         return  # asked already; the watch has not shown it yet
     await shared.api.delete_pod(meta["namespace"], meta["name"], str(meta["uid"]), force=force)
     memory.deleted.add((str(meta["uid"]), force))
+
+
+def _node_facts(
+    nodes: Mapping[str, Iterable[NodeFacts]], pods: Iterable[Mapping[str, Any]]
+) -> dict[str, NodeFacts]:
+    """The health of the nodes the job's pods are bound to (absent: the node is gone)."""
+    facts: dict[str, NodeFacts] = {}
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName")
+        if node and node not in facts:
+            found = next(iter(nodes.get(node, ())), None)
+            if found is not None:
+                facts[node] = found
+    return facts
 
 
 def _node_gone(pod: Mapping[str, Any], facts: Mapping[str, NodeFacts]) -> bool:
