@@ -108,6 +108,30 @@ def progress(status: dict[str, Any]) -> int:
     return int((status.get("lastMetrics") or {}).get("step", -1))
 
 
+def restart_point(
+    cluster: NodeCluster, api: client.ApiClient, ns: str, name: str, after: int
+) -> tuple[dict[str, Any], int]:
+    """Status at the group's restart after attempt AFTER, and the step it resumes from.
+
+    Read the moment the attempt changes, before the new group can commit anything: the
+    StatefulSet's SPOTRUN_RESUME_FROM must be status.latestCheckpoint.uri.
+    """
+    status = wait_until(
+        f"a restart after attempt {after}",
+        lambda: (s := job_status(api, ns, name)).get("attempt", 0) > after and s,
+        timeout=240,
+        interval=0.2,
+    )
+    sts = json.loads(cluster.kubectl("get", "statefulset", name, "-n", ns, "-o", "json").stdout)
+    env = {
+        e["name"]: e.get("value") for e in sts["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    resume = env.get("SPOTRUN_RESUME_FROM")
+    assert resume == status["latestCheckpoint"]["uri"], (resume, status["latestCheckpoint"])
+    step = json.loads(storage.read_bytes(f"{resume}/manifest.json"))["step"]
+    return status, int(step)
+
+
 def kill_without_notice(cluster: NodeCluster, ns: str, pod: str) -> None:
     """SIGKILL every process of the pod's trainer container, then force-delete the pod."""
     obj = json.loads(cluster.kubectl("get", "pod", pod, "-n", ns, "-o", "json").stdout)
@@ -135,38 +159,37 @@ def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run
                 lambda: progress(job_status(api, namespace, name)) >= 50,
                 timeout=240,
             )
+            before_kill = job_status(api, namespace, name)
             kill_without_notice(cluster, namespace, f"{name}-1")
+            _, resumed = restart_point(cluster, api, namespace, name, before_kill["attempt"])
+            assert resumed >= progress(before_kill) - EVERY, (resumed, progress(before_kill))
             after_kill = wait_until(
-                "the group to restart and train again",
+                "the group to train again",
                 lambda: (
-                    (s := job_status(api, namespace, name)).get("attempt", 0) >= 2
-                    and s.get("state") == "Running"
-                    and progress(s) > int(s["interruptions"][-1].get("step", 0)) + 5
+                    (s := job_status(api, namespace, name)).get("state") == "Running"
+                    and progress(s) > resumed + 5
                     and s
                 ),
                 timeout=240,
             )
             first = after_kill["interruptions"][-1]
+            print(f"kill without notice at step >= {progress(before_kill)}: {first}")
             assert first["kind"] == "preemption", first
             assert first["stepsLost"] <= EVERY, first
 
             # 2. With notice: drain. The new attempt's pods wait, Pending, on the cordon.
             attempt = after_kill["attempt"]
+            before_drain = job_status(api, namespace, name)
             cluster.kubectl(
                 *("drain", NODE_NAME, "--ignore-daemonsets", "--delete-emptydir-data"),
                 *("--pod-selector", f"spotrun.dev/job={name}", "--timeout=120s"),
                 timeout=180,
             )
-            drained = wait_until(
-                "the operator to restart the group after the drain",
-                lambda: (
-                    (s := job_status(api, namespace, name)).get("attempt", 0) > attempt
-                    and len(s.get("interruptions", [])) >= 2
-                    and s
-                ),
-                timeout=120,
-            )
+            drained, resumed = restart_point(cluster, api, namespace, name, attempt)
+            # The final checkpoint is at least where the group was when the drain began.
+            assert resumed >= progress(before_drain), (resumed, progress(before_drain))
             second = drained["interruptions"][-1]
+            print(f"drain at step >= {progress(before_drain)}: {second}")
             assert second["kind"] == "preemption", second
             assert second["stepsLost"] <= 1, second
             pending = json.loads(
