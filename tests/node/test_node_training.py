@@ -23,6 +23,8 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -160,8 +162,9 @@ def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run
                 timeout=240,
             )
             before_kill = job_status(api, namespace, name)
+            killed_at = time.time()
             kill_without_notice(cluster, namespace, f"{name}-1")
-            _, resumed = restart_point(cluster, api, namespace, name, before_kill["attempt"])
+            restart, resumed = restart_point(cluster, api, namespace, name, before_kill["attempt"])
             assert resumed >= progress(before_kill) - EVERY, (resumed, progress(before_kill))
             after_kill = wait_until(
                 "the group to train again",
@@ -174,6 +177,14 @@ def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run
             )
             first = after_kill["interruptions"][-1]
             print(f"kill without notice at step >= {progress(before_kill)}: {first}")
+            # stepsLost counts from the progress the status knows (reported with checkpoints).
+            # The steps that really ran between the commit of the checkpoint resumed from
+            # and the kill are at most that time over the 0.1 s each step sleeps (plus the
+            # few during the commit itself): one interval, and one more commit in flight.
+            committed = restart["latestCheckpoint"]["time"]  # the checkpoint resumed from
+            ran = (killed_at - datetime.fromisoformat(committed).timestamp()) / 0.1
+            print(f"steps run from the commit of checkpoint {resumed} to the kill: <= {ran:.1f}")
+            assert ran <= 2 * EVERY, ran
             assert first["kind"] == "preemption", first
             assert first["stepsLost"] <= EVERY, first
 
