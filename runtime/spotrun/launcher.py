@@ -16,18 +16,18 @@ attempt for the GPU or the checkpoint. It imports no torch: it starts in millise
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
 from spotrun import contract, layout
+from spotrun._orphans import die_with_parent
 from spotrun.contract import PodContract
 from spotrun.sink import make_sink
 
@@ -55,7 +55,6 @@ GROUP_WORLD_SIZE = "GROUP_WORLD_SIZE"
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
 
 _POLL_SECONDS = 0.05
-_PR_SET_PDEATHSIG = 1
 
 
 class LaunchError(RuntimeError):
@@ -171,26 +170,6 @@ def _describe(worker: WorkerExit) -> str:
     if worker.returncode < 0:
         return f"killed by {_signal_name(-worker.returncode)} (code {worker.code})"
     return f"exited with code {worker.code}"
-
-
-def _die_with_parent(parent_pid: int) -> Callable[[], None]:
-    """preexec_fn for workers: SIGKILL when the launcher dies; Ctrl-C goes to the launcher only."""
-    prctl: Callable[..., int] | None = None
-    if sys.platform.startswith("linux"):
-        # Loaded before fork: dlopen in the child of a forked process is not async-signal-safe.
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def preexec() -> None:
-        # A terminal's Ctrl-C reaches the whole foreground process group; the launcher turns
-        # it into the one shutdown path (SIGTERM to each worker, then a deadline).
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent_pid:
-            # The launcher died between fork and prctl: the death signal will never come.
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 @dataclass
@@ -360,7 +339,7 @@ def launch(
         for signum in (signal.SIGTERM, signal.SIGINT)
     }
     try:
-        preexec = _die_with_parent(os.getpid())
+        preexec = die_with_parent(os.getpid(), ignore_sigint=True)
         for local_rank in range(nproc):
             try:
                 process = subprocess.Popen(

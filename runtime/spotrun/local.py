@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import ctypes
 import os
 import random
 import re
@@ -30,7 +29,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 import yaml
 
 from spotrun import _fault_worker, contract, faults, layout
+from spotrun._orphans import die_with_parent
 from spotrun.contract import PodContract
 from spotrun.lifecycle import (
     FAILED,
@@ -77,7 +77,6 @@ PROGRESS_SECONDS = "1"
 LAUNCHER_GRACE_SECONDS = 25.0
 
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
-_PR_SET_PDEATHSIG = 1
 
 
 class LocalRunError(RuntimeError):
@@ -173,19 +172,6 @@ def mtbf_seconds(options: Options) -> float | None:
 
 
 # --- one replica: a `spotrun launch` process --------------------------------------------
-
-
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    """preexec_fn: the launcher gets SIGKILL if the supervisor dies, and takes its workers along."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return preexec
 
 
 @dataclass
@@ -436,7 +422,7 @@ class LocalRun:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent(os.getpid()),
+                preexec_fn=die_with_parent(os.getpid()),
             )
         return _Replica(index, attempt, process, log_path)
 

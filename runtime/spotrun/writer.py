@@ -11,7 +11,6 @@ the control socket, so it is not bound by a small /dev/shm in a container.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import logging
 import mmap
 import os
@@ -30,6 +29,7 @@ from typing import Any
 
 import torch
 
+from spotrun._orphans import die_with_parent_now
 from spotrun.commit import CheckpointStore
 from spotrun.contract import CheckpointSettings
 from spotrun.manifest import CheckpointKind, build_manifest
@@ -385,14 +385,6 @@ def _recv_frame(sock: socket.socket) -> bytes:
 # --- the child process ------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:
-    pr_set_pdeathsig = 1
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != int(os.environ.get("SPOTRUN_WRITER_PARENT", os.getppid())):
-        os._exit(1)
-
-
 def _serve(sock: socket.socket) -> None:
     config: WriterConfig = pickle.loads(_recv_frame(sock) if _recv_kind(sock)[0] == b"M" else b"")
     worker = Worker(config)
@@ -433,7 +425,7 @@ def _serve(sock: socket.socket) -> None:
 
 
 def main() -> None:
-    _die_with_parent()
+    die_with_parent_now(int(os.environ.get("SPOTRUN_WRITER_PARENT", os.getppid())))
     # A group-wide SIGTERM must not kill the final checkpoint's upload; the writer dies
     # with its training process instead.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
