@@ -24,10 +24,6 @@ from spotrun import contract
 from spotrun.contract import CheckpointSettings, PodContract
 from spotrun_operator import names
 
-# The launcher keeps the container alive after training returned, so that
-# `restartPolicy: Always` does not run the training again; the operator then marks the
-# job Succeeded and scales the StatefulSet to 0.
-HOLD_AFTER_SUCCESS = "SPOTRUN_HOLD_AFTER_SUCCESS"
 STATUS_SINK_KUBERNETES = "kubernetes"
 
 # Environment names the pod contract owns; user env may not set them (the CRD refuses them).
@@ -47,7 +43,7 @@ RESERVED_ENV = frozenset(
         contract.STATUS_SINK,
         contract.MASTER_ADDR,
         contract.MASTER_PORT,
-        HOLD_AFTER_SUCCESS,
+        contract.HOLD_AFTER_SUCCESS,
     }
 )
 
@@ -325,7 +321,10 @@ def contract_env(
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{names.POD_INDEX_LABEL}']"}},
         }
     )
-    env.append({"name": HOLD_AFTER_SUCCESS, "value": "1"})
+    # The launcher then keeps the container alive after training returned, so that
+    # `restartPolicy: Always` does not rerun it; the operator marks the job Succeeded and
+    # scales the StatefulSet to 0.
+    env.append({"name": contract.HOLD_AFTER_SUCCESS, "value": "1"})
     return env
 
 
