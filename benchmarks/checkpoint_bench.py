@@ -14,6 +14,7 @@ Each worker runs in its own process; the training loop uses one thread (2-core m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -27,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-SPOTRUN = str(Path(sys.executable).with_name("spotrun"))
+# The launcher through the interpreter, so the benchmark also runs where spotrun is on
+# PYTHONPATH rather than installed (a GPU machine with its own torch).
+SPOTRUN = [sys.executable, "-m", "spotrun.cli"]
+PYTHONPATH = os.pathsep.join(
+    [str(ROOT / "runtime"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
 
 
 def make_state(size_mb: int) -> dict[str, Any]:
@@ -52,8 +58,16 @@ def train_step(x: Any, w: Any) -> Any:
 # --- workers (run in child processes) --------------------------------------------------------
 
 
-def worker_loop(arm: str, size_mb: int, steps: int, every: int, target: str) -> dict[str, Any]:
+def open_target(url: str, mode: str) -> Any:
+    """fsspec.open, with the emulator's anonymous token when the target is its bucket."""
     import fsspec
+
+    from spotrun.storage import fsspec_options
+
+    return fsspec.open(url, mode, **fsspec_options(url))
+
+
+def worker_loop(arm: str, size_mb: int, steps: int, every: int, target: str) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
@@ -76,7 +90,7 @@ def worker_loop(arm: str, size_mb: int, steps: int, every: int, target: str) -> 
         state["step"] = step
         t0 = time.perf_counter()
         if arm == "sync":
-            with fsspec.open(f"{target}/sync-{step}.pt", "wb") as f:
+            with open_target(f"{target}/sync-{step}.pt", "wb") as f:
                 torch.save(state, f)
         elif arm == "async":
             spotrun.report({"step": step}, checkpoint=spotrun.Checkpoint.from_dict(state))
@@ -106,39 +120,52 @@ def worker_save_rank(size_mb: int) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0}
 
 
-def worker_save_single(size_mb: int, target: str) -> dict[str, Any]:
-    import fsspec
+def worker_save_single(size_mb: int, target: str, keep: bool) -> dict[str, Any]:
     import torch
+
+    from spotrun import storage
 
     torch.set_num_threads(1)
     state = make_state(size_mb)
     t0 = time.perf_counter()
-    with fsspec.open(f"{target}/single.pt", "wb") as f:
+    with open_target(f"{target}/single.pt", "wb") as f:
         torch.save(state, f)
     save = time.perf_counter() - t0
+    if keep:
+        return {"save": save}
+    storage.remove_tree(f"{target}/single.pt")
     raw = b"\1" * (size_mb << 20)
     t0 = time.perf_counter()
-    with fsspec.open(f"{target}/raw.bin", "wb") as f:
+    with open_target(f"{target}/raw.bin", "wb") as f:
         f.write(raw)
     copy = time.perf_counter() - t0
+    storage.remove_tree(f"{target}/raw.bin")
     return {"save": save, "copy": copy}
 
 
-def worker_load(target: str, uri: str) -> dict[str, Any]:
-    import fsspec
+def worker_load(target: str, uri: str, ours_first: bool) -> dict[str, Any]:
     import torch
 
     from spotrun.checkpoint import Checkpoint
 
     torch.set_num_threads(1)
-    t0 = time.perf_counter()
-    with fsspec.open(f"{target}/single.pt", "rb") as f:
-        torch.load(f, weights_only=True)
-    baseline = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    Checkpoint.from_uri(uri).to_dict()
-    ours = time.perf_counter() - t0
-    return {"torch_load": baseline, "spotrun": ours}
+
+    def baseline() -> float:
+        t0 = time.perf_counter()
+        with open_target(f"{target}/single.pt", "rb") as f:
+            torch.load(f, weights_only=True)
+        return time.perf_counter() - t0
+
+    def ours() -> float:
+        t0 = time.perf_counter()
+        Checkpoint.from_uri(uri).to_dict()
+        return time.perf_counter() - t0
+
+    if ours_first:
+        spotrun_s = ours()
+        return {"spotrun": spotrun_s, "torch_load": baseline()}
+    baseline_s = baseline()
+    return {"torch_load": baseline_s, "spotrun": ours()}
 
 
 # --- orchestration ---------------------------------------------------------------------------
@@ -165,7 +192,7 @@ def contract_env(storage: str, job: str, nproc: int, async_save: bool) -> dict[s
         **os.environ,
         **contract.to_env(),
         "SPOTRUN_STATUS_SINK": "none",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": PYTHONPATH,
     }
 
 
@@ -174,10 +201,10 @@ def child(
 ) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", mode, "--args", json.dumps(kwargs)]
     if nproc:
-        cmd = [SPOTRUN, "launch", "--nproc-per-node", str(nproc), "--", *cmd]
+        cmd = [*SPOTRUN, "launch", "--nproc-per-node", str(nproc), "--", *cmd]
     out = subprocess.run(
         cmd,
-        env=env or {**os.environ, "PYTHONPATH": str(ROOT)},
+        env=env or {**os.environ, "PYTHONPATH": PYTHONPATH},
         capture_output=True,
         text=True,
         check=False,
@@ -190,6 +217,11 @@ def child(
     return results[0]
 
 
+def spread(values: list[float]) -> str:
+    """Median, with the range over the repetitions."""
+    return f"{statistics.median(values):7.0f} MB/s  (range {min(values):.0f}-{max(values):.0f})"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,7 +230,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument(
+        "--repeat",
+        type=int,
+        default=5,
+        help="repetitions of the throughput arms (c) and (d), in alternating order",
+    )
+    target_group = parser.add_mutually_exclusive_group()
+    target_group.add_argument(
         "--target", default=None, help="fsspec URL of a folder (default: a temp folder)"
+    )
+    target_group.add_argument(
+        "--gcs",
+        action="store_true",
+        help="target a bucket on a fake-gcs-server started for this run (127.0.0.1)",
     )
     parser.add_argument("--worker")
     parser.add_argument("--args", default="{}")
@@ -215,70 +259,113 @@ def main() -> None:
             print("RESULT " + json.dumps(result), flush=True)
         return
 
-    tmp = Path(tempfile.mkdtemp(prefix="spotrun-bench-", dir=os.environ.get("BENCH_TMP")))
-    target = args.target or str(tmp)
-    size, mb = args.size_mb, args.size_mb
+    with contextlib.ExitStack() as stack:
+        if args.gcs:
+            sys.path.insert(0, str(ROOT))
+            from tests.fixtures.gcs import running_emulator
+
+            emulator = stack.enter_context(running_emulator())
+            os.environ.update(emulator.env)
+            target = f"{emulator.new_bucket()}/bench"
+        elif args.target:
+            target = args.target.rstrip("/")
+        else:
+            tmp = tempfile.mkdtemp(prefix="spotrun-bench-", dir=os.environ.get("BENCH_TMP"))
+            stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+            target = tmp
+        run(args, target)
+
+
+def run(args: argparse.Namespace, target: str) -> None:
+    from spotrun import storage
+
+    size = mb = args.size_mb
     print(
         f"state {size} MB, {args.steps} steps, a checkpoint every {args.every}; target {target}\n"
     )
-    try:
-        base = child(
-            "loop", arm="none", size_mb=size, steps=args.steps, every=args.every, target=target
-        )
-        sync = child(
-            "loop", arm="sync", size_mb=size, steps=args.steps, every=args.every, target=target
-        )
-        asyn = child(
-            "loop",
-            contract_env(f"{target}/async", "loop", 1, True),
-            arm="async",
-            size_mb=size,
-            steps=args.steps,
-            every=args.every,
-            target=target,
-        )
-        n = len(sync["stalls"])
-        stall_sync, stall_async = (
-            statistics.median(sync["stalls"]),
-            statistics.median(asyn["stalls"]),
-        )
-        added_sync = (sync["total"] - base["total"]) / n
-        added_async = (asyn["total"] - base["total"]) / n
-        print("(a) training-loop stall per checkpoint (median)")
-        print(f"    sync torch.save   {stall_sync:7.3f} s")
-        print(
-            f"    spotrun async     {stall_async:7.3f} s    ratio {stall_async / stall_sync:.3f}x  (goal <= 0.1x)"
-        )
-        print("(b) total training time added per checkpoint")
-        print(f"    loop alone        {base['total']:7.2f} s for {args.steps} steps")
-        print(f"    sync torch.save   {added_sync:7.3f} s")
-        print(
-            f"    spotrun async     {added_async:7.3f} s    ratio {added_async / added_sync:.3f}x  (goal <= 1.0x)"
-        )
+    base = child(
+        "loop", arm="none", size_mb=size, steps=args.steps, every=args.every, target=target
+    )
+    sync = child(
+        "loop", arm="sync", size_mb=size, steps=args.steps, every=args.every, target=target
+    )
+    asyn = child(
+        "loop",
+        contract_env(f"{target}/async", "loop", 1, True),
+        arm="async",
+        size_mb=size,
+        steps=args.steps,
+        every=args.every,
+        target=target,
+    )
+    n = len(sync["stalls"])
+    stall_sync, stall_async = statistics.median(sync["stalls"]), statistics.median(asyn["stalls"])
+    added_sync = (sync["total"] - base["total"]) / n
+    added_async = (asyn["total"] - base["total"]) / n
+    print("(a) training-loop stall per checkpoint (median)")
+    print(f"    sync torch.save   {stall_sync:7.3f} s")
+    print(
+        f"    spotrun async     {stall_async:7.3f} s    ratio {stall_async / stall_sync:.3f}x  (goal <= 0.1x)"
+    )
+    print("(b) total training time added per checkpoint")
+    print(f"    loop alone        {base['total']:7.2f} s for {args.steps} steps")
+    print(f"    sync torch.save   {added_sync:7.3f} s")
+    print(
+        f"    spotrun async     {added_async:7.3f} s    ratio {added_async / added_sync:.3f}x  (goal <= 1.0x)",
+        flush=True,
+    )
+    for leftover in ("async", *(f"sync-{s}.pt" for s in range(args.steps))):
+        storage.remove_tree(f"{target}/{leftover}")
 
-        two = child(
-            "save_rank", contract_env(f"{target}/two", "two", 2, False), nproc=2, size_mb=size
-        )
-        single = child("save_single", size_mb=size, target=target)
-        tp_two, tp_one, tp_copy = mb / two["seconds"], mb / single["save"], mb / single["copy"]
-        print("(c) save throughput")
-        print(f"    rank 0 torch.save {tp_one:7.0f} MB/s")
-        print(f"    raw copy          {tp_copy:7.0f} MB/s")
-        print(
-            f"    spotrun 2 ranks   {tp_two:7.0f} MB/s    ratio {tp_two / tp_one:.2f}x vs torch.save (goal >= 2x), "
-            f"{tp_two / tp_copy:.2f}x vs raw copy"
-        )
+    # The arms alternate which goes first, and each timed save starts with the previous one's
+    # files deleted: on a VM, pages the guest has not used lately cost far more to fill than
+    # recycled ones, and an arm that always came second would always pay for that.
+    print(f"\n(c) and (d): {args.repeat} repetitions, arms alternating")
+    two_s, one_s, copy_s, ratios_c, load_s, torch_load_s, ratios_d = [], [], [], [], [], [], []
 
+    def save_two(folder: str) -> dict[str, Any]:
+        return child("save_rank", contract_env(folder, "two", 2, False), nproc=2, size_mb=size)
+
+    for rep in range(args.repeat):
+        if rep % 2:
+            single = child("save_single", size_mb=size, target=target, keep=False)
+            two = save_two(f"{target}/two")
+        else:
+            two = save_two(f"{target}/two")
+            single = child("save_single", size_mb=size, target=target, keep=False)
+        storage.remove_tree(f"{target}/two")
+        # The files to load, written again outside the timing.
+        save_two(f"{target}/two")
+        child("save_single", size_mb=size, target=target, keep=True)
         uri = f"{target}/two/bench/two/ckpt-000000"
-        load = child("load", target=target, uri=uri)
-        print("(d) load throughput (spotrun verifies sha256 before unpickling)")
-        print(f"    torch.load        {mb / load['torch_load']:7.0f} MB/s")
+        load = child("load", target=target, uri=uri, ours_first=rep % 2 == 0)
+        for leftover in ("two", "single.pt"):
+            storage.remove_tree(f"{target}/{leftover}")
+        two_s.append(mb / two["seconds"])
+        one_s.append(mb / single["save"])
+        copy_s.append(mb / single["copy"])
+        ratios_c.append(single["save"] / two["seconds"])
+        load_s.append(mb / load["spotrun"])
+        torch_load_s.append(mb / load["torch_load"])
+        ratios_d.append(load["torch_load"] / load["spotrun"])
         print(
-            f"    spotrun           {mb / load['spotrun']:7.0f} MB/s    ratio {load['torch_load'] / load['spotrun']:.2f}x (goal >= 2x)"
+            f"    rep {rep}: save {two_s[-1]:5.0f} vs {one_s[-1]:5.0f} MB/s ({ratios_c[-1]:.2f}x), "
+            f"load {load_s[-1]:5.0f} vs {torch_load_s[-1]:5.0f} MB/s ({ratios_d[-1]:.2f}x)",
+            flush=True,
         )
-    finally:
-        if args.target is None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    ratio_c, ratio_d = statistics.median(ratios_c), statistics.median(ratios_d)
+    print("(c) save throughput")
+    print(f"    rank 0 torch.save {spread(one_s)}")
+    print(f"    raw copy          {spread(copy_s)}")
+    print(f"    spotrun 2 ranks   {spread(two_s)}")
+    print(
+        f"    ratio {ratio_c:.2f}x vs torch.save (goal >= 2x), "
+        f"{statistics.median(two_s) / statistics.median(copy_s):.2f}x vs raw copy"
+    )
+    print("(d) load throughput (spotrun verifies sha256 before unpickling)")
+    print(f"    torch.load        {spread(torch_load_s)}")
+    print(f"    spotrun           {spread(load_s)}")
+    print(f"    ratio {ratio_d:.2f}x vs torch.load (goal >= 2x)")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Test tiers: every test gets the marker of the folder it lives in (unit, runtime, cluster, node)."""
+"""Test tiers: every test gets the marker of the folder it lives in (unit, runtime, cluster, node,
+gpu)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import pytest
 
 pytest_plugins = ["tests.fixtures.cluster", "tests.fixtures.gcs"]
 
-TIERS = ("unit", "runtime", "cluster", "node")
+TIERS = ("unit", "runtime", "cluster", "node", "gpu")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -26,6 +26,8 @@ WORLD_SIZE = "WORLD_SIZE"
 # A collective that waits longer than this is a hang, not a slow peer: the group is torn
 # down and restarted rather than left blocked (the operator's progress deadline is longer).
 DEFAULT_TIMEOUT = timedelta(minutes=10)
+# CUDA tensors over NCCL, CPU tensors (spotrun's own agreement collectives) over gloo.
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 
 class ProcessGroupError(RuntimeError):
@@ -65,9 +67,11 @@ def get_device() -> torch.device:
 def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> str:
     """Join the default process group once, from the launcher's environment; return the backend.
 
-    Idempotent: a second call returns the backend of the existing group. The backend is
-    nccl when this worker's GPU (cuda:LOCAL_RANK) exists, else gloo; the CUDA device is
-    set to LOCAL_RANK first, so NCCL and `torch.cuda` calls use the right GPU.
+    Idempotent: a second call returns the backend of the existing group. On a worker whose
+    GPU (cuda:LOCAL_RANK) exists the group is "cpu:gloo,cuda:nccl": CUDA tensors go through
+    NCCL, and spotrun's own small CPU collectives (the notice flag, the resume point) through
+    gloo, which NCCL alone cannot carry. Elsewhere it is gloo. The CUDA device is set to
+    LOCAL_RANK first, so NCCL and `torch.cuda` calls use the right GPU.
     """
     if not dist.is_available():
         raise ProcessGroupError(
@@ -86,7 +90,7 @@ def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> str:
     device = get_device()
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        backend = "nccl"
+        backend = GPU_BACKEND
     else:
         backend = "gloo"
     dist.init_process_group(

@@ -1,8 +1,8 @@
 """fsspec glue for checkpoint storage: filesystems, hashed streaming writes, verified reads.
 
-Any fsspec URL works (gs://, s3://, file://, memory://). Local files are fsynced and small
-records are written by rename, so "written" means durable there as it does for a finished
-object upload on GCS.
+Any fsspec URL works (gs://, s3://, file://, memory://). Small records are written whole
+(by rename on local disks), so a reader sees all of one or nothing; local files are fsynced
+only with SPOTRUN_FSYNC=1 (see `fsync_enabled`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ import contextlib
 import hashlib
 import mmap
 import os
+import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -57,8 +59,28 @@ def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+# Writes at least this large are hashed on a helper thread while they are written: hashlib
+# and file writes both release the GIL, so with a spare core sha256 costs no time.
+_OVERLAP_BYTES = 4 << 20
+_hasher: ThreadPoolExecutor | None = None
+_hasher_lock = threading.Lock()
+
+
+def _hash_thread() -> ThreadPoolExecutor:
+    global _hasher
+    with _hasher_lock:
+        if _hasher is None:
+            _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spotrun-sha256")
+        return _hasher
+
+
 class HashingWriter:
-    """A write-only file object that counts and hashes what passes through it."""
+    """A write-only file object that counts and hashes what passes through it.
+
+    A large write is hashed on a helper thread while the calling thread writes it; the call
+    returns once both are done, so the caller's buffer is never read after it returns and
+    the updates stay in order.
+    """
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
@@ -66,10 +88,18 @@ class HashingWriter:
         self.size = 0
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        self._hash.update(data)
-        self.size += len(data)
-        self._raw.write(data)
-        return len(data)
+        size = memoryview(data).nbytes
+        if size >= _OVERLAP_BYTES:
+            hashed = _hash_thread().submit(self._hash.update, data)
+            try:
+                self._raw.write(data)
+            finally:
+                hashed.result()
+        else:
+            self._hash.update(data)
+            self._raw.write(data)
+        self.size += size
+        return size
 
     def flush(self) -> None:
         self._raw.flush()

@@ -18,7 +18,10 @@ from tests.fixtures.gcs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
-SPOTRUN = str(Path(sys.executable).with_name("spotrun"))
+# Through the interpreter, so the tests also run where spotrun is on PYTHONPATH rather than
+# installed (the GPU machine, with its own torch).
+SPOTRUN = [sys.executable, "-m", "spotrun.cli"]
+PYTHONPATH = os.pathsep.join([str(ROOT / "runtime"), str(ROOT)])
 
 
 @dataclass
@@ -58,7 +61,7 @@ class Job:
         return {
             **os.environ,
             **contract.to_env(),
-            "PYTHONPATH": str(ROOT),
+            "PYTHONPATH": PYTHONPATH,
             "SPOTRUN_PROGRESS_SECONDS": "0",
         }
 
@@ -77,7 +80,7 @@ class Job:
             f"{self.root}/status.json", lambda status: status.update(attempt=attempt)
         )
         command = [
-            SPOTRUN,
+            *SPOTRUN,
             "launch",
             "--nproc-per-node",
             str(nproc),

@@ -183,7 +183,9 @@ def test_sharded_state_saved_by_two_ranks_restores_onto_any_world_size(
     assert os.path.isdir(job.root)
 
 
-def test_from_uri_opens_a_committed_checkpoint_and_refuses_a_damaged_one(six_checkpoints: Job) -> None:
+def test_from_uri_opens_a_committed_checkpoint_and_refuses_a_damaged_one(
+    six_checkpoints: Job,
+) -> None:
     from spotrun import Checkpoint
     from spotrun.commit import CheckpointCorruptError
 

@@ -28,7 +28,7 @@ def start(
     env = job.env(config, nproc=2, attempt=attempt, resume_from=resume_from)
     # What the supervisor (operator or local mode) does before it starts an attempt.
     update_status_file(f"{job.root}/status.json", lambda status: status.update(attempt=attempt))
-    command = [SPOTRUN, "launch", "--nproc-per-node", "2", "--function", function]
+    command = [*SPOTRUN, "launch", "--nproc-per-node", "2", "--function", function]
     return subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -86,8 +86,10 @@ def test_train_func_steps_preempted_by_sigterm_ends_like_an_uninterrupted_run(
     process = start(job, function, {**config, "step_seconds": 0.1})
     try:
         wait_for(
-            lambda: Path(job.root, "status.json").exists()
-            and job.status().get("lastMetrics", {}).get("step", -1) >= 5,
+            lambda: (
+                Path(job.root, "status.json").exists()
+                and job.status().get("lastMetrics", {}).get("step", -1) >= 5
+            ),
             120,
             "training to reach step 5",
         )

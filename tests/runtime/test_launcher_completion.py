@@ -23,7 +23,7 @@ def launcher(tmp_path: Path, code: int, *, hold: bool = False) -> subprocess.Pop
     if hold:
         env[pod.HOLD_AFTER_SUCCESS] = "1"
     command = [
-        SPOTRUN,
+        *SPOTRUN,
         "launch",
         "--nproc-per-node",
         "2",

@@ -58,7 +58,7 @@ def run(*args: str, timeout: float = 240) -> tuple[int, str]:
 
 def start(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [SPOTRUN, *args],
+        [*SPOTRUN, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -53,13 +53,16 @@ def _uninterrupted(n: int, epochs: int, **kwargs: Any) -> list[list[list[int]]]:
     return out
 
 
-@pytest.mark.parametrize(("n", "stop_after", "kwargs"), [
-    (11, 2, {}),
-    (11, 3, {"drop_last": True}),
-    (12, 1, {"shuffle": False}),
-    (12, 3, {}),  # the checkpoint falls on the last batch of the epoch
-    (9, 1, {"batch_size": 3}),
-])
+@pytest.mark.parametrize(
+    ("n", "stop_after", "kwargs"),
+    [
+        (11, 2, {}),
+        (11, 3, {"drop_last": True}),
+        (12, 1, {"shuffle": False}),
+        (12, 3, {}),  # the checkpoint falls on the last batch of the epoch
+        (9, 1, {"batch_size": 3}),
+    ],
+)
 def test_a_run_resumed_mid_epoch_trains_on_the_same_batches_as_an_uninterrupted_run(
     n: int, stop_after: int, kwargs: dict[str, Any]
 ) -> None:

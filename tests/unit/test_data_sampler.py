@@ -46,7 +46,12 @@ def test_without_consumption_each_rank_sees_what_distributed_sampler_gives(
         )
         reference.set_epoch(epoch)
         ours = rank_indices(
-            n, rank=rank, world_size=world, epoch=epoch, seed=7, shuffle=shuffle,
+            n,
+            rank=rank,
+            world_size=world,
+            epoch=epoch,
+            seed=7,
+            shuffle=shuffle,
             drop_last=drop_last,
         )
         assert ours == list(reference)

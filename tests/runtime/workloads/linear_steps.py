@@ -1,5 +1,7 @@
 """A deterministic DDP workload for runtime tests: Linear + Adam, a checkpoint every N steps.
 
+It trains on this worker's device (spotrun.ddp.get_device(): cuda:LOCAL_RANK on a GPU).
+
 config: steps, checkpoint_every, step_seconds, extra_mb (ballast in the checkpoint),
 kill_after_step/kill_rank (flush, then SIGKILL that rank), kill_before_upload_step (that rank
 SIGKILLs itself right after report() hands over the snapshot), out (rank 0 saves the weights).
@@ -15,12 +17,16 @@ import torch
 
 import spotrun
 from spotrun import Checkpoint
+from spotrun.ddp import get_device
 from spotrun.session import get_session
 
 ctx = spotrun.get_context()
 cfg = ctx.config
 torch.manual_seed(int(cfg.get("seed", 0)))
-net = torch.nn.Linear(8, 1)
+device = get_device()
+# On the device before the optimizer exists, so a resumed optimizer state lands beside it.
+net = torch.nn.Linear(8, 1).to(device)
+print(f"rank {ctx.world_rank} trains on {device}", flush=True)
 optim = torch.optim.Adam(net.parameters(), lr=1e-2)
 # Two equal ballast tensors, so that with two ranks each writes one of them.
 half = int(cfg.get("extra_mb", 0)) * (1 << 17)
@@ -38,6 +44,7 @@ model = spotrun.prepare_model(net)
 data = torch.Generator().manual_seed(1234)
 X = torch.randn(256, 8, generator=data)
 Y = X.sum(dim=1, keepdim=True) + 0.1 * torch.randn(256, 1, generator=data)
+X, Y = X.to(device), Y.to(device)
 every = int(cfg.get("checkpoint_every", 1))
 
 for step in range(start, int(cfg["steps"])):
@@ -67,4 +74,4 @@ for step in range(start, int(cfg["steps"])):
             os.kill(os.getpid(), signal.SIGKILL)
 
 if ctx.world_rank == 0 and cfg.get("out"):
-    torch.save(net.state_dict(), cfg["out"])
+    torch.save({k: v.cpu() for k, v in net.state_dict().items()}, cfg["out"])
