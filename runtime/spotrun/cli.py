@@ -2,8 +2,10 @@
 
 Each subcommand is a module with `HELP` (one line), `add_arguments(parser)` and
 `main(args) -> int`; this file only lists them. Adding one is a line in `SUBCOMMANDS`.
-Modules are imported when the parser is built, so a subcommand module must stay light
-to import (no torch at module level): `spotrun --help` should answer at once.
+A command line that names its subcommand imports that module alone: `spotrun launch` in a
+pod starts workers without loading the TrainJob validator (jsonschema) or the terminal UI.
+`spotrun --help` imports them all, so a subcommand module must stay light to import (no
+torch at module level).
 """
 
 from __future__ import annotations
@@ -21,14 +23,17 @@ SUBCOMMANDS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The `spotrun` parser with every subcommand in SUBCOMMANDS."""
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The `spotrun` parser; with `only`, the other subcommands' modules are not imported."""
     parser = argparse.ArgumentParser(
         prog="spotrun",
         description="Keeps distributed PyTorch training running on preemptible (spot) GPU nodes.",
     )
     subparsers = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     for name, module_name in SUBCOMMANDS.items():
+        if only is not None and name != only:
+            subparsers.add_parser(name)
+            continue
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=module.HELP, description=module.__doc__)
         module.add_arguments(sub)
@@ -38,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default sys.argv[1:]), run the subcommand, return its exit code."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
+    args = build_parser(only=chosen).parse_args(argv)
     code: int = args._main(args)
     return code
 

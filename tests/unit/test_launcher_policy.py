@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -106,3 +107,17 @@ def test_the_launch_command_line_keeps_the_worker_arguments_verbatim() -> None:
     args = build_parser().parse_args(["launch", "--function", "examples.train_linear:train_func"])
     assert args.function == "examples.train_linear:train_func"
     assert args.command == []
+
+
+def test_launch_imports_neither_the_trainjob_validator_nor_the_terminal_ui() -> None:
+    """The pod's main process starts workers sooner, and needs no jsonschema or rich."""
+    probe = (
+        "import sys; from spotrun.cli import build_parser; "
+        "build_parser(only='launch').parse_args(['launch', '--', 'true']); "
+        "print(sorted(m for m in ('spotrun.trainjob', 'jsonschema', 'rich', 'spotrun.local') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]"
