@@ -70,7 +70,9 @@ class CheckpointStore:
         name = layout.shard_name(rank)
         with storage.open_hashed_write(layout.join(self.uri(seq), name)) as out, _without_zip_crc():
             torch.save(obj, out)  # type: ignore[arg-type]
-        record = DoneRecord(rank=rank, files=(FileRecord(rank, name, out.size, out.sha256),))
+        record = DoneRecord(
+            rank=rank, files=(FileRecord(rank, name, out.size, out.sha256, out.chunk_bytes),)
+        )
         self.write_done(seq, record)
         return record
 
@@ -84,7 +86,7 @@ class CheckpointStore:
             ):
                 while chunk := src.read(8 << 20):
                     out.write(chunk)
-            records.append(FileRecord(rank, rel, out.size, out.sha256))
+            records.append(FileRecord(rank, rel, out.size, out.sha256, out.chunk_bytes))
         record = DoneRecord(rank=rank, files=tuple(records))
         self.write_done(seq, record)
         return record
@@ -94,7 +96,7 @@ class CheckpointStore:
         records = []
         for rel in sorted(paths):
             written = storage.hash_file(layout.join(self.uri(seq), rel))
-            records.append(FileRecord(rank, rel, written.size, written.sha256))
+            records.append(FileRecord(rank, rel, written.size, written.sha256, written.chunk_bytes))
         record = DoneRecord(rank=rank, files=tuple(records))
         self.write_done(seq, record)
         return record
@@ -196,9 +198,11 @@ class CheckpointStore:
             url = layout.join(self.uri(seq), record.path)
             local = storage.local_path(url)
             if local is not None:  # verified in place; loaded later through an mmap
-                storage.verify_local(local, record.size, record.sha256)
+                storage.verify_local(local, record.size, record.sha256, record.chunk_bytes)
                 return record.path, local
-            return record.path, storage.read_verified(url, record.size, record.sha256)
+            return record.path, storage.read_verified(
+                url, record.size, record.sha256, record.chunk_bytes
+            )
 
         try:
             with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:

@@ -30,9 +30,20 @@ class FileRecord:
     path: str
     size: int
     sha256: str
+    # >0: sha256 is over the file's pieces of this many bytes (storage.chunked_sha256);
+    # 0: sha256 is of the whole file.
+    chunk_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "path": self.path, "size": self.size, "sha256": self.sha256}
+        out: dict[str, Any] = {
+            "rank": self.rank,
+            "path": self.path,
+            "size": self.size,
+            "sha256": self.sha256,
+        }
+        if self.chunk_bytes:
+            out["chunkBytes"] = self.chunk_bytes
+        return out
 
     @classmethod
     def from_json(cls, raw: Any) -> FileRecord:
@@ -44,11 +55,13 @@ class FileRecord:
                 path=str(raw["path"]),
                 size=int(raw["size"]),
                 sha256=str(raw["sha256"]),
+                chunk_bytes=int(raw.get("chunkBytes", 0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"a file record lacks or mistypes {err}") from None
         if (
             record.size < 0
+            or record.chunk_bytes < 0
             or len(record.sha256) != 64
             or record.path.startswith("/")
             or ".." in (record.path.split("/"))

@@ -14,7 +14,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import IO, Any
@@ -59,60 +59,155 @@ def is_local(fs: Any) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-# Writes at least this large are hashed on a helper thread while they are written: hashlib
-# and file writes both release the GIL, so with a spare core sha256 costs no time.
-_OVERLAP_BYTES = 4 << 20
-_hasher: ThreadPoolExecutor | None = None
-_hasher_lock = threading.Lock()
+# A file's recorded sha256 is taken over CHUNK_BYTES pieces: the sha256 of the pieces'
+# sha256 digests, in order (see `chunked_sha256`). The pieces hash on every core at once,
+# while a save writes and when a load verifies; a record without chunkBytes holds the
+# plain sha256 of the whole file.
+CHUNK_BYTES = 16 << 20
+# Smaller writes are hashed inline: handing them to a thread costs more than it saves.
+_PARALLEL_BYTES = 1 << 20
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
-def _hash_thread() -> ThreadPoolExecutor:
-    global _hasher
-    with _hasher_lock:
-        if _hasher is None:
-            _hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="spotrun-sha256")
-        return _hasher
+def _hash_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            workers = max(2, min(16, os.cpu_count() or 2))
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spotrun-sha256")
+        return _pool
+
+
+def _done(value: bytes | None) -> Future[bytes | None]:
+    future: Future[bytes | None] = Future()
+    future.set_result(value)
+    return future
+
+
+def _piece_digest(view: memoryview) -> bytes:
+    return hashlib.sha256(view).digest()
+
+
+def chunked_sha256(data: bytes | bytearray | memoryview | mmap.mmap, chunk_bytes: int) -> str:
+    """The sha256 of `data`'s chunk_bytes pieces' sha256 digests; the pieces hash in parallel.
+
+    chunk_bytes 0 means the plain sha256 of the whole of `data`. The same value, for a file,
+    in plain Python: `sha256(b"".join(sha256(p).digest() for p in pieces)).hexdigest()`.
+    """
+    view = memoryview(data).cast("B")
+    try:
+        if not chunk_bytes:
+            return hashlib.sha256(view).hexdigest()
+        pieces = [view[at : at + chunk_bytes] for at in range(0, view.nbytes, chunk_bytes)]
+        try:
+            if len(pieces) > 1:
+                digests = list(_hash_pool().map(_piece_digest, pieces))
+            else:
+                digests = [_piece_digest(piece) for piece in pieces]
+        finally:
+            for piece in pieces:
+                piece.release()
+        return hashlib.sha256(b"".join(digests)).hexdigest()
+    finally:
+        view.release()
+
+
+class ChunkHasher:
+    """`chunked_sha256` of a stream, fed in order by `start`; whole pieces hash in parallel."""
+
+    def __init__(self, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.chunk_bytes = chunk_bytes
+        self.size = 0
+        self._digests: list[Future[bytes | None]] = []
+        self._partial = hashlib.sha256()
+        self._partial_bytes = 0
+
+    def start(self, data: bytes | bytearray | memoryview) -> list[Future[bytes | None]]:
+        """Starts hashing the stream's next bytes. The caller must keep `data` unchanged, and
+        call `start` again only once every future returned here is done."""
+        view = memoryview(data).cast("B")
+        parallel = view.nbytes >= _PARALLEL_BYTES
+        pool = _hash_pool() if parallel else None
+        started: list[Future[bytes | None]] = []
+
+        def run(fn: Any, *args: Any) -> Future[bytes | None]:
+            future = pool.submit(fn, *args) if pool is not None else _done(fn(*args))
+            started.append(future)
+            return future
+
+        at = 0
+        if self._partial_bytes:  # complete the piece an earlier write began
+            take = min(view.nbytes, self.chunk_bytes - self._partial_bytes)
+            self._partial_bytes += take
+            closes = self._partial_bytes == self.chunk_bytes
+            future = run(_fill, self._partial, view[:take], closes)
+            if closes:
+                self._digests.append(future)
+                self._partial, self._partial_bytes = hashlib.sha256(), 0
+            at = take
+        while view.nbytes - at >= self.chunk_bytes:  # whole pieces
+            self._digests.append(run(_piece_digest, view[at : at + self.chunk_bytes]))
+            at += self.chunk_bytes
+        if at < view.nbytes:  # the start of the next piece
+            self._partial_bytes = view.nbytes - at
+            run(_fill, self._partial, view[at:], False)
+        self.size += view.nbytes
+        return started
+
+    def hexdigest(self) -> str:
+        digests = [future.result() for future in self._digests]
+        if self._partial_bytes:
+            digests.append(self._partial.digest())
+        return hashlib.sha256(b"".join(d for d in digests if d is not None)).hexdigest()
+
+
+def _fill(hasher: Any, view: memoryview, closes: bool) -> bytes | None:
+    hasher.update(view)
+    return hasher.digest() if closes else None
 
 
 class HashingWriter:
     """A write-only file object that counts and hashes what passes through it.
 
-    A large write is hashed on a helper thread while the calling thread writes it; the call
-    returns once both are done, so the caller's buffer is never read after it returns and
-    the updates stay in order.
+    A large write is hashed on helper threads while the calling thread writes it; the call
+    returns once both are done, so the caller's buffer is never read after it returns.
     """
 
     def __init__(self, raw: IO[bytes]) -> None:
         self._raw = raw
-        self._hash = hashlib.sha256()
-        self.size = 0
+        self._hasher = ChunkHasher()
+
+    @property
+    def size(self) -> int:
+        return self._hasher.size
+
+    @property
+    def chunk_bytes(self) -> int:
+        return self._hasher.chunk_bytes
 
     def write(self, data: bytes | bytearray | memoryview) -> int:
-        size = memoryview(data).nbytes
-        if size >= _OVERLAP_BYTES:
-            hashed = _hash_thread().submit(self._hash.update, data)
-            try:
-                self._raw.write(data)
-            finally:
-                hashed.result()
-        else:
-            self._hash.update(data)
+        started = self._hasher.start(data)
+        try:
             self._raw.write(data)
-        self.size += size
-        return size
+        finally:
+            for future in started:
+                future.result()
+        return memoryview(data).nbytes
 
     def flush(self) -> None:
         self._raw.flush()
 
     @property
     def sha256(self) -> str:
-        return self._hash.hexdigest()
+        return self._hasher.hexdigest()
 
 
 @dataclass(frozen=True)
 class Written:
     size: int
     sha256: str
+    chunk_bytes: int = CHUNK_BYTES
 
 
 @contextmanager
@@ -154,7 +249,7 @@ def read_bytes(url: str) -> bytes:
     return data
 
 
-def read_verified(url: str, size: int, sha256: str) -> bytes:
+def read_verified(url: str, size: int, sha256: str, chunk_bytes: int = 0) -> bytes:
     """Reads a whole file and checks its size and sha256 before anyone may unpickle it."""
     fs, path = filesystem(url)
     try:
@@ -167,7 +262,7 @@ def read_verified(url: str, size: int, sha256: str) -> bytes:
         raise CorruptFileError(f"{url} is missing") from None
     if len(data) != size:
         raise CorruptFileError(f"{url} has {len(data)} bytes, its record says {size}")
-    digest = hashlib.sha256(data).hexdigest()
+    digest = chunked_sha256(data, chunk_bytes)
     if digest != sha256:
         raise CorruptFileError(
             f"{url} fails its sha256 check (got {digest[:12]}…, want {sha256[:12]}…)"
@@ -181,37 +276,38 @@ def local_path(url: str) -> str | None:
     return str(path) if is_local(fs) else None
 
 
-def verify_local(path: str, size: int, sha256: str) -> None:
-    """Checks a local file's size and sha256 through an mmap: no copy, the GIL released."""
+def verify_local(path: str, size: int, sha256: str, chunk_bytes: int = 0) -> None:
+    """Checks a local file's size and sha256 through an mmap: no copy, the GIL released,
+    the pieces of a chunked record hashed on every core."""
     try:
         actual = os.stat(path).st_size
     except FileNotFoundError:
         raise CorruptFileError(f"{path} is missing") from None
     if actual != size:
         raise CorruptFileError(f"{path} has {actual} bytes, its record says {size}")
-    digest = hashlib.sha256()
     if size:
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
         with (
             open(path, "rb") as raw,
-            mmap.mmap(raw.fileno(), 0, flags=flags, prot=mmap.PROT_READ) as mapped,
+            mmap.mmap(raw.fileno(), 0, prot=mmap.PROT_READ) as mapped,
         ):
-            digest.update(mapped)
-    if digest.hexdigest() != sha256:
+            digest = chunked_sha256(mapped, chunk_bytes)
+    else:
+        digest = chunked_sha256(b"", chunk_bytes)
+    if digest != sha256:
         raise CorruptFileError(
-            f"{path} fails its sha256 check (got {digest.hexdigest()[:12]}…, want {sha256[:12]}…)"
+            f"{path} fails its sha256 check (got {digest[:12]}…, want {sha256[:12]}…)"
         )
 
 
 def hash_file(url: str) -> Written:
+    """Size and chunked sha256 of a file already in storage (one DCP wrote)."""
     fs, path = filesystem(url)
-    digest = hashlib.sha256()
-    size = 0
+    hasher = ChunkHasher()
     with fs.open(path, "rb") as raw:
         while chunk := raw.read(_CHUNK):
-            digest.update(chunk)
-            size += len(chunk)
-    return Written(size=size, sha256=digest.hexdigest())
+            for future in hasher.start(chunk):
+                future.result()
+    return Written(size=hasher.size, sha256=hasher.hexdigest(), chunk_bytes=hasher.chunk_bytes)
 
 
 def exists(url: str) -> bool:
