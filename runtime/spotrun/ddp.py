@@ -88,6 +88,13 @@ def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> str:
             "start the workers with `spotrun launch` (or set the torchrun-style variables)"
         )
     device = get_device()
+    if device.type != "cuda" and torch.cuda.is_available():
+        # This worker would join with gloo while the others use NCCL: the group would hang.
+        raise ProcessGroupError(
+            f"worker LOCAL_RANK={env_local_rank()} has no GPU: this node has "
+            f"{torch.cuda.device_count()} GPU(s); set nprocPerNode (--nproc-per-node) to at "
+            "most that, or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
         backend = GPU_BACKEND

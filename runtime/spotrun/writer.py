@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,11 +293,13 @@ class WriterClient:
         slots, total = _plan_slots(tensors)
         self._ensure_buffer(total)
         assert self._buffer_view is not None
+        copies = []
         for slot in slots:
             src = tensors[slot.index].detach()
             dst = self._buffer_view[slot.offset : slot.offset + slot.count * src.element_size()]
             if slot.count:
-                dst.view(src.dtype).view(src.shape).copy_(src)
+                copies.extend(_pieces(dst.view(src.dtype).view(src.shape), src))
+        _copy_all(copies)
         job = self.submit("save_slots", seq=seq, kind=kind, skeleton=skeleton, slots=slots)
         self._pending_save = job
         return job
@@ -340,6 +343,35 @@ class WriterClient:
             proc.wait()
         if self._sock is not None:
             self._sock.close()
+
+
+# The snapshot is the training loop's whole stall, so it copies on every core: large
+# tensors in pieces of this many bytes, spread over a few threads (copy_ releases the GIL).
+_COPY_PIECE_BYTES = 64 << 20
+_COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
+
+
+def _pieces(dst: torch.Tensor, src: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(dst, src) pairs that together copy src into dst; a large contiguous tensor is split."""
+    if src.nbytes <= _COPY_PIECE_BYTES or not src.is_contiguous() or src.dim() == 0:
+        return [(dst, src)]
+    flat_dst, flat_src = dst.reshape(-1), src.reshape(-1)
+    step = max(1, _COPY_PIECE_BYTES // src.element_size())
+    return [
+        (flat_dst[at : at + step], flat_src[at : at + step])
+        for at in range(0, flat_src.numel(), step)
+    ]
+
+
+def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    total = sum(src.nbytes for _, src in copies)
+    if len(copies) < 2 or total < 2 * _COPY_PIECE_BYTES or _COPY_THREADS < 2:
+        for dst, src in copies:
+            dst.copy_(src)
+        return
+    with ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="spotrun-snapshot") as pool:
+        for future in [pool.submit(dst.copy_, src) for dst, src in copies]:
+            future.result()
 
 
 def _plan_slots(tensors: Mapping[int, torch.Tensor]) -> tuple[list[TensorSlot], int]:

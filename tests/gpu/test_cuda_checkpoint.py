@@ -77,3 +77,13 @@ def test_gpu_state_sigterm_final_checkpoint_and_bitwise_resume(tmp_path: Path) -
     assert code == 0, out
     assert f"resumed at step {final_step + 1}" in out
     assert_bitwise_equal(tmp_path / "ref.pt", tmp_path / "resumed.pt")
+
+
+def test_more_workers_than_gpus_fails_at_once_with_the_fix(tmp_path: Path) -> None:
+    """A worker without a GPU would join with gloo while the others use NCCL, and hang."""
+    import torch
+
+    job = Job(str(tmp_path / "runs"))
+    code, out = job.run({"steps": 4}, nproc=torch.cuda.device_count() + 1, timeout=120)
+    assert code != 0, out
+    assert "has no GPU" in out and "nprocPerNode" in out, out
