@@ -192,6 +192,8 @@ def contract_env(storage: str, job: str, nproc: int, async_save: bool) -> dict[s
         **os.environ,
         **contract.to_env(),
         "SPOTRUN_STATUS_SINK": "none",
+        # The state is on the CPU; on a GPU machine with fewer GPUs than ranks, hide them.
+        **({"CUDA_VISIBLE_DEVICES": ""} if nproc > 1 else {}),
         "PYTHONPATH": PYTHONPATH,
     }
 
