@@ -170,6 +170,7 @@ def replica(
         seen=seen,
         index=index,
     )
+    replaced = preemption == POD_REPLACED
     if preemption in (POD_DELETED, POD_REPLACED) and evidence and attempt is not None:
         preemption = evidence.get((attempt, index), preemption)
     if preemption in GONE_REASONS:
@@ -192,6 +193,7 @@ def replica(
         ready=_is_true(_condition(pod, "Ready")),
         deleting=bool(meta.get("deletionTimestamp")),
         message=None if message is None else str(message)[:500],
+        replaced=replaced,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from collections.abc import Callable
 from typing import Any
@@ -631,6 +632,23 @@ def test_restart_waits_for_a_preempted_replica_to_write_its_final_checkpoint() -
     )
     # Gone within its grace period: no need to wait longer.
     result = job.see(running(0), preempted(1, phase="missing"), at=T0 + 115)
+    assert [type(a) for a in result.actions] == [RestartGroup]
+
+
+def test_a_running_replacement_of_a_lost_pod_does_not_hold_the_restart() -> None:
+    # A force-deleted pod (grace 0) is replaced by the StatefulSet at once; the new pod
+    # runs, but it never got the notice: there is no final checkpoint to wait for.
+    job = Job(make_spec(grace=30.0)).started()
+    replacement = dataclasses.replace(
+        preempted(1, phase="running", reason="PodDeleted"), replaced=True
+    )
+    result = job.see(running(0), replacement, at=T0 + 100)
+    assert not any(
+        isinstance(a, Wait) and a.reason == "CommittingFinalCheckpoint" for a in result.actions
+    )
+    (wait,) = result.actions
+    assert isinstance(wait, Wait) and wait.until < T0 + 130
+    result = job.see(running(0), replacement, at=wait.until)
     assert [type(a) for a in result.actions] == [RestartGroup]
 
 

@@ -250,8 +250,15 @@ def test_a_pod_replaced_behind_our_back_is_a_preemption() -> None:
     seen_pods.remember(1, [(0, "uid-original")])
     replacement = make_pod(uid="uid-new")
     found = see(replacement, seen=seen_pods)
-    assert (found.preempted, found.preemption_reason) == (True, "PodReplaced")
-    assert not see(make_pod(uid="uid-original"), seen=seen_pods).preempted
+    assert (found.preempted, found.preemption_reason, found.replaced) == (
+        True,
+        "PodReplaced",
+        True,
+    )
+    original = see(make_pod(uid="uid-original"), seen=seen_pods)
+    assert not original.preempted and not original.replaced
+    # A pod still in its grace period is not a replacement: it has the notice.
+    assert not see(make_pod(uid="uid-original", deleting=True), seen=seen_pods).replaced
 
 
 def test_after_an_operator_restart_a_pod_created_after_the_attempt_ran_is_a_replacement() -> None:

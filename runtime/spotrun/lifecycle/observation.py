@@ -33,7 +33,9 @@ class ReplicaObservation:
     container that crashed and was restarted in place still shows why. `preempted` is set
     by the observer for any loss not caused by the training code: a DisruptionTarget
     condition, a node shut down, lost or deleted, a pod replaced or vanished, an injected
-    fault in local mode; `preemption_reason` says which.
+    fault in local mode; `preemption_reason` says which. `replaced` is set when what is seen
+    is a replacement (a new pod in the lost one's place): whatever it is doing, it never got
+    the notice, so nobody waits for it to write a final checkpoint.
     """
 
     index: int
@@ -48,6 +50,7 @@ class ReplicaObservation:
     ready: bool = False
     deleting: bool = False
     message: str | None = None
+    replaced: bool = False
 
     @property
     def present(self) -> bool:

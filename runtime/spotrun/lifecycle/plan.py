@@ -468,9 +468,10 @@ def _committing_final_checkpoint(replicas: Sequence[ReplicaObservation]) -> bool
     Either a preempted replica still runs (it got the notice), or part of the group already
     honoured the notice (exit 75) while the rest still run: every rank agreed on the same
     final step, and rank 0 records it last. A replica lost without notice (killed, node
-    gone) leaves nothing to wait for.
+    gone) leaves nothing to wait for, and neither does its replacement (a new pod in its
+    place, force-deleted or not): that process never got the notice.
     """
-    running = [r for r in replicas if r.phase == "running"]
+    running = [r for r in replicas if r.phase == "running" and not r.replaced]
     if any(r.preempted for r in running):
         return True
     return bool(running) and any(r.exit_code == EXIT_PREEMPTED for r in replicas)
