@@ -64,7 +64,7 @@ def reference_run(tmp_path: Path) -> dict[str, Any]:
     job = Job(str(tmp_path / "reference"), name="reference")
     env = job.env(CONFIG, nproc=2, attempt=0, resume_from=None)
     proc = subprocess.run(
-        [SPOTRUN, "launch", "--nproc-per-node", "2", "--function", FUNCTION],
+        [*SPOTRUN, "launch", "--nproc-per-node", "2", "--function", FUNCTION],
         cwd=REPO,
         env=env,
         capture_output=True,
