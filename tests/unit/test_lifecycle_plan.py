@@ -652,6 +652,21 @@ def test_a_running_replacement_of_a_lost_pod_does_not_hold_the_restart() -> None
     assert [type(a) for a in result.actions] == [RestartGroup]
 
 
+def test_a_vanished_replica_takes_the_reason_its_replacement_carries() -> None:
+    # A pass may only see the replica missing; the StatefulSet's replacement then carries
+    # what the lost pod said before it went (the observer's evidence).
+    job = Job(make_spec(grace=30.0)).started()
+    job.see(running(0), ReplicaObservation(1, 1, phase="missing"), at=T0 + 100)
+    assert job.status["interruptions"][-1]["reason"] == "Vanished"
+    said = dataclasses.replace(
+        preempted(1, phase="running", reason="TerminationByKubelet"), replaced=True
+    )
+    job.see(running(0), said, at=T0 + 101)
+    entry = job.status["interruptions"][-1]
+    assert (entry["kind"], entry["reason"]) == ("preemption", "TerminationByKubelet")
+    assert (job.status["preemptions"], job.status["failures"]) == (1, 0)
+
+
 def test_draining_is_capped_by_the_grace_period() -> None:
     job = Job(make_spec(grace=30.0)).started()
     still_running = preempted(1, phase="running")

@@ -42,6 +42,7 @@ from spotrun.lifecycle.backoff import consecutive, delay
 from spotrun.lifecycle.budget import Exhausted, exhausted
 from spotrun.lifecycle.classify import (
     EXIT_PREEMPTED,
+    VANISHED,
     Interruption,
     blocker,
     classify,
@@ -298,6 +299,12 @@ class _Step:
             if late is not None:
                 st["failures"] = int(st["failures"]) - 1
                 st["preemptions"] = int(st["preemptions"]) + 1
+                entries = ledger_.reclassify(entries, index, late)
+        elif entries[index]["reason"] == VANISHED:
+            # A replica seen missing is the least that is known; the pod that replaced it
+            # may carry what the lost one said (a DisruptionTarget, a node shutdown).
+            late = preemption_of(replicas)
+            if late is not None and late.reason != VANISHED:
                 entries = ledger_.reclassify(entries, index, late)
         st["interruptions"] = entries
         entry = entries[index]
