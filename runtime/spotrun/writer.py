@@ -349,6 +349,7 @@ class WriterClient:
 # tensors in pieces of this many bytes, spread over a few threads (copy_ releases the GIL).
 _COPY_PIECE_BYTES = 64 << 20
 _COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
+_copy_pool: ThreadPoolExecutor | None = None
 
 
 def _pieces(dst: torch.Tensor, src: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -364,14 +365,18 @@ def _pieces(dst: torch.Tensor, src: torch.Tensor) -> list[tuple[torch.Tensor, to
 
 
 def _copy_all(copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Runs the copies; on the snapshot threads (kept between saves) once they add up to
+    several pieces' worth, since handing small tensors to threads costs more than it saves."""
+    global _copy_pool
     total = sum(src.nbytes for _, src in copies)
     if len(copies) < 2 or total < 2 * _COPY_PIECE_BYTES or _COPY_THREADS < 2:
         for dst, src in copies:
             dst.copy_(src)
         return
-    with ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="spotrun-snapshot") as pool:
-        for future in [pool.submit(dst.copy_, src) for dst, src in copies]:
-            future.result()
+    if _copy_pool is None:
+        _copy_pool = ThreadPoolExecutor(_COPY_THREADS, thread_name_prefix="spotrun-snapshot")
+    for future in [_copy_pool.submit(dst.copy_, src) for dst, src in copies]:
+        future.result()
 
 
 def _plan_slots(tensors: Mapping[int, torch.Tensor]) -> tuple[list[TensorSlot], int]:
