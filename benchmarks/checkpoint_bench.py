@@ -62,7 +62,7 @@ def open_target(url: str, mode: str) -> Any:
     """fsspec.open, with the emulator's anonymous token when the target is its bucket."""
     import fsspec
 
-    from spotrun.storage import fsspec_options
+    from spotrun.store.storage import fsspec_options
 
     return fsspec.open(url, mode, **fsspec_options(url))
 
@@ -76,7 +76,7 @@ def worker_loop(arm: str, size_mb: int, steps: int, every: int, target: str) -> 
     stalls = []
     if arm == "async":
         import spotrun
-        from spotrun.session import get_session
+        from spotrun.train.session import get_session
 
         spotrun.get_context()  # start the session (and its writer) before timing
         time.sleep(3)  # let the writer process finish importing torch
@@ -105,7 +105,7 @@ def worker_save_rank(size_mb: int) -> dict[str, Any]:
     import torch
 
     import spotrun
-    from spotrun.session import get_session
+    from spotrun.train.session import get_session
 
     torch.set_num_threads(1)
     state = make_state(size_mb)
@@ -123,7 +123,7 @@ def worker_save_rank(size_mb: int) -> dict[str, Any]:
 def worker_save_single(size_mb: int, target: str, keep: bool) -> dict[str, Any]:
     import torch
 
-    from spotrun import storage
+    from spotrun.store import storage
 
     torch.set_num_threads(1)
     state = make_state(size_mb)
@@ -146,7 +146,7 @@ def worker_save_single(size_mb: int, target: str, keep: bool) -> dict[str, Any]:
 def worker_load(target: str, uri: str, ours_first: bool) -> dict[str, Any]:
     import torch
 
-    from spotrun.checkpoint import Checkpoint
+    from spotrun.train.checkpoint import Checkpoint
 
     torch.set_num_threads(1)
 
@@ -279,7 +279,7 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, target: str) -> None:
-    from spotrun import storage
+    from spotrun.store import storage
 
     size = mb = args.size_mb
     print(

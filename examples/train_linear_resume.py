@@ -22,7 +22,6 @@ from torch.optim import Adam
 
 import spotrun
 from spotrun import Checkpoint
-from spotrun.ddp import get_device
 
 
 def toy_data(config: dict[str, Any], n: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,7 +34,7 @@ def toy_data(config: dict[str, Any], n: int = 100) -> tuple[torch.Tensor, torch.
 
 def train_func(config: dict[str, Any]) -> None:
     torch.manual_seed(config.get("seed", 0))
-    device = get_device()
+    device = spotrun.get_device()
     n = 100
     # create a toy dataset
     # data   : X - dim = (n, 4)

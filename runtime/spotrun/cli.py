@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 # name -> module implementing it (HELP, add_arguments, main).
 SUBCOMMANDS: dict[str, str] = {
-    "launch": "spotrun.launcher",
-    "run": "spotrun.local",
-    "status": "spotrun.status_command",
+    "launch": "spotrun.pod.launcher",
+    "run": "spotrun.local.supervisor",
+    "status": "spotrun.local.status_command",
 }
 
 

@@ -29,10 +29,9 @@ import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from spotrun.kube_sink import KubernetesSink
-from spotrun.manifest import FileRecord, Manifest
-from spotrun.retention import Retention
-from spotrun.status import Commit
+from spotrun.ledger.kube_sink import KubernetesSink
+from spotrun.ledger.retention import Retention
+from spotrun.store.manifest import Commit, FileRecord, Manifest
 from tests.fixtures.cluster import Cluster, wait_until
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from spotrun.status import FencingError
+from spotrun.ledger.status import FencingError
 from tests.cluster.operator_harness import (
     Operator,
     api,

@@ -11,8 +11,8 @@ import time
 import pytest
 from kubernetes import client
 
-from spotrun.kube_sink import KubeSinkError
-from spotrun.status import FencingError
+from spotrun.ledger.kube_sink import KubeSinkError
+from spotrun.ledger.status import FencingError
 from tests.cluster.operator_harness import (
     Operator,
     api,

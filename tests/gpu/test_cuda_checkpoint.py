@@ -14,8 +14,8 @@ from tests.runtime.test_resume import assert_bitwise_equal
 
 GROUP_PROBE = """
 import torch, torch.distributed as dist
-from spotrun import ddp
-backend = ddp.init_process_group()
+from spotrun.train import group
+backend = group.init_process_group()
 cpu = torch.ones(3)
 dist.all_reduce(cpu)
 gpu = torch.ones(3, device="cuda")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from spotrun import contract as pod
-from spotrun.sink import read_status_file, update_status_file
+from spotrun.ledger.sink import read_status_file, update_status_file
 from tests.fixtures.gcs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -187,7 +187,7 @@ def test_from_uri_opens_a_committed_checkpoint_and_refuses_a_damaged_one(
     six_checkpoints: Job,
 ) -> None:
     from spotrun import Checkpoint
-    from spotrun.commit import CheckpointCorruptError
+    from spotrun.store.commit import CheckpointCorruptError
 
     latest = six_checkpoints.latest_uri()
     checkpoint = Checkpoint.from_uri(latest)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from torch.utils.data import DataLoader
 
-from spotrun.data import ResumableDataLoader
+from spotrun.train.data import ResumableDataLoader
 from tests.runtime.helpers import Job
 from tests.unit.test_data_loader_position import Ids
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from spotrun.contract import EXIT_PREEMPTED
-from spotrun.sink import update_status_file
+from spotrun.ledger.sink import update_status_file
 from tests.runtime.helpers import ROOT, SPOTRUN, Job, wait_for
 
 pytestmark = pytest.mark.timeout(400)

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from spotrun import contract as pod
-from spotrun.sink import read_status_file, update_status_file
+from spotrun.ledger.sink import read_status_file, update_status_file
 from tests.fixtures.gcs import free_port
 from tests.runtime.helpers import SPOTRUN, wait_for
 

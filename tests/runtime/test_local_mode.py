@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from spotrun.checkpoint import Checkpoint
-from spotrun.sink import read_status_file
+from spotrun.ledger.sink import read_status_file
+from spotrun.train.checkpoint import Checkpoint
 from tests.runtime.helpers import ROOT, SPOTRUN, wait_for
 
 pytestmark = pytest.mark.timeout(600)

@@ -7,11 +7,18 @@ import json
 
 import pytest
 
-from spotrun import layout
 from spotrun.contract import CheckpointSettings
-from spotrun.manifest import DoneRecord, FileRecord, Manifest, ManifestError, build_manifest
-from spotrun.retention import Candidate, plan_retention
-from spotrun.status import Commit, FencingError, check_fence, commit_fields, json_patch
+from spotrun.ledger.retention import Candidate, plan_retention
+from spotrun.ledger.status import FencingError, check_fence, commit_fields, json_patch
+from spotrun.store import layout
+from spotrun.store.manifest import (
+    Commit,
+    DoneRecord,
+    FileRecord,
+    Manifest,
+    ManifestError,
+    build_manifest,
+)
 
 SHA = "a" * 64
 

@@ -8,8 +8,8 @@ import io
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spotrun.manifest import FileRecord
-from spotrun.storage import CHUNK_BYTES, ChunkHasher, HashingWriter, chunked_sha256
+from spotrun.store.manifest import FileRecord
+from spotrun.store.storage import CHUNK_BYTES, ChunkHasher, HashingWriter, chunked_sha256
 
 
 def by_definition(data: bytes, chunk: int) -> str:

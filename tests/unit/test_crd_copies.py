@@ -25,6 +25,6 @@ def test_copy_matches_the_source(copy: Path) -> None:
 
 
 def test_the_installed_package_reads_its_own_copy() -> None:
-    from spotrun.trainjob import crd
+    from spotrun.local.trainjob import crd
 
     assert crd()["metadata"]["name"] == "trainjobs.spotrun.dev"

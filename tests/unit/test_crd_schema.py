@@ -11,11 +11,11 @@ import pytest
 import yaml
 
 from spotrun import contract
+from spotrun.ledger.status import RUNTIME_FIELDS
 from spotrun.lifecycle import OWNED_FIELDS, JobSpec, Observation, ReplicaObservation, plan
 from spotrun.lifecycle import spec as lifecycle_spec
 from spotrun.lifecycle.ledger import LEDGER_SIZE
-from spotrun.status import RUNTIME_FIELDS
-from spotrun.trainjob import crd_rules, json_schema, mirrored_rules, openapi_schema
+from spotrun.local.trainjob import crd_rules, json_schema, mirrored_rules, openapi_schema
 
 ROOT = Path(__file__).resolve().parents[2]
 CRD: dict[str, Any] = yaml.safe_load((ROOT / "crds" / "trainjobs.spotrun.dev.yaml").read_text())
@@ -159,7 +159,7 @@ def test_every_rule_is_mirrored_locally_or_left_to_the_cluster_on_purpose() -> N
         path, rule = key
         cluster_only = any(path == where and what in rule for where, what in CLUSTER_ONLY_RULES)
         assert (key in mirrored) != cluster_only, (
-            f"CEL rule {rule!r} at {path}: mirror it in spotrun.trainjob.MIRRORED_RULES "
+            f"CEL rule {rule!r} at {path}: mirror it in spotrun.local.trainjob.MIRRORED_RULES "
             "or list it in CLUSTER_ONLY_RULES"
         )
 

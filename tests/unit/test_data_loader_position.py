@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, WeightedRandomSampler
 
-from spotrun.data import ResumableDataLoader
+from spotrun.train.data import ResumableDataLoader
 
 WORLD = 2
 

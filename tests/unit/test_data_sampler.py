@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 from torch.utils.data import DistributedSampler
 
-from spotrun.data import (
+from spotrun.train.data import (
     consumed_samples,
     epoch_order,
     rank_indices,

@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from spotrun.ddp import ProcessGroupError, get_device, init_process_group, prepare_model
+from spotrun.train.ddp import prepare_model
+from spotrun.train.group import ProcessGroupError, get_device, init_process_group
 
 
 def test_one_worker_gets_its_model_back_unwrapped(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,8 +17,8 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from spotrun.kube_sink import KubernetesSink, KubeSinkError, from_pod
-from spotrun.status import FencingError
+from spotrun.ledger.kube_sink import KubernetesSink, KubeSinkError, from_pod
+from spotrun.ledger.status import FencingError
 
 
 class Server(http.server.ThreadingHTTPServer):

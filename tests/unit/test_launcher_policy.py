@@ -11,7 +11,7 @@ import pytest
 from spotrun import contract
 from spotrun.cli import build_parser
 from spotrun.contract import EXIT_PREEMPTED, PodContract
-from spotrun.launcher import (
+from spotrun.pod.launcher import (
     FUNCTION_WORKER_MODULE,
     LaunchError,
     WorkerExit,
@@ -114,7 +114,7 @@ def test_launch_imports_neither_the_trainjob_validator_nor_the_terminal_ui() -> 
     probe = (
         "import sys; from spotrun.cli import build_parser; "
         "build_parser(only='launch').parse_args(['launch', '--', 'true']); "
-        "print(sorted(m for m in ('spotrun.trainjob', 'jsonschema', 'rich', 'spotrun.local') "
+        "print(sorted(m for m in ('spotrun.local.trainjob', 'jsonschema', 'rich', 'spotrun.local.supervisor') "
         "if m in sys.modules))"
     )
     out = subprocess.run(

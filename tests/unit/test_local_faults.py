@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from spotrun.faults import FaultSchedule, format_duration, parse_duration
+from spotrun.local.faults import FaultSchedule, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

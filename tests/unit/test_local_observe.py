@@ -15,7 +15,7 @@ from spotrun.lifecycle import (
     format_time,
     plan,
 )
-from spotrun.local_observe import (
+from spotrun.local.observe import (
     ReplicaFacts,
     observe,
     replica_observation,

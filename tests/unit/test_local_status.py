@@ -8,8 +8,11 @@ from typing import Any
 
 import pytest
 
+from spotrun.ledger.status import RUNTIME_FIELDS
 from spotrun.lifecycle import OWNED_FIELDS, format_time
-from spotrun.local import (
+from spotrun.local.progress import Snapshot, costs, progress_line, summary_lines
+from spotrun.local.status_command import COLUMNS, human_duration, row, table
+from spotrun.local.supervisor import (
     LocalRunError,
     Options,
     launcher_argv,
@@ -18,10 +21,7 @@ from spotrun.local import (
     owned,
     storage_url,
 )
-from spotrun.progress import Snapshot, costs, progress_line, summary_lines
-from spotrun.status import RUNTIME_FIELDS
-from spotrun.status_command import COLUMNS, human_duration, row, table
-from spotrun.trainjob import TrainJob, trainjob_from_dict
+from spotrun.local.trainjob import TrainJob, trainjob_from_dict
 
 T0 = 1_700_000_000.0
 
@@ -102,11 +102,11 @@ def test_an_injected_failure_wraps_the_worker_not_the_launcher() -> None:
         "--",
         sys.executable,
         "-m",
-        "spotrun._fault_worker",
+        "spotrun.local._fault_worker",
         "examples.train_linear:train_func_steps",
     ]
     argv = launcher_argv(job(command=["python3", "-m", "pkg.train"]), inject_failure=True)
-    assert argv[-4:] == ["spotrun._fault_worker", "--", "-m", "pkg.train"]
+    assert argv[-4:] == ["spotrun.local._fault_worker", "--", "-m", "pkg.train"]
 
 
 @pytest.mark.parametrize("command", [["bash", "run.sh"], ["python", "-u", "train.py"], ["python"]])

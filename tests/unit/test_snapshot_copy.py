@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spotrun import writer
+from spotrun.train import writer
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from spotrun.lifecycle import JobSpec
-from spotrun.trainjob import (
+from spotrun.local.trainjob import (
     TrainJobError,
     apply_defaults,
     load_trainjob,
@@ -443,5 +443,5 @@ def test_mirrored_rules_read_their_messages_from_the_crd() -> None:
 
 
 def test_an_unknown_rule_is_an_error_that_says_what_to_update() -> None:
-    with pytest.raises(LookupError, match=r"update spotrun\.trainjob\.MIRRORED_RULES"):
+    with pytest.raises(LookupError, match=r"update spotrun\.local\.trainjob\.MIRRORED_RULES"):
         rule_message(("spec",), "self.replicas < 3")

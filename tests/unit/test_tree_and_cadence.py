@@ -7,8 +7,8 @@ from collections import OrderedDict
 import pytest
 import torch
 
-from spotrun.cadence import Cadence, young_daly_interval
-from spotrun.tree import flatten, partition, unflatten
+from spotrun.store.tree import flatten, partition, unflatten
+from spotrun.train.cadence import Cadence, young_daly_interval
 
 
 def test_flatten_round_trips_nested_state_with_int_keys() -> None:

@@ -1,6 +1,6 @@
 """A deterministic DDP workload for runtime tests: Linear + Adam, a checkpoint every N steps.
 
-It trains on this worker's device (spotrun.ddp.get_device(): cuda:LOCAL_RANK on a GPU).
+It trains on this worker's device (spotrun.get_device(): cuda:LOCAL_RANK on a GPU).
 
 config: steps, checkpoint_every, step_seconds, extra_mb (ballast in the checkpoint),
 kill_after_step/kill_rank (flush, then SIGKILL that rank), kill_before_upload_step (that rank
@@ -17,8 +17,8 @@ import torch
 
 import spotrun
 from spotrun import Checkpoint
-from spotrun.ddp import get_device
-from spotrun.session import get_session
+from spotrun.train.group import get_device
+from spotrun.train.session import get_session
 
 ctx = spotrun.get_context()
 cfg = ctx.config

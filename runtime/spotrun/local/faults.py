@@ -4,7 +4,7 @@ A local run is only a rehearsal of spot capacity if replicas are lost the ways a
 loses them: with notice (SIGTERM to the pod, as before a spot reclaim: the group commits
 a final checkpoint and exits 75) and without (SIGKILL to every process of the replica, as
 when a node vanishes). This module decides when and which, from a seeded random.Random so
-a run can be replayed; the supervisor (spotrun.local) sends the signals.
+a run can be replayed; the supervisor (spotrun.local.supervisor) sends the signals.
 
 Fault clocks run only while the group is training (every replica of the attempt running
 and a progress report seen from it), and at most one fault hits an attempt: a fault that

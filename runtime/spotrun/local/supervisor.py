@@ -12,7 +12,7 @@ The status is written BEFORE a group starts: it carries the attempt that fences 
 group's checkpoint records. The plan that bumps the attempt is computed under the status
 file's lock, so a checkpoint recorded meanwhile is never passed over as the resume point.
 
-Fault injection (spotrun.faults) rehearses spot capacity; a replica the supervisor hit is
+Fault injection (spotrun.local.faults) rehearses spot capacity; a replica the supervisor hit is
 flagged preempted, which is all the policy needs to tell it from a bug.
 """
 
@@ -36,9 +36,10 @@ from typing import Any
 
 import yaml
 
-from spotrun import _fault_worker, contract, faults, layout
+from spotrun import contract
 from spotrun._orphans import die_with_parent
 from spotrun.contract import PodContract
+from spotrun.ledger.sink import read_status_file, status_file, update_status_file
 from spotrun.lifecycle import (
     FAILED,
     FINISHED,
@@ -58,10 +59,11 @@ from spotrun.lifecycle import (
     format_time,
     plan,
 )
-from spotrun.local_observe import ReplicaFacts, describe_exit, observe
-from spotrun.progress import Display, Snapshot, make_display, print_summary
-from spotrun.sink import read_status_file, status_file, update_status_file
-from spotrun.trainjob import TrainJob, TrainJobError, load_trainjob
+from spotrun.local import _fault_worker, faults
+from spotrun.local.observe import ReplicaFacts, describe_exit, observe
+from spotrun.local.progress import Display, Snapshot, make_display, print_summary
+from spotrun.local.trainjob import TrainJob, TrainJobError, load_trainjob
+from spotrun.store import layout
 
 LOG_PREFIX = "[spotrun run]"
 TRAINJOB_FILE = "trainjob.yaml"
@@ -73,7 +75,7 @@ POLL_SECONDS = 0.2
 STOP_GRACE_SECONDS = 5.0
 # How often rank 0 writes lastMetrics: the live view and the hang check read it.
 PROGRESS_SECONDS = "1"
-# The launcher's own grace when the pod template sets none (spotrun.launcher's default).
+# The launcher's own grace when the pod template sets none (spotrun.pod.launcher's default).
 LAUNCHER_GRACE_SECONDS = 25.0
 
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
@@ -128,13 +130,13 @@ def storage_url(flag: str | None, spec_storage: str | None) -> str:
 def launcher_argv(job: TrainJob, *, inject_failure: bool) -> list[str]:
     """The argv of one replica: `spotrun launch` running the job's trainer.
 
-    With `inject_failure`, every worker runs through spotrun._fault_worker, which fails the
+    With `inject_failure`, every worker runs through spotrun.local._fault_worker, which fails the
     rank chosen by --fail-rank; it can wrap a function or a Python command only.
     """
     base = [sys.executable, "-m", "spotrun.cli", "launch", "--nproc-per-node"]
     base.append(str(job.nproc_per_node))
     trainer = job.trainer
-    worker = [sys.executable, "-m", "spotrun._fault_worker"]
+    worker = [sys.executable, "-m", "spotrun.local._fault_worker"]
     if trainer.function:
         if inject_failure:
             return [*base, "--", *worker, trainer.function]

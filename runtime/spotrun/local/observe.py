@@ -17,7 +17,6 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from spotrun.faults import REASONS, FaultKind
 from spotrun.lifecycle import (
     EXIT_PREEMPTED,
     Observation,
@@ -25,6 +24,7 @@ from spotrun.lifecycle import (
     ReplicaObservation,
     parse_time,
 )
+from spotrun.local.faults import REASONS, FaultKind
 
 # Kubernetes' reasons for a terminated container, reused so that status reads the same.
 COMPLETED = "Completed"

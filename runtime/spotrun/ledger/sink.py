@@ -3,7 +3,7 @@
 After each commit, rank 0's writer calls `record()`; the sink writes the TrainJob status
 fields the runtime owns, fenced by the attempt. In local mode (and for a plain
 `spotrun launch`) the status lives in `<job folder>/status.json`; on Kubernetes it is the
-TrainJob's status subresource (spotrun.kube_sink).
+TrainJob's status subresource (spotrun.ledger.kube_sink).
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from spotrun import layout, storage
+from spotrun.ledger.retention import Retention
+from spotrun.ledger.status import check_fence, commit_fields, completion, last_metrics
 from spotrun.lifecycle.conditions import CHECKPOINT_CORRUPT, set_condition
-from spotrun.retention import Retention
-from spotrun.status import Commit, check_fence, commit_fields, completion, last_metrics
+from spotrun.store import layout, storage
+from spotrun.store.manifest import Commit
 
 StatusMutation = Callable[[dict[str, Any]], None]
 
@@ -150,7 +151,7 @@ def make_sink(
 ) -> CheckpointSink:
     """The sink named by SPOTRUN_STATUS_SINK: `file` (default), `none`, or `module:factory`.
 
-    `kubernetes` names spotrun.kube_sink:KubernetesSink, which the operator's pods use.
+    `kubernetes` names spotrun.ledger.kube_sink:KubernetesSink, which the operator's pods use.
     """
     kind = kind or "file"
     if kind == "file":
@@ -158,7 +159,7 @@ def make_sink(
     if kind == "none":
         return NullSink()
     if kind == "kubernetes":
-        kind = "spotrun.kube_sink:from_pod"
+        kind = "spotrun.ledger.kube_sink:from_pod"
     module, _, name = kind.partition(":")
     if not name:
         raise ValueError(

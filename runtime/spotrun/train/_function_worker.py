@@ -3,7 +3,7 @@
 Ray Train users hand over a `train_func(config)`; this module is what turns it into a
 worker process, so the function needs no `if __name__ == "__main__"` block and the session
 (process group, preemption notice, resume) is up before the first line of user code runs.
-Run as `python -m spotrun._function_worker module:fn`; the launcher does that.
+Run as `python -m spotrun.train._function_worker module:fn`; the launcher does that.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from spotrun import contract
-from spotrun.session import get_session
+from spotrun.train.session import get_session
 
 
 class FunctionNotFound(LookupError):

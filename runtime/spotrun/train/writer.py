@@ -3,7 +3,7 @@
 `report()` copies the state into a shared-memory snapshot buffer and returns; a separate
 process per rank (not a thread: on 2 cores a thread fighting the training loop for the GIL
 cost more than a synchronous save) writes the shard, and rank 0's writer commits. The
-process is started with `python -m spotrun.writer`, not multiprocessing's spawn, so the
+process is started with `python -m spotrun.train.writer`, not multiprocessing's spawn, so the
 user's training script is never re-imported. The snapshot buffer is a memfd handed over
 the control socket, so it is not bound by a small /dev/shm in a container.
 """
@@ -31,15 +31,15 @@ from typing import Any
 import torch
 
 from spotrun._orphans import die_with_parent_now
-from spotrun.commit import CheckpointStore
 from spotrun.contract import CheckpointSettings
-from spotrun.manifest import CheckpointKind, build_manifest
-from spotrun.retention import Candidate, plan_retention
-from spotrun.sink import CheckpointSink, make_sink
-from spotrun.status import Commit, FencingError
-from spotrun.tree import nbytes
+from spotrun.ledger.retention import Candidate, plan_retention
+from spotrun.ledger.sink import CheckpointSink, make_sink
+from spotrun.ledger.status import FencingError
+from spotrun.store.commit import CheckpointStore
+from spotrun.store.manifest import CheckpointKind, Commit, build_manifest
+from spotrun.store.tree import nbytes
 
-log = logging.getLogger("spotrun.writer")
+log = logging.getLogger("spotrun.train.writer")
 
 _ALIGN = 64
 _HEADER = struct.Struct("!Q")
@@ -193,7 +193,7 @@ class WriterClient:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, SPOTRUN_WRITER_PARENT=str(os.getpid()))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "spotrun.writer", str(theirs.fileno())],
+            [sys.executable, "-m", "spotrun.train.writer", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             env=env,
             stdin=subprocess.DEVNULL,

@@ -15,9 +15,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from spotrun import layout
-from spotrun.commit import CheckpointStore, Verified, load_blob, read_blob, split_uri
-from spotrun.tree import unflatten
+from spotrun.store import layout
+from spotrun.store.commit import CheckpointStore, Verified, load_blob, read_blob, split_uri
+from spotrun.store.tree import unflatten
 
 
 @dataclass
@@ -162,7 +162,7 @@ class Checkpoint:
         """Loads a DCP checkpoint into `state_dict` in place, resharding to this world size."""
         if self._committed is None or self._committed.verified.manifest.kind != "dcp":
             raise TypeError(f"this checkpoint holds a {self.kind}, not a sharded (dcp) checkpoint")
-        from spotrun import sharded
+        from spotrun.store import sharded
 
         self._blobs(None)  # verifies every file before DCP reads any of them
         sharded.load(self._committed.verified.uri, state_dict)

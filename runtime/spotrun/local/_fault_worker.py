@@ -9,9 +9,9 @@ runs the trainer unchanged, except that in rank N (`SPOTRUN_INJECT_FAIL_RANK`) t
 reporting. Every attempt of the job fails the same way, as a deterministic bug would, so
 the failure budget runs out.
 
-    python -m spotrun._fault_worker module:fn                 # a trainer.function
-    python -m spotrun._fault_worker -- train.py [args...]     # trainer.command [python, train.py]
-    python -m spotrun._fault_worker -- -m package.train [args...]
+    python -m spotrun.local._fault_worker module:fn                 # a trainer.function
+    python -m spotrun.local._fault_worker -- train.py [args...]     # trainer.command [python, train.py]
+    python -m spotrun.local._fault_worker -- -m package.train [args...]
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def fail_after(env: Mapping[str, str]) -> int | None:
 
 def install(rank: int, after: int) -> None:
     """Makes the `after`-th spotrun.report() of this process raise InjectedFailure."""
-    from spotrun.session import Session
+    from spotrun.train.session import Session
 
     original = Session.report
     calls = 0
@@ -66,12 +66,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if after is not None:
         install(int(os.environ["RANK"]), after)
     if args and args[0] != "--":
-        from spotrun import _function_worker
+        from spotrun.train import _function_worker
 
         return _function_worker.main(args[:1])
     args = args[1:]
     if not args:
-        raise SystemExit("spotrun._fault_worker: expected module:fn, or -- followed by a script")
+        raise SystemExit("spotrun.local._fault_worker: expected module:fn, or -- followed by a script")
     if args[0] == "-m" and len(args) > 1:
         sys.argv = [args[1], *args[2:]]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)

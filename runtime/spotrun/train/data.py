@@ -31,8 +31,8 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
-from spotrun.ddp import get_device
-from spotrun.session import get_session
+from spotrun.train.group import get_device
+from spotrun.train.session import get_session
 
 STATEFUL_PREFIX = "data_loader/"
 

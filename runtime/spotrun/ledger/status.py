@@ -10,38 +10,17 @@ a writer of an older attempt is refused, and `latestCheckpoint.step` never goes 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from spotrun.ledger.retention import Retention
 from spotrun.lifecycle.times import format_time
-from spotrun.manifest import Manifest
-from spotrun.retention import Retention
+from spotrun.store.manifest import Commit, json_metrics
 
 RUNTIME_FIELDS = ("latestCheckpoint", "checkpoints", "bestCheckpoints", "lastMetrics", "completion")
 
 
 class FencingError(RuntimeError):
     """The status refused a write: the writer is of an older attempt, or the step would go down."""
-
-
-@dataclass(frozen=True)
-class Commit:
-    """One committed checkpoint as the status records it."""
-
-    uri: str
-    manifest: Manifest
-    manifest_sha256: str
-
-    def entry(self) -> dict[str, Any]:
-        return {
-            "uri": self.uri,
-            "seq": self.manifest.seq,
-            "step": self.manifest.step,
-            "attempt": self.manifest.attempt,
-            "time": format_time(self.manifest.time),
-            "metrics": _json_metrics(self.manifest.metrics),
-            "manifestSha256": self.manifest_sha256,
-        }
 
 
 def check_fence(status: Mapping[str, Any], attempt: int, step: int | None = None) -> None:
@@ -84,7 +63,7 @@ def commit_fields(
 
 
 def last_metrics(metrics: Mapping[str, Any], step: int, time: float) -> dict[str, Any]:
-    return {**_json_metrics(metrics), "step": step, "time": format_time(time)}
+    return {**json_metrics(metrics), "step": step, "time": format_time(time)}
 
 
 def completion(attempt: int, step: int | None, time: float) -> dict[str, Any]:
@@ -110,17 +89,3 @@ def json_patch(
     for name, value in fields.items():
         ops.append({"op": "add", "path": f"/status/{name}", "value": value})
     return ops
-
-
-def _json_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Metrics as JSON values: numbers and strings kept, anything else turned to its repr."""
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool | int | str) or value is None:
-            out[str(key)] = value
-        elif isinstance(value, float):
-            out[str(key)] = value if value == value and abs(value) != float("inf") else str(value)
-        else:
-            item = getattr(value, "item", None)
-            out[str(key)] = _json_metrics({"v": item()})["v"] if callable(item) else repr(value)
-    return out

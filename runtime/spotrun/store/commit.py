@@ -19,11 +19,10 @@ from typing import Any
 
 import torch
 
-from spotrun import layout, storage
-from spotrun.manifest import DoneRecord, FileRecord, Manifest, ManifestError
-from spotrun.status import Commit
+from spotrun.store import layout, storage
+from spotrun.store.manifest import Commit, DoneRecord, FileRecord, Manifest, ManifestError
 
-log = logging.getLogger("spotrun.checkpoint")
+log = logging.getLogger("spotrun.train.checkpoint")
 
 
 class CheckpointCorruptError(RuntimeError):

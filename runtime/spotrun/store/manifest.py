@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from spotrun.lifecycle.times import format_time
+
 FORMAT_VERSION = 1
 
 CheckpointKind = Literal["replicated", "per-rank", "directory", "dcp"]
@@ -204,3 +206,37 @@ def build_manifest(
 
 def _checksum(body: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One committed checkpoint as the status records it."""
+
+    uri: str
+    manifest: Manifest
+    manifest_sha256: str
+
+    def entry(self) -> dict[str, Any]:
+        return {
+            "uri": self.uri,
+            "seq": self.manifest.seq,
+            "step": self.manifest.step,
+            "attempt": self.manifest.attempt,
+            "time": format_time(self.manifest.time),
+            "metrics": json_metrics(self.manifest.metrics),
+            "manifestSha256": self.manifest_sha256,
+        }
+
+
+def json_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics as JSON values: numbers and strings kept, anything else turned to its repr."""
+    out: dict[str, Any] = {}
+    for key, value in metrics.items():
+        if isinstance(value, bool | int | str) or value is None:
+            out[str(key)] = value
+        elif isinstance(value, float):
+            out[str(key)] = value if value == value and abs(value) != float("inf") else str(value)
+        else:
+            item = getattr(value, "item", None)
+            out[str(key)] = json_metrics({"v": item()})["v"] if callable(item) else repr(value)
+    return out

@@ -596,7 +596,7 @@ def _reserved_env_rule() -> _Rule:
         )
     raise LookupError(
         f"the CRD has no rule starting {_ENV_RULE_START!r} at spec.trainer.env: "
-        "update spotrun.trainjob._reserved_env_rule with the CRD"
+        "update spotrun.local.trainjob._reserved_env_rule with the CRD"
     )
 
 
@@ -631,7 +631,7 @@ def rule_message(schema_path: Sequence[str], rule: str) -> str:
     except KeyError:
         raise LookupError(
             f"the CRD has no CEL rule {rule!r} at {'.'.join(schema_path) or '<root>'}: "
-            "update spotrun.trainjob.MIRRORED_RULES with the CRD"
+            "update spotrun.local.trainjob.MIRRORED_RULES with the CRD"
         ) from None
 
 

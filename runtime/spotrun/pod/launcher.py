@@ -26,10 +26,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 
-from spotrun import contract, layout
+from spotrun import contract
 from spotrun._orphans import die_with_parent
 from spotrun.contract import PodContract
-from spotrun.sink import make_sink
+from spotrun.ledger.sink import make_sink
+from spotrun.store import layout
 
 LOG_PREFIX = "[spotrun launch]"
 
@@ -43,9 +44,9 @@ DEFAULT_GRACE_SECONDS = 25.0
 # get a moment to flush their logs before they are killed: restart sooner, lose nothing.
 TEARDOWN_GRACE_SECONDS = 5.0
 
-FUNCTION_WORKER_MODULE = "spotrun._function_worker"
+FUNCTION_WORKER_MODULE = "spotrun.train._function_worker"
 
-# torchrun's environment for each worker; consumers: spotrun.ddp, torch's env:// rendezvous.
+# torchrun's environment for each worker; consumers: spotrun.train.group, torch's env:// rendezvous.
 RANK = "RANK"
 LOCAL_RANK = "LOCAL_RANK"
 WORLD_SIZE = "WORLD_SIZE"

@@ -1,21 +1,19 @@
-"""Process-group set-up and `prepare_model`: the DDP plumbing every worker needs, once.
+"""Process-group set-up: a worker's ranks, its device and the group it joins, once.
 
 The launcher hands each worker the torchrun-style environment (RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR, MASTER_PORT); this module turns it into a process group and a
 device, so training code never repeats the backend/device dance. The session calls
-`init_process_group` when it starts; `prepare_model` is Ray Train's `prepare_model`.
+`init_process_group` when it starts. It imports nothing else of spotrun's training API, so
+the session and `prepare_model` both build on it without importing each other.
 """
 
 from __future__ import annotations
 
 import os
 from datetime import timedelta
-from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from spotrun.contract import MASTER_ADDR, MASTER_PORT
 
@@ -108,31 +106,6 @@ def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> str:
         timeout=timeout,
     )
     return backend
-
-
-def prepare_model(model: nn.Module, *, move_to_device: bool = True, **ddp_kwargs: Any) -> nn.Module:
-    """Move `model` to this worker's device and wrap it in DistributedDataParallel.
-
-    With a world size of 1 the model is returned moved but unwrapped, as Ray Train does.
-    DDP prefixes state_dict keys with `module.`: save the state of the module you passed
-    in (DDP shares its parameters), so a checkpoint loads into a plain module at any world
-    size. `ddp_kwargs` go to DistributedDataParallel unchanged.
-    """
-    device = get_device()
-    if move_to_device:
-        model = model.to(device)
-    if world_size() <= 1:
-        return model
-    if not dist.is_initialized():
-        # The session joins the group when it starts; starting it here covers training
-        # code that prepares its model before it touches any other spotrun API.
-        from spotrun.session import get_session
-
-        get_session()
-    if device.type == "cuda":
-        ddp_kwargs.setdefault("device_ids", [device.index])
-        ddp_kwargs.setdefault("output_device", device.index)
-    return DistributedDataParallel(model, **ddp_kwargs)
 
 
 def _env_int(name: str, default: int) -> int:

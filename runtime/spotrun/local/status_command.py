@@ -20,10 +20,10 @@ from typing import Any
 
 import yaml
 
-from spotrun import layout
+from spotrun.ledger.sink import read_status_file
 from spotrun.lifecycle import parse_time
-from spotrun.sink import read_status_file
-from spotrun.trainjob import API_VERSION, KIND, TrainJobError, load_trainjob
+from spotrun.local.trainjob import API_VERSION, KIND, TrainJobError, load_trainjob
+from spotrun.store import layout
 
 TRAINJOB_FILE = "trainjob.yaml"
 NONE = "<none>"

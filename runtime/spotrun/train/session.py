@@ -27,13 +27,13 @@ import torch
 import torch.distributed as dist
 
 from spotrun import contract as pod
-from spotrun import layout
-from spotrun.cadence import Cadence
-from spotrun.checkpoint import Checkpoint, _Committed
-from spotrun.commit import CheckpointStore, Verified, split_uri
-from spotrun.manifest import CheckpointKind
-from spotrun.tree import flatten, nbytes, partition
-from spotrun.writer import WriterClient, WriterConfig
+from spotrun.store import layout
+from spotrun.store.commit import CheckpointStore, Verified, split_uri
+from spotrun.store.manifest import CheckpointKind
+from spotrun.store.tree import flatten, nbytes, partition
+from spotrun.train.cadence import Cadence
+from spotrun.train.checkpoint import Checkpoint, _Committed
+from spotrun.train.writer import WriterClient, WriterConfig
 
 log = logging.getLogger("spotrun")
 
@@ -112,9 +112,9 @@ class Session:
         self._closed = False
 
         if world_size > 1 and not dist.is_initialized():
-            from spotrun import ddp
+            from spotrun.train import group
 
-            ddp.init_process_group()
+            group.init_process_group()
         self._next_seq, self._resume, problems = self._agree_on_start()
         self._step = self._resume.verified.manifest.step + 1 if self._resume else 0
         resumed_state = self._resume.verified.manifest.runtime if self._resume else {}
@@ -284,7 +284,7 @@ class Session:
         kind: CheckpointKind
         if checkpoint is not None and checkpoint._sharded is not None:
             kind = "dcp"
-            from spotrun import sharded
+            from spotrun.store import sharded
 
             written = sharded.save(self.store.uri(seq), checkpoint._sharded, rank)
             self._pending.append(self.writer.submit("record_files", seq=seq, paths=written))

@@ -22,7 +22,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from spotrun.lifecycle import FAILED, RUNNING, SUCCEEDED, parse_time
-from spotrun.status_command import human_duration
+from spotrun.local.status_command import human_duration
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

@@ -6,10 +6,10 @@ status subresource, so the standard library (urllib + ssl) is enough.
 
 Why a JSON patch: the pod's ServiceAccount may only `patch` its own job's status (no
 `get`), so it cannot read, check and write. The fence therefore travels inside the
-request: a `test` of `/status/attempt` (spotrun.status.json_patch) makes the API server
+request: a `test` of `/status/attempt` (spotrun.ledger.status.json_patch) makes the API server
 refuse the whole patch when the group was restarted meanwhile, and a CEL transition rule
 on the CRD refuses a `latestCheckpoint.step` lower than the recorded one. Both come back
-as HTTP 422 and become `spotrun.status.FencingError`. Transient failures (connection
+as HTTP 422 and become `spotrun.ledger.status.FencingError`. Transient failures (connection
 errors, 429, 5xx) are retried with backoff; anything else is a KubeSinkError that says
 what the API server answered.
 """
@@ -29,16 +29,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from spotrun.lifecycle.times import format_time
-from spotrun.retention import Retention
-from spotrun.status import (
-    Commit,
+from spotrun.ledger.retention import Retention
+from spotrun.ledger.status import (
     FencingError,
     commit_fields,
     completion,
     json_patch,
     last_metrics,
 )
+from spotrun.lifecycle.times import format_time
+from spotrun.store.manifest import Commit
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def from_pod(
 ) -> KubernetesSink:
     """The sink of a pod: in-cluster API address, ServiceAccount token and CA.
 
-    `job_root` is part of the factory signature of spotrun.sink.make_sink and unused here:
+    `job_root` is part of the factory signature of spotrun.ledger.sink.make_sink and unused here:
     the status lives in the TrainJob, not in the bucket.
     """
     env = os.environ if environ is None else environ
