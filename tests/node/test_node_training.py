@@ -33,7 +33,7 @@ import torch
 import yaml
 from kubernetes import client
 
-from spotrun import storage
+from spotrun.store import storage
 from tests.cluster.operator_harness import GROUP, PLURAL, VERSION, Operator, install_crd
 from tests.fixtures.cluster import wait_until
 from tests.node.conftest import NODE_NAME, REPO, NodeCluster
