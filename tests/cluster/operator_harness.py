@@ -83,7 +83,18 @@ class Operator:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.metrics_port, probe_port = free_port(), free_port()
         self.probe_url = f"http://127.0.0.1:{probe_port}/healthz"
-        env = {**os.environ, "KUBECONFIG": self.cluster.kubeconfig, "PYTHONUNBUFFERED": "1"}
+        env = {
+            **os.environ,
+            "KUBECONFIG": self.cluster.kubeconfig,
+            "PYTHONUNBUFFERED": "1",
+            # The operator of this checkout, whatever spotrun the interpreter has installed.
+            "PYTHONPATH": os.pathsep.join(
+                filter(
+                    None,
+                    [str(REPO / "runtime"), str(REPO / "operator"), os.environ.get("PYTHONPATH")],
+                )
+            ),
+        }
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [
