@@ -147,8 +147,8 @@ class Bench:
         self.kubectl("apply", "-n", self.namespace, "-f", "-", input=json.dumps(self.job()))
 
     def job(self) -> dict[str, Any]:
-        sys.path.insert(0, str(ROOT / "hack" / "cluster.d"))
-        from dev_node_job import dev_node_job
+        sys.path.insert(0, str(ROOT / "hack"))
+        from clusterlib.dev_node_job import dev_node_job
 
         body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "trainjob.yaml").read_text())
         body["metadata"] = {"name": JOB}

@@ -4,7 +4,7 @@ The `cluster` fixture of tests/fixtures/cluster.py is overridden here, so `names
 the operator harness of tests/cluster work unchanged on this cluster. Its API server listens
 on the node bridge's gateway (10.88.0.1), as do CoreDNS and fake-gcs-server (the pods'
 checkpoint storage). Pods run the runtime image `spotrun-runtime:dev` with this machine's
-Python mounted read-only (hack/cluster.d/dev_node_job.py).
+Python mounted read-only (hack/clusterlib/dev_node_job.py).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ NODE_NAME = "spotrun-node"
 
 
 def _load_dev_node_job() -> ModuleType:
-    path = REPO / "hack" / "cluster.d" / "dev_node_job.py"
+    path = REPO / "hack" / "clusterlib" / "dev_node_job.py"
     spec = importlib.util.spec_from_file_location("dev_node_job", path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)

@@ -1,4 +1,4 @@
-"""hack/cluster.d/dev_node_job.py: a TrainJob adapted to the real node's host-Python pods."""
+"""hack/clusterlib/dev_node_job.py: a TrainJob adapted to the real node's host-Python pods."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def load() -> ModuleType:
     spec = importlib.util.spec_from_file_location(
-        "dev_node_job", REPO / "hack" / "cluster.d" / "dev_node_job.py"
+        "dev_node_job", REPO / "hack" / "clusterlib" / "dev_node_job.py"
     )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
