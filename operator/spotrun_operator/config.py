@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -54,3 +55,4 @@ class Shared:
     states: Counter[str] = field(default_factory=Counter)
     rng: random.Random = field(default_factory=random.Random)
     last_pass: float = 0.0
+    started: float = field(default_factory=time.time)

@@ -115,6 +115,38 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
     return out
 
 
+# Conditions the runtime (rank 0) sets on the ledger, and the events they deserve.
+RUNTIME_CONDITIONS = {
+    "CheckpointCorrupt": "CheckpointFellBack",
+    "LedgerRepaired": "LedgerRepaired",
+}
+
+
+def runtime_condition_marks(status: Mapping[str, Any]) -> dict[str, tuple[str, str]]:
+    """(lastTransitionTime, message) of each runtime condition that is True."""
+    return {
+        str(c["type"]): (str(c.get("lastTransitionTime", "")), str(c.get("message", "")))
+        for c in status.get("conditions") or []
+        if c.get("type") in RUNTIME_CONDITIONS and c.get("status") == "True"
+    }
+
+
+def runtime_events(
+    seen: Mapping[str, tuple[str, str]], status: Mapping[str, Any]
+) -> list[Event]:
+    """Warnings for the runtime's ledger conditions that are new (or reworded) since `seen`.
+
+    The runtime cannot post events itself (its Role only patches its job's status), so the
+    operator tells people when an attempt fell back past a corrupt checkpoint, or resumed
+    from a committed checkpoint the status did not name.
+    """
+    out = []
+    for type_, mark in runtime_condition_marks(status).items():
+        if seen.get(type_) != mark:
+            out.append(Event("Warning", RUNTIME_CONDITIONS[type_], mark[1]))
+    return out
+
+
 def _condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
     for cond in status.get("conditions") or []:
         if cond.get("type") == type_:

@@ -356,6 +356,13 @@ def runtime_sink(
 
 def record_checkpoint(sink: KubernetesSink, seq: int, step: int) -> str:
     """Records checkpoint `seq` at `step` as rank 0 would after its manifest; returns its URI."""
+    commit = checkpoint_commit(sink, seq, step)
+    sink.record(commit, Retention(keep=(seq,), delete=(), best=(), latest=seq), [commit.entry()])
+    return commit.uri
+
+
+def checkpoint_commit(sink: KubernetesSink, seq: int, step: int) -> Commit:
+    """Checkpoint `seq` of the sink's job at `step`, as its manifest would describe it."""
     uri = f"{STORAGE}/{sink.namespace}/{sink.job}/ckpt-{seq:06d}"
     manifest = Manifest(
         seq=seq,
@@ -367,9 +374,7 @@ def record_checkpoint(sink: KubernetesSink, seq: int, step: int) -> str:
         files=(FileRecord(0, "rank-00000.pt", 1024, "0" * 64),),
         metrics={"loss": round(1.0 / (step + 1), 4)},
     )
-    commit = Commit(uri, manifest, hashlib.sha256(manifest.to_bytes()).hexdigest())
-    sink.record(commit, Retention(keep=(seq,), delete=(), best=(), latest=seq), [commit.entry()])
-    return uri
+    return Commit(uri, manifest, hashlib.sha256(manifest.to_bytes()).hexdigest())
 
 
 @contextlib.contextmanager

@@ -12,10 +12,12 @@ import pytest
 from kubernetes import client
 
 from spotrun.ledger.kube_sink import KubeSinkError
+from spotrun.ledger.retention import Retention
 from spotrun.ledger.status import FencingError
 from tests.cluster.operator_harness import (
     Operator,
     api,
+    checkpoint_commit,
     create,
     operator,
     record_checkpoint,
@@ -25,7 +27,7 @@ from tests.cluster.operator_harness import (
     trainjob_crd,
     wait_running,
 )
-from tests.fixtures.cluster import Cluster
+from tests.fixtures.cluster import Cluster, wait_until
 
 FIXTURES = (api, operator, trainjob_crd)
 
@@ -63,14 +65,65 @@ def test_an_older_attempt_is_fenced_out(
     assert "latestCheckpoint" not in status(api, namespace, running_job)
 
 
-def test_a_lower_step_is_refused_by_the_crd(
+def test_the_crd_orders_checkpoints_by_seq_and_refuses_an_older_one(
     api: client.ApiClient, cluster: Cluster, namespace: str, running_job: str
 ) -> None:
     sink = runtime_sink(cluster, api, namespace, running_job, attempt=1)
     record_checkpoint(sink, seq=5, step=500)
-    with pytest.raises(FencingError, match="may not go down"):
-        record_checkpoint(sink, seq=6, step=400)
-    assert status(api, namespace, running_job)["latestCheckpoint"]["step"] == 500
+    # A newer checkpoint whose step is lower (the code's own numbering) is accepted.
+    record_checkpoint(sink, seq=6, step=400)
+    with pytest.raises(FencingError, match="may not go back"):
+        record_checkpoint(sink, seq=4, step=900)
+    latest = status(api, namespace, running_job)["latestCheckpoint"]
+    assert (latest["seq"], latest["step"]) == (6, 400)
+
+
+def test_a_fallback_may_move_the_latest_back_only_naming_what_it_replaced(
+    api: client.ApiClient, cluster: Cluster, namespace: str, running_job: str
+) -> None:
+    sink = runtime_sink(cluster, api, namespace, running_job, attempt=1)
+    record_checkpoint(sink, seq=3, step=30)
+    bad = record_checkpoint(sink, seq=5, step=50)
+    good = checkpoint_commit(sink, seq=3, step=30)
+    retention = Retention(keep=(3,), delete=(), best=(), latest=3)
+    with pytest.raises(FencingError):  # naming the wrong checkpoint is not enough
+        sink.resumed(
+            good,
+            retention,
+            [good.entry()],
+            replaced=good.uri,
+            reason="FellBack",
+            message="wrong",
+            time=time.time(),
+        )
+    message = "ckpt-000005 failed verification (sha256); resumed from ckpt-000003 (step 30)"
+    sink.resumed(
+        good,
+        retention,
+        [good.entry()],
+        replaced=bad,
+        reason="FellBack",
+        message=message,
+        time=time.time(),
+    )
+    st = status(api, namespace, running_job)
+    assert st["latestCheckpoint"]["uri"] == good.uri
+    assert st["latestCheckpoint"]["fellBackFrom"] == bad
+    assert [c["seq"] for c in st["checkpoints"]] == [3]
+    corrupt = [c for c in st["conditions"] if c["type"] == "CheckpointCorrupt"]
+    assert corrupt and corrupt[0]["reason"] == "FellBack" and corrupt[0]["message"] == message
+    # New checkpoints record above it, and the operator told people why.
+    record_checkpoint(sink, seq=6, step=31)
+    assert status(api, namespace, running_job)["latestCheckpoint"]["seq"] == 6
+    core = client.CoreV1Api(api)
+
+    def fell_back_event() -> bool:
+        events = core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.name={running_job}"
+        ).items
+        return any(e.reason == "CheckpointFellBack" and e.message == message for e in events)
+
+    wait_until("the operator's CheckpointFellBack event", fell_back_event, timeout=60)
 
 
 def test_another_jobs_status_is_forbidden(

@@ -73,8 +73,10 @@ class Job:
         attempt: int = 0,
         resume_from: str | None = None,
         workload: str = "linear_steps.py",
+        extra_env: dict[str, str] | None = None,
     ) -> subprocess.Popen[str]:
         env = self.env(config, nproc=nproc, attempt=attempt, resume_from=resume_from)
+        env.update(extra_env or {})
         # What the supervisor (operator or local mode) does before it starts an attempt.
         update_status_file(
             f"{self.root}/status.json", lambda status: status.update(attempt=attempt)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 import pytest
 
 from spotrun.contract import CheckpointSettings
-from spotrun.ledger.retention import Candidate, plan_retention
+from spotrun.ledger.retention import Candidate, plan_retention, score_of
 from spotrun.ledger.status import FencingError, check_fence, commit_fields, json_patch
 from spotrun.store import layout
 from spotrun.store.manifest import (
@@ -18,6 +19,7 @@ from spotrun.store.manifest import (
     Manifest,
     ManifestError,
     build_manifest,
+    json_metrics,
 )
 
 SHA = "a" * 64
@@ -134,6 +136,14 @@ def cands(*scores: float | None) -> list[Candidate]:
         (CheckpointSettings(num_to_keep=1, score_attribute="acc"), [0.3, None, None], (0, 2), (0,)),
         # a score but no limit: keep all, list the top 3
         (CheckpointSettings(score_attribute="acc"), [0.1, 0.4, 0.2, 0.3], (0, 1, 2, 3), (1, 3, 2)),
+        # a code that never reports the score still keeps numToKeep (unscored rank lowest)
+        (CheckpointSettings(num_to_keep=2, score_attribute="acc"), [None] * 4, (2, 3), ()),
+        (
+            CheckpointSettings(num_to_keep=3, score_attribute="acc"),
+            [None, 0.5, None, None],
+            (1, 2, 3),
+            (1,),
+        ),
     ],
 )
 def test_retention_keeps_exactly_what_the_settings_say(
@@ -149,14 +159,19 @@ def test_retention_keeps_exactly_what_the_settings_say(
     assert retention.latest == len(scores) - 1 and retention.latest not in retention.delete
 
 
-def test_fence_refuses_an_older_attempt_and_a_lower_step() -> None:
-    status = {"attempt": 3, "latestCheckpoint": {"step": 50}}
-    check_fence(status, 3, 50)
-    check_fence(status, 3, 60)
+def test_fence_refuses_an_older_attempt_and_an_older_checkpoint() -> None:
+    status = {"attempt": 3, "latestCheckpoint": {"seq": 5, "step": 50}}
+    check_fence(status, 3, 5)
+    check_fence(status, 3, 6)
     with pytest.raises(FencingError, match="attempt 2"):
-        check_fence(status, 2, 60)
-    with pytest.raises(FencingError, match="go down"):
-        check_fence(status, 3, 40)
+        check_fence(status, 2, 6)
+    with pytest.raises(FencingError, match="ckpt-000004 would make it go down"):
+        check_fence(status, 3, 4)
+
+
+def test_the_fence_orders_by_spotruns_sequence_not_by_the_step_metric() -> None:
+    # A newer checkpoint (seq 6) whose step is lower than the recorded one is accepted.
+    check_fence({"attempt": 1, "latestCheckpoint": {"seq": 5, "step": 500}}, 1, 6)
 
 
 def test_commit_fields_list_only_retained_checkpoints() -> None:
@@ -182,3 +197,63 @@ def test_json_patch_is_fenced_by_the_attempt() -> None:
     assert ops[0] == {"op": "test", "path": "/status/attempt", "value": 4}
     assert {"op": "test", "path": "/status/latestCheckpoint/step", "value": 20} in ops
     assert ops[-1]["path"] == "/status/latestCheckpoint"
+
+
+@pytest.mark.parametrize(
+    ("metrics", "attribute", "score"),
+    [
+        ({"val": {"acc": 0.7}}, "val/acc", 0.7),
+        ({"a": {"b": {"c": 3}}}, "a/b/c", 3.0),
+        ({"val/acc": 0.4, "val": {"acc": 0.9}}, "val/acc", 0.4),  # the flat key first
+        ({"val": {"loss": 0.2}}, "val/acc", None),
+        ({"val": 0.5}, "val/acc", None),
+        ({"acc": float("nan")}, "acc", None),
+        ({"acc": True}, "acc", None),
+    ],
+)
+def test_score_attributes_may_name_nested_metrics_as_ray_does(
+    metrics: dict[str, object], attribute: str, score: float | None
+) -> None:
+    assert score_of(metrics, attribute) == score
+
+
+def test_nested_metrics_stay_json_objects_in_the_status() -> None:
+    import torch
+
+    out = json_metrics({"val": {"acc": torch.tensor(0.5), "hist": [1, 2.5]}, "t": torch.ones(2)})
+    assert out["val"] == {"acc": 0.5, "hist": [1, 2.5]}
+    assert isinstance(out["t"], str)
+
+
+@pytest.mark.parametrize(
+    ("codes", "world", "keep_all_ranks", "kind"),
+    [
+        ({1: 1}, 2, False, "replicated"),  # rank 1 alone carries a dict
+        ({0: 1, 1: 1}, 2, True, "per-rank"),
+        ({1: 2}, 2, False, "directory"),
+        ({0: 3, 1: 3}, 2, False, "dcp"),
+        ({}, 2, False, None),
+    ],
+)
+def test_the_kind_of_a_checkpoint_comes_from_the_ranks_that_carried_one(
+    codes: dict[int, int], world: int, keep_all_ranks: bool, kind: str | None
+) -> None:
+    from spotrun.train.session import _agreed_kind
+
+    assert _agreed_kind(codes, world, keep_all_ranks) == kind
+
+
+@pytest.mark.parametrize(
+    ("codes", "message"),
+    [
+        ({0: 1, 1: 2}, "dict from ranks [0], directory from ranks [1]"),
+        ({0: 3}, "ranks [1] passed none"),
+    ],
+)
+def test_ranks_that_disagree_on_the_kind_are_refused_with_who_passed_what(
+    codes: dict[int, int], message: str
+) -> None:
+    from spotrun.train.session import CheckpointKindError, _agreed_kind
+
+    with pytest.raises(CheckpointKindError, match=re.escape(message)):
+        _agreed_kind(codes, 2, False)

@@ -116,3 +116,34 @@ def test_wait_returns_after_the_timeout_without_a_poke() -> None:
         return await wakeups.wait(("ns", "a"), wakeups.version(("ns", "a")), timeout=0.05)
 
     assert asyncio.run(scenario()) == 0
+
+
+def _corrupt(message: str, when: str = "2026-12-03T10:00:00Z") -> dict[str, object]:
+    return {
+        "conditions": [
+            {
+                "type": "CheckpointCorrupt",
+                "status": "True",
+                "reason": "FellBack",
+                "message": message,
+                "lastTransitionTime": when,
+            },
+            {"type": "Running", "status": "True", "reason": "AllReplicasRunning", "message": ""},
+        ]
+    }
+
+
+def test_a_fallback_the_runtime_recorded_is_announced_once() -> None:
+    from spotrun_operator.transitions import runtime_condition_marks, runtime_events
+
+    status = _corrupt("ckpt-000005 failed verification; resumed from ckpt-000004")
+    first = runtime_events({}, status)
+    assert [(e.type, e.reason) for e in first] == [("Warning", "CheckpointFellBack")]
+    assert "ckpt-000005" in first[0].message
+    seen = runtime_condition_marks(status)
+    assert runtime_events(seen, status) == []
+    # The same condition reworded by a later fallback is news again.
+    again = _corrupt("ckpt-000009 failed verification; resumed from ckpt-000008")
+    assert [e.message for e in runtime_events(seen, again)] == [
+        "ckpt-000009 failed verification; resumed from ckpt-000008"
+    ]

@@ -31,6 +31,7 @@ from spotrun.lifecycle import (
     Succeed,
     Suspend,
     Wait,
+    format_time,
     parse_time,
     plan,
 )
@@ -66,6 +67,8 @@ class JobMemory:
     statefulset_sent: tuple[str, int, float] | None = None
     # Pods this loop asked to delete, by UID (with whether it forced it): not asked twice.
     deleted: set[tuple[str, bool]] = field(default_factory=set)
+    # The runtime's ledger conditions already announced (None: not looked at yet).
+    runtime_conditions: dict[str, tuple[str, str]] | None = None
 
 
 def _rv(body: Mapping[str, Any] | None) -> int:
@@ -204,6 +207,7 @@ async def reconcile_once(
     spec = JobSpec.from_spec(job.get("spec") or {})
     decision = plan(spec, status, observation, jitter=shared.rng)
 
+    _announce_runtime_conditions(shared, memory, job, status)
     patch = transitions.status_patch(status, decision.status)
     if patch is not None:
         resource_version = str(meta.get("resourceVersion", ""))
@@ -263,6 +267,27 @@ def _after_write(
             event.message,
         )
         shared.api.event(job, event)
+
+
+def _announce_runtime_conditions(
+    shared: Shared, memory: JobMemory, job: Mapping[str, Any], status: Mapping[str, Any]
+) -> None:
+    """Events for what the runtime recorded on the ledger since the last pass.
+
+    On a loop's first pass only conditions set after the operator started are news: older
+    ones were announced by the operator that ran then.
+    """
+    seen = memory.runtime_conditions
+    if seen is None:
+        started = format_time(shared.started)
+        seen = {
+            t: mark
+            for t, mark in transitions.runtime_condition_marks(status).items()
+            if mark[0] < started
+        }
+    for event in transitions.runtime_events(seen, status):
+        shared.api.event(job, event)
+    memory.runtime_conditions = transitions.runtime_condition_marks(status)
 
 
 async def _run_attempt(

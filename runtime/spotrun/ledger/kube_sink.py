@@ -8,7 +8,8 @@ Why a JSON patch: the pod's ServiceAccount may only `patch` its own job's status
 `get`), so it cannot read, check and write. The fence therefore travels inside the
 request: a `test` of `/status/attempt` (spotrun.ledger.status.json_patch) makes the API server
 refuse the whole patch when the group was restarted meanwhile, and a CEL transition rule
-on the CRD refuses a `latestCheckpoint.step` lower than the recorded one. Both come back
+on the CRD refuses a `latestCheckpoint.seq` lower than the recorded one (unless it names
+the one it replaces in `fellBackFrom`: a resume that fell back past a corrupt checkpoint). Both come back
 as HTTP 422 and become `spotrun.ledger.status.FencingError`. Transient failures (connection
 errors, 429, 5xx) are retried with backoff; anything else is a KubeSinkError that says
 what the API server answered.
@@ -36,6 +37,7 @@ from spotrun.ledger.status import (
     completion,
     json_patch,
     last_metrics,
+    resumed_fields,
 )
 from spotrun.lifecycle.times import format_time
 from spotrun.store.manifest import Commit
@@ -48,6 +50,7 @@ VERSION = "v1alpha1"
 PLURAL = "trainjobs"
 JSON_PATCH = "application/json-patch+json"
 CHECKPOINT_CORRUPT = "CheckpointCorrupt"
+LEDGER_REPAIRED = "LedgerRepaired"
 # A CheckpointCorrupt condition is looked for among the first few conditions only: the
 # operator writes at most five types, so this bounds the search with room to spare.
 MAX_CONDITIONS = 16
@@ -132,17 +135,37 @@ class KubernetesSink:
         self._patch(json_patch({}, self.attempt, fields))
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
-        """Sets condition CheckpointCorrupt=True, keeping the list free of duplicates.
+        self._set_condition(CHECKPOINT_CORRUPT, "FellBack", message, time)
+
+    def resumed(
+        self,
+        commit: Commit,
+        retention: Retention,
+        entries: Sequence[Mapping[str, Any]],
+        *,
+        replaced: str | None,
+        reason: str,
+        message: str,
+        time: float,
+    ) -> None:
+        # One patch for the lists and the latest: the CRD lets latestCheckpoint go back
+        # only when its fellBackFrom names the one it replaces.
+        self._patch(json_patch({}, self.attempt, resumed_fields(commit, retention, entries, replaced)))
+        type_ = CHECKPOINT_CORRUPT if reason == "FellBack" else LEDGER_REPAIRED
+        self._set_condition(type_, reason, message, time)
+
+    def _set_condition(self, type_: str, reason: str, message: str, time: float) -> None:
+        """Sets condition `type_`=True, keeping the list free of duplicates.
 
         The sink cannot read the conditions, and a JSON patch addresses list items by
         index, so it appends first; the CRD declares conditions a map keyed by type, so
-        an append of a second CheckpointCorrupt is refused, and the sink then finds the
+        an append of a second one of a type is refused, and the sink then finds the
         existing one by testing each index's type, and rewrites it in place.
         """
         condition = {
-            "type": CHECKPOINT_CORRUPT,
+            "type": type_,
             "status": "True",
-            "reason": "FellBack",
+            "reason": reason,
             "message": message,
             "lastTransitionTime": format_time(time),
         }
@@ -156,11 +179,7 @@ class KubernetesSink:
         self._check_fence()
         for i in range(MAX_CONDITIONS):
             item = f"/status/conditions/{i}"
-            is_ours: dict[str, Any] = {
-                "op": "test",
-                "path": f"{item}/type",
-                "value": CHECKPOINT_CORRUPT,
-            }
+            is_ours: dict[str, Any] = {"op": "test", "path": f"{item}/type", "value": type_}
             # Already True: only the reason and message change; lastTransitionTime stays.
             already_true: dict[str, Any] = {"op": "test", "path": f"{item}/status", "value": "True"}
             reword: list[dict[str, Any]] = [
@@ -204,7 +223,7 @@ class KubernetesSink:
             raise FencingError(
                 f"the API server refused the status write of TrainJob "
                 f"{self.namespace}/{self.job} for attempt {self.attempt}: {answer.message} "
-                "(the group was restarted as a newer attempt, or the checkpoint step would go down)"
+                "(the group was restarted as a newer attempt, or the recorded checkpoint would go back)"
             )
         hint = {
             401: "the ServiceAccount token is not valid (expired or revoked)",

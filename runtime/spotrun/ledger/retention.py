@@ -33,8 +33,16 @@ class Retention:
 
 
 def score_of(metrics: Mapping[str, Any], attribute: str) -> float | None:
-    """The score a checkpoint reported, or None when it reported none (or not a number)."""
-    value = metrics.get(attribute)
+    """The score a checkpoint reported, or None when it reported none (or not a number).
+
+    As in Ray, a nested metric is named by its path joined with "/": `val/acc` is
+    metrics["val"]["acc"] (a key spelled "val/acc" itself is found first).
+    """
+    value: Any = metrics.get(attribute)
+    if value is None and "/" in attribute:
+        value = metrics
+        for part in attribute.split("/"):
+            value = value.get(part) if isinstance(value, Mapping) else None
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     if math.isnan(value):
@@ -43,7 +51,7 @@ def score_of(metrics: Mapping[str, Any], attribute: str) -> float | None:
 
 
 def rank_by_score(candidates: Sequence[Candidate], attribute: str, order: str) -> list[Candidate]:
-    """Scored candidates, best first; ties go to the newer checkpoint."""
+    """Scored candidates, best first; ties go to the newer checkpoint. Unscored ones are left out."""
     scored = [(score_of(c.metrics, attribute), c) for c in candidates]
     sign = -1.0 if order == "max" else 1.0
     ranked = sorted(
@@ -67,7 +75,11 @@ def plan_retention(candidates: Sequence[Candidate], settings: CheckpointSettings
     if limit is None:
         keep = {c.seq for c in by_seq}
     elif settings.score_attribute:
-        keep = set(best)
+        # Checkpoints without the score rank below every scored one (newest first), so a
+        # run whose code never reports the score still keeps numToKeep checkpoints.
+        scored = {c.seq for c in ranked}
+        unscored = [c.seq for c in reversed(by_seq) if c.seq not in scored]
+        keep = set(([c.seq for c in ranked] + unscored)[:limit])
     else:
         keep = {c.seq for c in by_seq[-limit:]}
     keep.add(latest)

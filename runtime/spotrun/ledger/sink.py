@@ -13,12 +13,20 @@ import fcntl
 import importlib
 import json
 import os
+import random
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from spotrun.ledger.retention import Retention
-from spotrun.ledger.status import check_fence, commit_fields, completion, last_metrics
-from spotrun.lifecycle.conditions import CHECKPOINT_CORRUPT, set_condition
+from spotrun.ledger.status import (
+    check_fence,
+    commit_fields,
+    completion,
+    last_metrics,
+    resumed_fields,
+)
+from spotrun.lifecycle.conditions import CHECKPOINT_CORRUPT, LEDGER_REPAIRED, set_condition
 from spotrun.store import layout, storage
 from spotrun.store.manifest import Commit
 
@@ -41,6 +49,24 @@ class CheckpointSink(Protocol):
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
         """Records that resuming skipped a corrupt checkpoint (condition CheckpointCorrupt)."""
+
+    def resumed(
+        self,
+        commit: Commit,
+        retention: Retention,
+        entries: Sequence[Mapping[str, Any]],
+        *,
+        replaced: str | None,
+        reason: str,
+        message: str,
+        time: float,
+    ) -> None:
+        """Moves latestCheckpoint to `commit`, the checkpoint an attempt really resumed from.
+
+        `reason` is FellBack (what the ledger named failed verification: condition
+        CheckpointCorrupt) or Rediscovered (storage held a newer committed checkpoint than the
+        ledger named: condition LedgerRepaired); `replaced` is the latestCheckpoint passed over.
+        """
 
 
 def status_file(job_root: str) -> str:
@@ -70,17 +96,48 @@ def read_status_file(url: str) -> dict[str, Any]:
     return raw if isinstance(raw, dict) else {}
 
 
-def update_status_file(url: str, mutate: StatusMutation) -> dict[str, Any]:
-    """Read-modify-write of status.json under a lock (local files); returns the new status.
+# Writers of one job's status.json on a bucket: the supervisor and rank 0. A conflict means
+# the other wrote in between; a few retries with jitter always get through.
+_VERSION_RETRIES = 50
 
-    Local mode's supervisor and rank 0's writer both go through here, so neither loses
-    the other's fields.
+
+def update_status_file(url: str, mutate: StatusMutation) -> dict[str, Any]:
+    """Read-modify-write of status.json that loses no other writer's fields; returns the new status.
+
+    Local mode's supervisor and rank 0's writer both go through here. On local files they
+    take a file lock; on a bucket with object generations (GCS) the write is conditional on
+    the generation that was read, and a conflict reads again and retries.
     """
+    if storage.supports_versions(url):
+        for attempt in range(_VERSION_RETRIES):
+            data, version = storage.read_versioned(url)
+            status = _parse(data)
+            mutate(status)
+            try:
+                storage.write_versioned(url, _encode(status), version)
+                return status
+            except storage.VersionConflict:
+                time.sleep(random.uniform(0, 0.01 * 2 ** min(attempt, 6)))
+        raise OSError(
+            f"{url}: {_VERSION_RETRIES} conflicting writes in a row; is something else "
+            "rewriting the job's status?"
+        )
     with _locked(url):
         status = read_status_file(url)
         mutate(status)
-        storage.write_bytes(url, json.dumps(status, indent=1, sort_keys=True).encode())
+        storage.write_bytes(url, _encode(status))
         return status
+
+
+def _parse(data: bytes | None) -> dict[str, Any]:
+    if data is None:
+        return {}
+    raw = json.loads(data)
+    return raw if isinstance(raw, dict) else {}
+
+
+def _encode(status: Mapping[str, Any]) -> bytes:
+    return json.dumps(status, indent=1, sort_keys=True).encode()
 
 
 class FileStatusSink:
@@ -90,10 +147,10 @@ class FileStatusSink:
         self.url = status_file(job_root)
         self.attempt = attempt
 
-    def _fenced(self, step: int | None, change: StatusMutation) -> None:
+    def _fenced(self, seq: int | None, change: StatusMutation) -> None:
         def mutate(status: dict[str, Any]) -> None:
             status.setdefault("attempt", self.attempt)
-            check_fence(status, self.attempt, step)
+            check_fence(status, self.attempt, seq)
             change(status)
 
         update_status_file(self.url, mutate)
@@ -102,7 +159,29 @@ class FileStatusSink:
         self, commit: Commit, retention: Retention, entries: Sequence[Mapping[str, Any]]
     ) -> None:
         fields = commit_fields({}, commit, retention, entries)
-        self._fenced(commit.manifest.step, lambda status: status.update(fields))
+        self._fenced(commit.manifest.seq, lambda status: status.update(fields))
+
+    def resumed(
+        self,
+        commit: Commit,
+        retention: Retention,
+        entries: Sequence[Mapping[str, Any]],
+        *,
+        replaced: str | None,
+        reason: str,
+        message: str,
+        time: float,
+    ) -> None:
+        fields = resumed_fields(commit, retention, entries, replaced)
+        type_ = CHECKPOINT_CORRUPT if reason == "FellBack" else LEDGER_REPAIRED
+
+        def change(status: dict[str, Any]) -> None:
+            status.update(fields)
+            status["conditions"] = set_condition(
+                status.get("conditions", []), type_, True, reason, message, now=time
+            )
+
+        self._fenced(None, change)
 
     def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
         self._fenced(
@@ -143,6 +222,19 @@ class NullSink:
         return None
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
+        return None
+
+    def resumed(
+        self,
+        commit: Commit,
+        retention: Retention,
+        entries: Sequence[Mapping[str, Any]],
+        *,
+        replaced: str | None,
+        reason: str,
+        message: str,
+        time: float,
+    ) -> None:
         return None
 
 

@@ -20,10 +20,15 @@ RUNTIME_FIELDS = ("latestCheckpoint", "checkpoints", "bestCheckpoints", "lastMet
 
 
 class FencingError(RuntimeError):
-    """The status refused a write: the writer is of an older attempt, or the step would go down."""
+    """The status refused a write: the writer is of an older attempt, or the ledger would go back."""
 
 
-def check_fence(status: Mapping[str, Any], attempt: int, step: int | None = None) -> None:
+def check_fence(status: Mapping[str, Any], attempt: int, seq: int | None = None) -> None:
+    """Refuses a writer of another attempt, and a checkpoint older than the recorded one.
+
+    Checkpoints are ordered by spotrun's own sequence number (ckpt-NNNNNN), which only
+    grows, never by a step or any other metric the training code reports.
+    """
     current = int(status.get("attempt", 0) or 0)
     if current != attempt:
         raise FencingError(
@@ -31,9 +36,10 @@ def check_fence(status: Mapping[str, Any], attempt: int, step: int | None = None
             "an older incarnation of the group may not record checkpoints"
         )
     latest = status.get("latestCheckpoint") or {}
-    if step is not None and "step" in latest and int(latest["step"]) > step:
+    if seq is not None and "seq" in latest and int(latest["seq"]) > seq:
         raise FencingError(
-            f"status.latestCheckpoint.step is {latest['step']}; recording step {step} would make it go down"
+            f"status.latestCheckpoint is ckpt-{int(latest['seq']):06d}; recording the older "
+            f"ckpt-{seq:06d} would make it go down"
         )
 
 
@@ -60,6 +66,26 @@ def commit_fields(
             commit.manifest.metrics, commit.manifest.step, commit.manifest.time
         ),
     }
+
+
+def resumed_fields(
+    commit: Commit,
+    retention: Retention,
+    entries: Sequence[Mapping[str, Any]],
+    replaced: str | None,
+) -> dict[str, Any]:
+    """The runtime's fields once an attempt resumed from `commit` instead of what the ledger named.
+
+    `replaced` is the latestCheckpoint it passed over (it failed verification): it is kept
+    as `latestCheckpoint.fellBackFrom`, which is also what lets the API server accept a
+    latestCheckpoint older than the recorded one. `entries` hold only checkpoints still
+    believed good, so the lists drop the corrupt ones.
+    """
+    fields = commit_fields({}, commit, retention, entries)
+    fields.pop("lastMetrics")
+    if replaced is not None:
+        fields["latestCheckpoint"]["fellBackFrom"] = replaced
+    return fields
 
 
 def last_metrics(metrics: Mapping[str, Any], step: int, time: float) -> dict[str, Any]:

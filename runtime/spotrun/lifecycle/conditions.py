@@ -20,8 +20,10 @@ FAILED = "Failed"
 SUSPENDED = "Suspended"
 PODS_READY = "PodsReady"
 CHECKPOINT_CORRUPT = "CheckpointCorrupt"
+LEDGER_REPAIRED = "LedgerRepaired"
 
-# The condition types the policy writes; the runtime owns CheckpointCorrupt.
+# The condition types the policy writes; the runtime owns CheckpointCorrupt and
+# LedgerRepaired (an attempt resumed from a committed checkpoint the status did not name).
 POLICY_TYPES = (RUNNING, SUCCEEDED, FAILED, SUSPENDED, PODS_READY)
 
 # metav1.Condition's pattern for `reason`; the API server rejects the whole status

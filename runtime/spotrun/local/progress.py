@@ -374,6 +374,9 @@ def summary_lines(
     else:
         head.append(("checkpoints", "none committed"))
     head.append(("interruptions", _interruptions_total(status)))
+    for cond in status.get("conditions") or []:
+        if cond.get("type") in LEDGER_CONDITIONS and cond.get("status") == "True":
+            head.append((LEDGER_CONDITIONS[str(cond["type"])], str(cond.get("message", ""))))
     table: list[list[str]] = []
     paid = costs(status, training_started)
     for i, cost in enumerate(paid, 1):
@@ -409,6 +412,9 @@ def summary_lines(
     tail_rows.append(("status", status_path))
     return head, table, tail_rows
 
+
+# The runtime's conditions about the ledger, as the summary labels them.
+LEDGER_CONDITIONS = {"CheckpointCorrupt": "fell back", "LedgerRepaired": "ledger repaired"}
 
 INTERRUPTION_COLUMNS = (
     "#",

@@ -59,9 +59,15 @@ from spotrun.lifecycle import (
     format_time,
     plan,
 )
-from spotrun.local import _fault_worker, faults
+from spotrun.local import _fault_worker, faults, ownership
 from spotrun.local.observe import ReplicaFacts, describe_exit, observe
-from spotrun.local.progress import Display, Snapshot, make_display, print_summary
+from spotrun.local.progress import (
+    LEDGER_CONDITIONS,
+    Display,
+    Snapshot,
+    make_display,
+    print_summary,
+)
 from spotrun.local.trainjob import TrainJob, TrainJobError, load_trainjob
 from spotrun.store import layout
 
@@ -264,7 +270,9 @@ class LocalRun:
         *,
         storage: str,
         cwd: str,
+        owned: ownership.Ownership | None = None,
     ) -> None:
+        self.owned = owned
         self.job = job
         self.options = options
         self.display = display
@@ -324,6 +332,8 @@ class LocalRun:
         if self.interrupted > 1:
             for replica in self.replicas:
                 replica.kill()
+        if self.owned is not None:
+            self.owned.renew(now)  # a lease on a bucket; JobOwnedError ends the run
         for replica in self.replicas:
             replica.enforce(now)
             if replica.poll():
@@ -550,6 +560,10 @@ class LocalRun:
             )
         if status.get("state") != before.get("state"):
             self.display.event(now, f"state {status.get('state')}{_state_reason(status)}")
+        for type_, label in LEDGER_CONDITIONS.items():
+            new, old = _find_condition(status, type_), _find_condition(before, type_)
+            if new.get("status") == "True" and new.get("message") != old.get("message"):
+                self.display.event(now, f"{label}: {new.get('message')}")
 
     def _snapshot(self, now: float) -> Snapshot:
         schedule = self.schedule
@@ -625,6 +639,14 @@ def _latest_uri(status: Mapping[str, Any]) -> str | None:
 def _short(uri: str | None) -> str:
     """The checkpoint's folder name (ckpt-000012) for messages; the whole URI is in status."""
     return (uri or "").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _find_condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == type_:
+            found: Mapping[str, Any] = cond
+            return found
+    return {}
 
 
 def _state_reason(status: Mapping[str, Any]) -> str:
@@ -792,22 +814,32 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         live=args.live,
     )
+    held: ownership.Ownership | None = None
     try:
         _check(job, options)
         storage = storage_url(options.storage, job.checkpoint.storage)
         root = layout.job_root(storage, job.namespace, job.name)
+        held = ownership.acquire(root)
         note = prepare_folder(root, job, time.time())
-    except (LocalRunError, OSError) as err:
+    except (LocalRunError, ownership.JobOwnedError, OSError) as err:
+        if held is not None:
+            held.release()
         print(f"{LOG_PREFIX} error: {err}", file=sys.stderr)
         return 2
 
     display = make_display(live=options.live)
-    run = LocalRun(job, options, display, storage=storage, cwd=os.getcwd())
-    with display:
-        if note:
-            display.event(time.time(), note)
-        display.event(time.time(), _banner(job, options, run))
-        status = run.run()
+    run = LocalRun(job, options, display, storage=storage, cwd=os.getcwd(), owned=held)
+    try:
+        with display:
+            if note:
+                display.event(time.time(), note)
+            display.event(time.time(), _banner(job, options, run))
+            status = run.run()
+    except ownership.JobOwnedError as err:
+        print(f"{LOG_PREFIX} error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        held.release()
     print_summary(
         status,
         job=job.name,

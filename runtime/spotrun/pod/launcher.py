@@ -40,9 +40,9 @@ LOG_PREFIX = "[spotrun launch]"
 GRACE_SECONDS_ENV = "SPOTRUN_GRACE_SECONDS"
 DEFAULT_GRACE_SECONDS = 25.0
 
-# When a worker fails the group is dead (collectives need every rank), so the others only
-# get a moment to flush their logs before they are killed: restart sooner, lose nothing.
-TEARDOWN_GRACE_SECONDS = 5.0
+# When a worker fails the group is dead (collectives need every rank), but a checkpoint the
+# training reported before the failure is still being written: the others get the grace
+# period to commit it (a worker with nothing in flight exits at once), then SIGKILL.
 
 FUNCTION_WORKER_MODULE = "spotrun.train._function_worker"
 
@@ -268,7 +268,7 @@ class _Supervisor:
         running = self._running()
         if not running:
             return
-        grace = min(self.grace_seconds, TEARDOWN_GRACE_SECONDS)
+        grace = self.grace_seconds
         _log(
             f"rank {failed.rank} failed: stopping the other worker(s) "
             f"(ranks {_ranks(running)}); SIGKILL in {grace:g}s"

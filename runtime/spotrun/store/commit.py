@@ -184,6 +184,17 @@ class CheckpointStore:
             out.append(Commit(uri=self.uri(seq), manifest=manifest, manifest_sha256=sha))
         return sorted(out, key=lambda c: c.manifest.seq)
 
+    def uncommitted(self, below: int) -> list[int]:
+        """Checkpoint folders numbered below `below` that hold no manifest (half-written)."""
+        out = []
+        for name in storage.list_names(self.root):
+            seq = layout.parse_checkpoint_name(name)
+            if seq is None or seq >= below:
+                continue
+            if not storage.exists(layout.join(self.uri(seq), layout.MANIFEST)):
+                out.append(seq)
+        return sorted(out)
+
     def verify(self, seq: int, ranks: Iterable[int] | None = None) -> Verified:
         """Reads every file of checkpoint seq (or only those of `ranks`) and checks it."""
         try:

@@ -199,7 +199,7 @@ def build_manifest(
         world_size=world_size,
         time=time,
         files=files,
-        metrics=dict(metrics or {}),
+        metrics=json_metrics(metrics or {}),
         runtime=dict(runtime or {}),
     )
 
@@ -229,14 +229,24 @@ class Commit:
 
 
 def json_metrics(metrics: Mapping[str, Any]) -> dict[str, Any]:
-    """Metrics as JSON values: numbers and strings kept, anything else turned to its repr."""
-    out: dict[str, Any] = {}
-    for key, value in metrics.items():
-        if isinstance(value, bool | int | str) or value is None:
-            out[str(key)] = value
-        elif isinstance(value, float):
-            out[str(key)] = value if value == value and abs(value) != float("inf") else str(value)
-        else:
-            item = getattr(value, "item", None)
-            out[str(key)] = json_metrics({"v": item()})["v"] if callable(item) else repr(value)
-    return out
+    """Metrics as JSON values: numbers, strings and nested mappings and lists kept (a tensor's
+    or numpy scalar's value taken), anything else turned to its repr."""
+    return {str(key): _json_value(value) for key, value in metrics.items()}
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, bool | int | str) or value is None:
+        return value
+    if isinstance(value, float):
+        return value if value == value and abs(value) != float("inf") else str(value)
+    if isinstance(value, Mapping):
+        return json_metrics(value)
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return _json_value(item())
+        except (TypeError, ValueError, RuntimeError):  # a tensor of more than one element
+            pass
+    return repr(value)

@@ -336,3 +336,65 @@ def remove_tree(url: str) -> None:
     invalidate = getattr(fs, "invalidate_cache", None)
     if callable(invalidate):
         invalidate(path)
+
+
+# --- versioned records: read-modify-write without a lock -------------------------------------
+
+
+class VersionConflict(Exception):
+    """The object changed (or appeared) since it was read: read it again and retry."""
+
+
+def supports_versions(url: str) -> bool:
+    """Whether `url`'s storage can refuse a write to an object that changed since it was read.
+
+    Google Cloud Storage can (generation preconditions); local files are locked instead.
+    """
+    fs, _ = filesystem(url)
+    return _is_gcs(fs)
+
+
+def read_versioned(url: str) -> tuple[bytes | None, int]:
+    """An object's bytes and its version (0 and None when it does not exist), in one request."""
+    fs, path = filesystem(url)
+    if not _is_gcs(fs):
+        raise NotImplementedError(f"{url}: no object versions on this storage")
+    bucket, key, _ = fs.split_path(path)
+    try:
+        headers, data = fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
+    except FileNotFoundError:
+        return None, 0
+    generation = headers.get("x-goog-generation") or headers.get("X-Goog-Generation")
+    if generation is None:
+        raise OSError(f"{url}: the storage answered without the object's generation")
+    return bytes(data), int(generation)
+
+
+def write_versioned(url: str, data: bytes, version: int) -> None:
+    """Writes `data` only if the object is still at `version` (0: only if it does not exist).
+
+    Raises VersionConflict when another writer got there first.
+    """
+    fs, path = filesystem(url)
+    if not _is_gcs(fs):
+        raise NotImplementedError(f"{url}: no object versions on this storage")
+    bucket, key, _ = fs.split_path(path)
+    try:
+        fs.call(
+            "POST",
+            f"{fs._location}/upload/storage/v1/b/{{}}/o",
+            bucket,
+            uploadType="media",
+            name=key,
+            ifGenerationMatch=str(version),
+            headers={"Content-Type": "application/json"},
+            data=data,
+            json_out=True,
+        )
+    except FileExistsError:  # gcsfs's name for HTTP 412 Precondition Failed
+        raise VersionConflict(f"{url} changed since version {version}") from None
+    fs.invalidate_cache(path)
+
+
+def _is_gcs(fs: Any) -> bool:
+    return type(fs).__name__ in ("GCSFileSystem", "ExtendedGcsFileSystem")

@@ -31,8 +31,10 @@ from spotrun.store import layout
 from spotrun.store.commit import CheckpointStore, Verified, split_uri
 from spotrun.store.manifest import CheckpointKind
 from spotrun.store.tree import flatten, nbytes, partition
+from spotrun.train import resume
 from spotrun.train.cadence import Cadence
 from spotrun.train.checkpoint import Checkpoint, _Committed
+from spotrun.train.resume import ResumeChoice
 from spotrun.train.writer import WriterClient, WriterConfig
 
 log = logging.getLogger("spotrun")
@@ -109,13 +111,16 @@ class Session:
         self._pending: list[int] = []
         self._stateful: dict[str, Stateful] = {}
         self._last_progress = 0.0
+        self._last_report: tuple[dict[str, Any], int, float] | None = None
+        self._recorded_step: int | None = None
         self._closed = False
 
         if world_size > 1 and not dist.is_initialized():
             from spotrun.train import group
 
             group.init_process_group()
-        self._next_seq, self._resume, problems = self._agree_on_start()
+        self._next_seq, self._resume, choice = self._agree_on_start()
+        self._first_seq = self._next_seq
         self._step = self._resume.verified.manifest.step + 1 if self._resume else 0
         resumed_state = self._resume.verified.manifest.runtime if self._resume else {}
         self._resumed_stateful: dict[str, Any] = dict(resumed_state.get("stateful", {}))
@@ -130,13 +135,22 @@ class Session:
                 namespace=contract.namespace,
                 settings=self.settings,
                 sink=contract.status_sink,
+                first_seq=self._next_seq,
+                resumed_seq=(
+                    self._resume.verified.manifest.seq
+                    if self._resume and self._resume.store.root == self.root
+                    else None
+                ),
+                corrupt=tuple(
+                    split_uri(uri)[1]
+                    for uri, _ in (choice.corrupt if choice else ())
+                    if split_uri(uri)[0] == self.root
+                ),
             ),
             background=self.settings.async_save,
         )
-        if problems and rank == 0:
-            message = "resumed from an earlier checkpoint: " + "; ".join(problems)
-            log.error(message)
-            self.writer.submit("corrupt", detached=True, message=message, time=time.time())
+        if rank == 0 and choice is not None and (choice.corrupt or choice.rediscovered):
+            self._repair_ledger(choice)
         self._install_notice_handler()
         self._failing = False
         self._chain_excepthook()
@@ -144,23 +158,18 @@ class Session:
 
     # --- start-up agreement ------------------------------------------------------------------
 
-    def _agree_on_start(self) -> tuple[int, _Committed | None, list[str]]:
+    def _agree_on_start(self) -> tuple[int, _Committed | None, ResumeChoice | None]:
         """Rank 0 picks the next sequence number and the verified resume point; all follow it."""
         rank = self.context.world_rank
-        verified: Verified | None = None
+        choice: ResumeChoice | None = None
         info: dict[str, Any] = {}
         if rank == 0:
             highest = self.store.highest_seq()
+            choice = resume.choose(self.store, self.contract.resume_from)
             info = {
                 "next_seq": 0 if highest is None else highest + 1,
-                "resume": None,
-                "problems": [],
+                "resume": choice.verified.uri if choice.verified else None,
             }
-            if self.contract.resume_from:
-                root, seq = split_uri(self.contract.resume_from)
-                store = self.store if root == self.root else CheckpointStore(root)
-                verified, info["problems"] = store.resolve(seq)
-                info["resume"] = verified.uri
         if self.context.world_size > 1:
             box = [info]
             dist.broadcast_object_list(box, src=0)
@@ -169,14 +178,39 @@ class Session:
         if info["resume"]:
             root, seq = split_uri(info["resume"])
             store = self.store if root == self.root else CheckpointStore(root)
-            if verified is None:
+            if choice is not None and choice.verified is not None:
+                verified = choice.verified
+            else:
                 manifest, sha = store.read_manifest(seq)
                 verified = Verified(uri=info["resume"], manifest=manifest, manifest_sha256=sha)
             committed = _Committed(store, verified, rank, self.context.world_size)
             log.info(
                 "rank %d resumes from %s (step %d)", rank, verified.uri, verified.manifest.step
             )
-        return int(info["next_seq"]), committed, list(info["problems"])
+        return int(info["next_seq"]), committed, choice
+
+    def _repair_ledger(self, choice: ResumeChoice) -> None:
+        """Moves the status to the checkpoint this attempt really resumes from, and says why.
+
+        Waited for: checkpoints this attempt commits are fenced against the ledger's latest,
+        so the ledger must name the resume point first.
+        """
+        message = choice.message()
+        log.error("rank 0: %s", message)
+        verified = choice.verified
+        job = self.writer.submit(
+            "resumed",
+            uri=verified.uri if verified else None,
+            replaced=choice.named if choice.fell_back else None,
+            corrupt=[uri for uri, _ in choice.corrupt],
+            reason="FellBack" if choice.corrupt else "Rediscovered",
+            message=message,
+            time=time.time(),
+        )
+        try:
+            self.writer.wait(job, timeout=120)
+        except Exception as err:  # the run goes on; a later commit records the newer state
+            log.error("rank 0: could not repair the status: %s", err)
 
     # --- notices ----------------------------------------------------------------------------
 
@@ -239,23 +273,29 @@ class Session:
         self._pending = [job for job in self._pending if not self.writer.collect(job)]
         rank, world = self.context.world_rank, self.context.world_size
         flags = [1.0 if self._notice else 0.0] + [0.0] * world
-        flags[1 + rank] = 1.0 if checkpoint is not None else 0.0
+        flags[1 + rank] = float(_KIND_CODES[_kind_of(checkpoint)]) if checkpoint else 0.0
         agreed = self._all_reduce(flags)
         notice = agreed[0] > 0 or (self._agreed_step == self._step and self._agreed_notice)
         writers = [r for r in range(world) if agreed[1 + r] > 0]
-
-        raw_step = metrics.get("step")
-        step = (
-            raw_step if isinstance(raw_step, int) and not isinstance(raw_step, bool) else self._step
+        kind = _agreed_kind(
+            {r: int(agreed[1 + r]) for r in writers}, world, self.settings.keep_all_ranks
         )
+
+        # spotrun's own count of reports: it orders checkpoints and resumes, whatever the
+        # training code reports (a metric named "step" is a metric like any other).
+        step = self._step
         self._step = step + 1
         now = time.time()
+        self._last_report = (dict(metrics), step, now)
 
         if writers:
-            self._save(step, dict(metrics), checkpoint, writers, now)
+            assert kind is not None
+            self._save(step, dict(metrics), checkpoint, writers, kind, now)
             self.cadence.observe(time.monotonic() - started, time.monotonic())
+            self._recorded_step = step
         elif rank == 0 and now - self._last_progress >= PROGRESS_INTERVAL_SECONDS:
             self._last_progress = now
+            self._recorded_step = step
             self.writer.submit(
                 "progress", detached=True, metrics=dict(metrics), step=step, time=now
             )
@@ -267,6 +307,7 @@ class Session:
             self._notice = True
             if writers or self._notice_offered:
                 self.flush()
+                self._record_last_metrics()
                 log.warning("rank %d: preemption notice honoured at step %d; exiting", rank, step)
                 raise SystemExit(pod.EXIT_PREEMPTED)
 
@@ -276,20 +317,18 @@ class Session:
         metrics: dict[str, Any],
         checkpoint: Checkpoint | None,
         writers: list[int],
+        kind: CheckpointKind,
         now: float,
     ) -> None:
         rank = self.context.world_rank
         seq = self._next_seq
         self._next_seq += 1
-        kind: CheckpointKind
         if checkpoint is not None and checkpoint._sharded is not None:
-            kind = "dcp"
             from spotrun.store import sharded
 
             written = sharded.save(self.store.uri(seq), checkpoint._sharded, rank)
             self._pending.append(self.writer.submit("record_files", seq=seq, paths=written))
         elif checkpoint is not None and checkpoint._directory is not None:
-            kind = "directory"
             staging = tempfile.mkdtemp(prefix="spotrun-stage-")
             shutil.copytree(checkpoint._directory, staging, dirs_exist_ok=True)
             files = {
@@ -305,19 +344,15 @@ class Session:
         elif checkpoint is not None:
             data = checkpoint.to_dict()
             skeleton, tensors = flatten(data)
-            if self.settings.keep_all_ranks:
-                kind = "per-rank"
+            if kind == "per-rank":
                 mine = dict(enumerate(tensors))
                 job = self.writer.save(seq, kind, skeleton, mine)
             else:
-                kind = "replicated"
                 parts = partition([nbytes(t) for t in tensors], writers)
                 mine = {i: tensors[i] for i in parts[rank]}
                 job = self.writer.save(seq, kind, skeleton if rank == writers[0] else None, mine)
             if not self.writer.background:
                 self._pending.append(job)
-        else:
-            kind = "per-rank" if self.settings.keep_all_ranks else "replicated"
         if rank == 0:
             runtime = {"stateful": {name: obj.state_dict() for name, obj in self._stateful.items()}}
             self._pending.append(
@@ -335,12 +370,31 @@ class Session:
         if not self.settings.async_save:
             self.flush()
 
-    def flush(self) -> None:
+    def flush(self, timeout: float | None = None) -> None:
         """Waits until every save this rank started is written (and on rank 0, committed)."""
-        self.writer.drain_save()
+        deadline = None if timeout is None else time.monotonic() + timeout
+
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+        self.writer.drain_save(left())
         pending, self._pending = self._pending, []
         for job in pending:
-            self.writer.wait(job)
+            self.writer.wait(job, left())
+
+    def _record_last_metrics(self, timeout: float | None = None) -> None:
+        """Rank 0: the status's lastMetrics becomes the last report, if progress was throttled."""
+        if self.context.world_rank != 0 or self._last_report is None:
+            return
+        metrics, step, now = self._last_report
+        if self._recorded_step == step:
+            return
+        self._recorded_step = step
+        job = self.writer.submit("progress", metrics=metrics, step=step, time=now)
+        try:
+            self.writer.wait(job, timeout)
+        except Exception as err:  # a status write is not worth failing the exit for
+            log.warning("rank 0: could not record the last metrics: %s", err)
 
     def finish(self) -> None:
         """The training function returned: flush and stop the writer.
@@ -355,15 +409,93 @@ class Session:
             return
         self._closed = True
         if self._failing:
-            self.writer.close(timeout=0)
+            # A checkpoint the code reported before it failed is still committed and recorded,
+            # within a bound: ranks that died with it would otherwise hold the exit forever.
+            bound = _failure_flush_seconds()
+            log.error(
+                "rank %d: the training failed; committing what it reported first (up to %gs)",
+                self.context.world_rank,
+                bound,
+            )
+            try:
+                self.flush(timeout=bound)
+                self._record_last_metrics(timeout=5)
+            except Exception as err:
+                log.error(
+                    "rank %d: the checkpoint reported before the failure was not committed: %s",
+                    self.context.world_rank,
+                    err,
+                )
+            self.writer.close(timeout=5)
             return
         try:
             self.flush()
+            self._record_last_metrics()
         except Exception as err:
             log.error(
                 "rank %d: a checkpoint did not finish before exit: %s", self.context.world_rank, err
             )
         self.writer.close()
+
+
+class CheckpointKindError(ValueError):
+    """The ranks passed different kinds of checkpoint to the same report()."""
+
+
+_KIND_CODES: dict[str, int] = {"dict": 1, "directory": 2, "dcp": 3}
+_KIND_NAMES = {code: name for name, code in _KIND_CODES.items()}
+
+
+def _kind_of(checkpoint: Checkpoint | None) -> str:
+    if checkpoint is None:
+        return "none"
+    if checkpoint._sharded is not None:
+        return "dcp"
+    if checkpoint._directory is not None:
+        return "directory"
+    return "dict"
+
+
+def _agreed_kind(
+    codes: Mapping[int, int], world: int, keep_all_ranks: bool
+) -> CheckpointKind | None:
+    """The checkpoint kind of one report, from what each writing rank passed (rank -> code).
+
+    Any rank may carry the checkpoint (rank 0 passing None is fine), but all that carry one
+    must carry the same kind; a sharded one is saved collectively, so every rank passes it.
+    """
+    if not codes:
+        return None
+    kinds = sorted({_KIND_NAMES[c] for c in codes.values()})
+    if len(kinds) > 1:
+        by_kind = {k: [r for r, c in codes.items() if _KIND_NAMES[c] == k] for k in kinds}
+        raise CheckpointKindError(
+            "the ranks passed different kinds of checkpoint to the same report(): "
+            + ", ".join(f"{k} from ranks {v}" for k, v in by_kind.items())
+            + "; pass one kind (Checkpoint.from_dict, from_directory or from_sharded_state_dict)"
+            " from every rank that passes one"
+        )
+    kind = kinds[0]
+    if kind == "dcp":
+        if len(codes) != world:
+            missing = sorted(set(range(world)) - set(codes))
+            raise CheckpointKindError(
+                f"a sharded checkpoint is saved by every rank together, but ranks {missing} "
+                "passed none to this report(); pass Checkpoint.from_sharded_state_dict from all"
+            )
+        return "dcp"
+    if kind == "directory":
+        return "directory"
+    return "per-rank" if keep_all_ranks else "replicated"
+
+
+def _failure_flush_seconds() -> float:
+    """How long a failing worker waits for its reported checkpoint: inside the launcher's grace."""
+    try:
+        grace = float(os.environ.get("SPOTRUN_GRACE_SECONDS", "25"))
+    except ValueError:
+        grace = 25.0
+    return max(1.0, grace - 3.0)
 
 
 _session: Session | None = None

@@ -35,7 +35,7 @@ from spotrun.contract import CheckpointSettings
 from spotrun.ledger.retention import Candidate, plan_retention
 from spotrun.ledger.sink import CheckpointSink, make_sink
 from spotrun.ledger.status import FencingError
-from spotrun.store.commit import CheckpointStore
+from spotrun.store.commit import CheckpointStore, split_uri
 from spotrun.store.manifest import CheckpointKind, Commit, build_manifest
 from spotrun.store.tree import nbytes
 
@@ -58,6 +58,12 @@ class WriterConfig:
     settings: CheckpointSettings = field(default_factory=CheckpointSettings)
     sink: str | None = None
     commit_timeout: float = 1800.0
+    # What this attempt found at its start, for retention's accounting: the first sequence
+    # number it writes, the checkpoint of its own job it resumed from (None: none), and the
+    # committed checkpoints that failed verification.
+    first_seq: int = 0
+    resumed_seq: int | None = None
+    corrupt: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -129,20 +135,82 @@ class Worker:
             runtime=runtime,
         )
         commit = self.store.commit(manifest)
-        committed = self.store.committed()
-        candidates = [
-            Candidate(c.manifest.seq, c.manifest.step, c.manifest.metrics) for c in committed
-        ]
-        retention = plan_retention(candidates, self.config.settings)
+        committed = self._good(self.store.committed())
+        retention = plan_retention(_candidates(committed), self.config.settings)
         # The status write comes before any deletion, so the status never points at a deleted
         # checkpoint; a fenced (stale) writer deletes nothing.
         self.sink.record(commit, retention, [c.entry() for c in committed])
         for stale in retention.delete:
+            if not self._accounted(stale):
+                continue
             try:
                 self.store.delete(stale)
             except OSError as err:  # a later commit retries retention
                 log.warning("could not delete checkpoint %s yet: %s", self.store.uri(stale), err)
+        self._delete_orphans()
         return commit
+
+    def resumed(
+        self,
+        *,
+        uri: str,
+        replaced: str | None,
+        corrupt: Sequence[str],
+        reason: str,
+        message: str,
+        time: float,
+    ) -> None:
+        """Points the ledger at the checkpoint this attempt resumed from (see train.resume)."""
+        root, seq = split_uri(uri)
+        if root != self.store.root:
+            # Another job's checkpoint (spec.resumeFrom): this job's ledger cannot name it.
+            if reason == "FellBack":
+                self.sink.checkpoint_corrupt(message, time)
+            return
+        manifest, sha = self.store.read_manifest(seq)
+        commit = Commit(uri=uri, manifest=manifest, manifest_sha256=sha)
+        bad = set(corrupt)
+        committed = [c for c in self._good(self.store.committed()) if c.uri not in bad]
+        retention = plan_retention(_candidates(committed), self.config.settings)
+        self.sink.resumed(
+            commit,
+            retention,
+            [c.entry() for c in committed],
+            replaced=replaced,
+            reason=reason,
+            message=message,
+            time=time,
+        )
+
+    def _good(self, committed: Sequence[Commit]) -> list[Commit]:
+        """Committed checkpoints less the ones this attempt found corrupt at its start."""
+        return [c for c in committed if c.manifest.seq not in self.config.corrupt]
+
+    def _accounted(self, seq: int) -> bool:
+        """Whether the ledger accounted for checkpoint seq, so retention may delete it.
+
+        This attempt saw everything up to the checkpoint it resumed from, and writes
+        everything from its first sequence number on. A checkpoint between the two was
+        committed after this attempt chose where to resume (by a writer of an older
+        attempt, finishing late): no ledger has named it yet, so it is kept.
+        """
+        c = self.config
+        if seq >= c.first_seq:
+            return True
+        return c.resumed_seq is not None and seq <= c.resumed_seq
+
+    def _delete_orphans(self) -> None:
+        """Removes half-written checkpoints of earlier attempts: folders with no manifest.
+
+        Only below this attempt's first sequence number: every such folder was begun by an
+        attempt that has ended (or been fenced out), so nothing can still commit it.
+        """
+        for seq in self.store.uncommitted(below=self.config.first_seq):
+            try:
+                self.store.delete(seq)
+                log.info("removed the half-written checkpoint %s", self.store.uri(seq))
+            except OSError as err:
+                log.warning("could not remove %s yet: %s", self.store.uri(seq), err)
 
     def handle(self, op: str, args: dict[str, Any]) -> Any:
         if op == "save":
@@ -158,7 +226,13 @@ class Worker:
             return self.sink.progress(args["metrics"], args["step"], args["time"])
         if op == "corrupt":
             return self.sink.checkpoint_corrupt(args["message"], args["time"])
+        if op == "resumed":
+            return self.resumed(**args)
         raise ValueError(f"unknown writer op {op!r}")
+
+
+def _candidates(committed: Sequence[Commit]) -> list[Candidate]:
+    return [Candidate(c.manifest.seq, c.manifest.step, c.manifest.metrics) for c in committed]
 
 
 class WriterError(RuntimeError):
@@ -304,10 +378,10 @@ class WriterClient:
         self._pending_save = job
         return job
 
-    def drain_save(self) -> None:
+    def drain_save(self, timeout: float | None = None) -> None:
         if self._pending_save is not None:
             job, self._pending_save = self._pending_save, None
-            self.wait(job)
+            self.wait(job, timeout)
 
     def _ensure_buffer(self, size: int) -> None:
         if self._buffer is not None and len(self._buffer) >= size:

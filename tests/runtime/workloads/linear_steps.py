@@ -4,7 +4,9 @@ It trains on this worker's device (spotrun.get_device(): cuda:LOCAL_RANK on a GP
 
 config: steps, checkpoint_every, step_seconds, extra_mb (ballast in the checkpoint),
 kill_after_step/kill_rank (flush, then SIGKILL that rank), kill_before_upload_step (that rank
-SIGKILLs itself right after report() hands over the snapshot), out (rank 0 saves the weights).
+SIGKILLs itself right after report() hands over the snapshot), raise_after_step (every rank
+raises right after that step's report), step_metric (the "step" metric reported at each
+step, by index: training code's own numbering), out (rank 0 saves the weights).
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ for step in range(start, int(cfg["steps"])):
                 "ballast": ballast,
             }
         )
-    spotrun.report({"step": step, "loss": loss.item()}, checkpoint=ckpt)
+    numbering = cfg.get("step_metric")
+    reported = numbering[step] if numbering else step
+    spotrun.report({"step": reported, "loss": loss.item()}, checkpoint=ckpt)
+    if step == cfg.get("raise_after_step"):
+        raise RuntimeError(f"the training code failed after step {step}")
     if step == cfg.get("kill_before_upload_step") and ctx.world_rank == cfg.get("kill_rank", 1):
         os.kill(os.getpid(), signal.SIGKILL)
     if step == cfg.get("kill_after_step"):
