@@ -27,6 +27,11 @@ STATUS_SINK = "SPOTRUN_STATUS_SINK"
 # Set by the operator: after success the launcher keeps the container alive until SIGTERM,
 # since a StatefulSet's restartPolicy Always would otherwise rerun the training.
 HOLD_AFTER_SUCCESS = "SPOTRUN_HOLD_AFTER_SUCCESS"
+# Set from spec.recovery: "warm" lets a pod's launcher keep its workers through a lost member
+# (they re-form the group in place); anything else restarts them with the group.
+RECOVERY = "SPOTRUN_RECOVERY"
+# Set by the launcher for its workers: the file it writes the next group into (warm only).
+GROUP_FILE = "SPOTRUN_GROUP_FILE"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 

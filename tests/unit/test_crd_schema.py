@@ -165,9 +165,10 @@ def test_every_rule_is_mirrored_locally_or_left_to_the_cluster_on_purpose() -> N
 
 
 def test_immutable_fields() -> None:
-    """Every spec field is immutable except suspend, failurePolicy and ttlSecondsAfterFinished."""
+    """Every spec field is immutable except suspend, failurePolicy, ttlSecondsAfterFinished and
+    recovery (how the next preemption is handled: a running group may change its mind)."""
     rules = " ".join(r for p, r in crd_rules() if p == ("spec",))
-    mutable = {"suspend", "failurePolicy", "ttlSecondsAfterFinished"}
+    mutable = {"suspend", "failurePolicy", "ttlSecondsAfterFinished", "recovery"}
     for name in SPEC:
         guarded = f"self.{name} == oldSelf.{name}" in rules
         assert guarded != (name in mutable), name

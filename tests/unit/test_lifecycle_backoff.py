@@ -38,8 +38,10 @@ def test_delay_rejects_bad_arguments(n: int, draw: float) -> None:
         delay(NO_JITTER, n, draw)
 
 
-def entry(at: float, recovered_after: float | None = None) -> dict[str, Any]:
-    e: dict[str, Any] = {"time": format_time(at), "kind": "preemption"}
+def entry(
+    at: float, recovered_after: float | None = None, kind: str = "failure"
+) -> dict[str, Any]:
+    e: dict[str, Any] = {"time": format_time(at), "kind": kind}
     if recovered_after is not None:
         e["secondsToRecover"] = recovered_after
     return e
@@ -55,6 +57,13 @@ CONSECUTIVE: list[tuple[str, list[dict[str, Any]], int]] = [
         [entry(0.0, 10.0), entry(2000.0, 10.0), entry(2100.0, 10.0), entry(2200.0)],
         3,
     ),
+    # Preemptions are the capacity going, not a crash loop: they neither count nor break a run.
+    (
+        "preemptions between failures are skipped",
+        [entry(0.0, 10.0), entry(50.0, 5.0, "preemption"), entry(100.0)],
+        2,
+    ),
+    ("preemptions alone count for nothing", [entry(0.0, 5.0, "preemption")] * 3, 0),
 ]
 
 

@@ -168,13 +168,22 @@ def test_the_policy_restarts_a_group_after_an_injected_kill_and_its_collateral_c
 
     crashed = [facts(0, returncode=1), facts(1, returncode=KILLED, fault="kill")]
     decision = plan(spec, status, observe(crashed, status, now=T0 + 10), jitter=0.0)
-    assert isinstance(decision.actions[0], Wait)
+    # A preemption restarts without backoff; nobody survived, so every replica is new.
+    assert decision.actions == (RestartGroup(2, None, "InjectedKill", T0 + 10),)
     status = decision.status
     assert (status["preemptions"], status["failures"]) == (1, 0)
+    assert status["interruptions"][-1]["reason"] == "InjectedKill"
+    assert status["group"] == {"attempt": 2, "mode": "cold", "replicas": 2, "kept": []}
 
-    decision = plan(spec, status, observe(crashed, status, now=T0 + 12))
-    assert decision.actions == (RestartGroup(2, None, "InjectedKill", T0 + 12),)
-    assert decision.status["interruptions"][-1]["reason"] == "InjectedKill"
+
+def test_the_policy_keeps_the_survivor_of_an_injected_kill() -> None:
+    spec = JobSpec.from_spec({"replicas": 2})
+    status = running_group(spec)
+    killed = [facts(0), facts(1, returncode=KILLED, fault="kill")]
+    decision = plan(spec, status, observe(killed, status, now=T0 + 10), jitter=0.0)
+    assert decision.actions == (RestartGroup(2, None, "InjectedKill", T0 + 10, keep=(0,)),)
+    assert decision.status["group"] == {"attempt": 2, "mode": "warm", "replicas": 2, "kept": [0]}
+    assert decision.status["interruptions"][-1]["recovery"] == "warm"
 
 
 def running_group(spec: JobSpec) -> dict[str, Any]:
@@ -185,9 +194,25 @@ def running_group(spec: JobSpec) -> dict[str, Any]:
 SPEC = JobSpec.from_spec(
     {
         "replicas": 2,
+        "recovery": "Cold",
         "failurePolicy": {"backoff": {"initialSeconds": 1, "maxSeconds": 1, "jitter": 0}},
     }
 )
+
+
+def test_a_warm_recovery_does_not_wait_for_survivors_holding_the_final_checkpoint() -> None:
+    spec = JobSpec.from_spec({"replicas": 2})
+    status = running_group(spec)
+    # Replica 1 got the notice and still writes: wait. Once it is gone, replica 0 (which
+    # holds the final state in memory and stays) is kept at once.
+    committing = [facts(0), facts(1, fault="preempt")]
+    decision = plan(spec, status, observe(committing, status, now=T0 + 10), jitter=0.0)
+    assert [a.reason for a in decision.actions if isinstance(a, Wait)] == [
+        "CommittingFinalCheckpoint"
+    ]
+    done = [facts(0), facts(1, returncode=75, fault="preempt")]
+    decision = plan(spec, decision.status, observe(done, decision.status, now=T0 + 12))
+    assert decision.actions == (RestartGroup(2, None, "InjectedPreemption", T0 + 12, keep=(0,)),)
 
 
 def test_the_policy_waits_while_the_group_commits_its_final_checkpoint() -> None:

@@ -130,6 +130,9 @@ class KubernetesSink:
         fields = {"lastMetrics": last_metrics(metrics, step, time)}
         self._patch(json_patch({}, self.attempt, fields))
 
+    def restored(self, restored: Mapping[str, Any]) -> None:
+        self._patch(json_patch({}, self.attempt, {"restoredFrom": dict(restored)}))
+
     def completed(self, step: int, time: float) -> None:
         fields = {"completion": completion(self.attempt, step, time)}
         self._patch(json_patch({}, self.attempt, fields))

@@ -50,6 +50,9 @@ class CheckpointSink(Protocol):
     def checkpoint_corrupt(self, message: str, time: float) -> None:
         """Records that resuming skipped a corrupt checkpoint (condition CheckpointCorrupt)."""
 
+    def restored(self, restored: Mapping[str, Any]) -> None:
+        """Records where the attempt's state came from (status.restoredFrom)."""
+
     def resumed(
         self,
         commit: Commit,
@@ -188,6 +191,9 @@ class FileStatusSink:
             None, lambda status: status.update(lastMetrics=last_metrics(metrics, step, time))
         )
 
+    def restored(self, restored: Mapping[str, Any]) -> None:
+        self._fenced(None, lambda status: status.update(restoredFrom=dict(restored)))
+
     def completed(self, step: int | None, time: float) -> None:
         self._fenced(
             None, lambda status: status.update(completion=completion(self.attempt, step, time))
@@ -216,6 +222,9 @@ class NullSink:
         return None
 
     def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
+        return None
+
+    def restored(self, restored: Mapping[str, Any]) -> None:
         return None
 
     def completed(self, step: int | None, time: float) -> None:

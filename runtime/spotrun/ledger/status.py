@@ -16,7 +16,14 @@ from spotrun.ledger.retention import Retention
 from spotrun.lifecycle.times import format_time
 from spotrun.store.manifest import Commit, json_metrics
 
-RUNTIME_FIELDS = ("latestCheckpoint", "checkpoints", "bestCheckpoints", "lastMetrics", "completion")
+RUNTIME_FIELDS = (
+    "latestCheckpoint",
+    "checkpoints",
+    "bestCheckpoints",
+    "lastMetrics",
+    "completion",
+    "restoredFrom",
+)
 
 
 class FencingError(RuntimeError):
@@ -86,6 +93,22 @@ def resumed_fields(
     if replaced is not None:
         fields["latestCheckpoint"]["fellBackFrom"] = replaced
     return fields
+
+
+def restored_from(
+    tier: str, *, step: int, seq: int, attempt: int, uri: str | None, time: float
+) -> dict[str, Any]:
+    """`status.restoredFrom`: which tier (memory or bucket) an attempt's state came from."""
+    out: dict[str, Any] = {
+        "tier": tier,
+        "step": step,
+        "seq": seq,
+        "attempt": attempt,
+        "time": format_time(time),
+    }
+    if uri:
+        out["uri"] = uri
+    return out
 
 
 def last_metrics(metrics: Mapping[str, Any], step: int, time: float) -> dict[str, Any]:

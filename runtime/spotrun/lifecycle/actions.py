@@ -26,15 +26,17 @@ class StartGroup:
 class RestartGroup:
     """Replace the group by incarnation `attempt` (already recorded in status.attempt).
 
-    Every replica of another attempt is removed, and the new one resumes from
-    `resume_from`. `reason` is why (the interruption's reason); `not_before` the end of
-    the backoff that preceded it.
+    Every replica of another attempt is removed, except those in `keep` (a warm recovery:
+    the survivors of the previous attempt re-form in place and join `attempt`), and the new
+    ones resume from `resume_from`. `reason` is why (the interruption's reason);
+    `not_before` the end of the backoff that preceded it.
     """
 
     attempt: int
     resume_from: str | None
     reason: str
     not_before: float
+    keep: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

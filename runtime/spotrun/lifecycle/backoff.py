@@ -1,8 +1,10 @@
-"""How long to wait before a group restart: exponential in recent interruptions, jittered.
+"""How long to wait before a group restart after a failure: exponential, jittered.
 
 Restarting at once after a crash turns a bad node or a bad checkpoint into a tight
-loop that hammers the scheduler and the bucket; jitter keeps many jobs preempted
-together from restarting in lockstep. A group that ran steadily for RESET_AFTER_SECONDS
+loop that hammers the scheduler and the bucket; jitter keeps many jobs failing together
+from restarting in lockstep. A preemption restarts without backoff: it is the capacity
+going, not the job failing, and a replacement that cannot be scheduled waits in the
+scheduler, not here. A group that ran steadily for RESET_AFTER_SECONDS
 since its last recovery starts again from the initial delay, as the kubelet's
 crash-loop backoff does.
 """
@@ -33,14 +35,17 @@ def delay(backoff: Backoff, consecutive: int, draw: float) -> float:
 
 
 def consecutive(interruptions: Sequence[Mapping[str, Any]]) -> int:
-    """How many interruptions at the end of the ledger followed each other closely.
+    """How many failures (hangs included) at the end of the ledger followed each other closely.
 
-    Two interruptions are in a row when the second came less than RESET_AFTER_SECONDS
-    after the group recovered from the first (or the first never recovered).
+    Two failures are in a row when the second came less than RESET_AFTER_SECONDS after the
+    group recovered from the first (or the first never recovered). Preemptions are not a
+    crash loop: they are skipped, neither counted nor breaking a run of failures.
     """
     count = 0
     later: float | None = None
     for entry in reversed(interruptions):
+        if entry.get("kind") == "preemption":
+            continue
         if later is not None:
             recovered = entry.get("secondsToRecover")
             if recovered is not None:

@@ -78,13 +78,15 @@ def mark_restarted(
     now: float,
     step: int | None,
     resume_step: int | None,
+    recovery: str = "cold",
 ) -> list[dict[str, Any]]:
     """Entry `index` with its restart time and the steps lost by resuming at `resume_step`.
 
     `step` is the latest progress known at restart (a final checkpoint taken during the
     preemption's grace period may be newer than the progress seen at the interruption).
+    `recovery` says how the group came back: `warm` (survivors kept) or `cold`.
     """
-    fields: dict[str, Any] = {"restartTime": format_time(now)}
+    fields: dict[str, Any] = {"restartTime": format_time(now), "recovery": recovery}
     reached = _max_known(ledger[index].get("step"), step)
     if reached is not None and resume_step is not None:
         fields["stepsLost"] = max(0, reached - resume_step)

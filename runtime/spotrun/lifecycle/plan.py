@@ -48,6 +48,7 @@ from spotrun.lifecycle.classify import (
     classify,
     preemption_of,
 )
+from spotrun.lifecycle.group import GroupRecord
 from spotrun.lifecycle.observation import Observation, ReplicaObservation
 from spotrun.lifecycle.spec import JobSpec
 from spotrun.lifecycle.times import format_time, parse_time
@@ -76,6 +77,7 @@ OWNED_FIELDS = (
     "observedGeneration",
     "restartNotBefore",
     "attemptStartTime",
+    "group",
 )
 
 # Each transition moves a job strictly along the state diagram, so a handful of steps
@@ -189,6 +191,7 @@ class _Step:
                 f"spec.suspend was cleared; attempt {attempt} starts",
             )
         st.update(state=PENDING, attempt=attempt)
+        st["group"] = GroupRecord(attempt, "cold", self.spec.replicas).to_status()
         st.setdefault("startTime", format_time(self.now))
         st.pop("restartNotBefore", None)
         st.pop("attemptStartTime", None)
@@ -218,6 +221,7 @@ class _Step:
         )
         progress = f"{len(up)}/{replicas} replicas of attempt {attempt} running"
         if state == RESTARTING:
+            self._refine_vanished(st, attempt)
             entry = _last_open(st.get("interruptions") or [])
             reason = str(entry.get("reason")) if entry else "Restarting"
             self._condition(st, cond.RUNNING, False, reason, f"restarting: {progress}")
@@ -227,12 +231,30 @@ class _Step:
                 else self.now
             )
             resume = resume_point(self.spec, st)
-            return [RestartGroup(attempt, resume, reason, not_before)] if incomplete else []
+            record = GroupRecord.from_status(st)
+            keep = record.kept if record is not None and record.attempt == attempt else ()
+            return [RestartGroup(attempt, resume, reason, not_before, keep)] if incomplete else []
         st["state"] = PENDING
         self._condition(st, cond.RUNNING, False, "Starting", f"starting: {progress}")
         return [StartGroup(attempt, resume_point(self.spec, st))] if incomplete else []
 
+    def _refine_vanished(self, st: dict[str, Any], attempt: int) -> None:
+        """A replica lost as `Vanished` takes the reason its replacement carries, if one comes.
+
+        A preemption restarts at once, so the pod that replaced the lost one (carrying what
+        the lost one said: a DisruptionTarget, a node shutdown) is often seen only after
+        the restart went out; until the new attempt runs, the ledger can still learn it.
+        """
+        entries = st.get("interruptions") or []
+        index = _last_open_index(entries)
+        if index is None or entries[index].get("reason") != VANISHED:
+            return
+        late = preemption_of(self._group(int(entries[index].get("attempt", attempt - 1))))
+        if late is not None and late.reason != VANISHED:
+            st["interruptions"] = ledger_.reclassify(entries, index, late)
+
     def _running(self, st: dict[str, Any], attempt: int) -> list[Action]:
+        self._fill_steps_lost(st, attempt)
         if st["state"] != RUNNING:
             if st["state"] == RESTARTING:
                 entries = st.get("interruptions") or []
@@ -269,7 +291,13 @@ class _Step:
             now=self.now,
             step=_progress_step(st),
         )
-        wait = delay(self.spec.failure_policy.backoff, consecutive(entries), self.draw())
+        # A preemption is the capacity going, not a crash loop: no backoff (the restart still
+        # waits for a final checkpoint being written, and a replacement for the scheduler).
+        wait = (
+            0.0
+            if interruption.kind == "preemption"
+            else delay(self.spec.failure_policy.backoff, consecutive(entries), self.draw())
+        )
         st.update(
             state=RESTARTING, interruptions=entries, restartNotBefore=format_time(self.now + wait)
         )
@@ -311,7 +339,9 @@ class _Step:
         reason, message = str(entry["reason"]), str(entry.get("message", ""))
 
         until, why = parse_time(str(st["restartNotBefore"])), "Backoff"
-        if entry["kind"] == "preemption" and _committing_final_checkpoint(replicas):
+        if entry["kind"] == "preemption" and _committing_final_checkpoint(
+            replicas, warm=self.spec.recovery == "warm"
+        ):
             # The group is writing its final checkpoint within the grace period; rank 0
             # records it last, so restarting now would fence that checkpoint out.
             drained_by = parse_time(str(entry["time"])) + self.spec.grace_seconds
@@ -331,16 +361,54 @@ class _Step:
 
         latest = st.get("latestCheckpoint") or {}
         resume_step = latest.get("step", None if self.spec.resume_from else 0)
+        keep = self._survivors(replicas) if entry["kind"] == "preemption" else ()
         st["interruptions"] = ledger_.mark_restarted(
             entries,
             index,
             now=self.now,
             step=_progress_step(st),
-            resume_step=None if resume_step is None else int(resume_step),
+            # A warm recovery resumes from the survivors' memory: what it loses is known
+            # only once the group trains again.
+            resume_step=None if keep or resume_step is None else int(resume_step),
+            recovery="warm" if keep else "cold",
         )
         st["attempt"] = attempt + 1
+        st["group"] = GroupRecord(
+            attempt + 1, "warm" if keep else "cold", self.spec.replicas, keep
+        ).to_status()
         st.pop("restartNotBefore")
-        return [RestartGroup(attempt + 1, resume_point(self.spec, st), reason, self.now)]
+        return [RestartGroup(attempt + 1, resume_point(self.spec, st), reason, self.now, keep)]
+
+    def _survivors(self, replicas: Sequence[ReplicaObservation]) -> tuple[int, ...]:
+        """The replicas a warm recovery keeps: running, not preempted, not replacements.
+
+        Empty when the job asks for cold recovery, or when nobody survived (then every
+        replica is new anyway).
+        """
+        if self.spec.recovery != "warm":
+            return ()
+        alive = {
+            r.index
+            for r in replicas
+            if r.phase == "running" and not r.preempted and not r.replaced and r.present
+        }
+        return tuple(sorted(alive)) if len(alive) < self.spec.replicas else ()
+
+    def _fill_steps_lost(self, st: dict[str, Any], attempt: int) -> None:
+        """A warm recovery's steps lost, once the runtime said where the state came from.
+
+        At the restart they are unknown (the survivors' memory may be newer than any
+        checkpoint); status.restoredFrom, written by rank 0 of the new attempt, tells.
+        """
+        restored = st.get("restoredFrom") or {}
+        entries = st.get("interruptions") or []
+        if not entries or restored.get("attempt") != attempt or "step" not in restored:
+            return
+        last = entries[-1]
+        if "stepsLost" in last or last.get("attempt") != attempt - 1 or "step" not in last:
+            return
+        lost = max(0, int(last["step"]) - int(restored["step"]))
+        st["interruptions"] = ledger_.update(entries, len(entries) - 1, stepsLost=lost)
 
     def _fail(self, st: dict[str, Any], verdict: Exhausted) -> list[Action]:
         st.update(state=FAILED, completionTime=format_time(self.now))
@@ -469,7 +537,9 @@ def _last_open(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None
 __all__ = ["FINISHED", "OWNED_FIELDS", "Plan", "plan", "resume_point"]
 
 
-def _committing_final_checkpoint(replicas: Sequence[ReplicaObservation]) -> bool:
+def _committing_final_checkpoint(
+    replicas: Sequence[ReplicaObservation], *, warm: bool = False
+) -> bool:
     """The group is writing the final checkpoint of a preemption notice.
 
     Either a preempted replica still runs (it got the notice), or part of the group already
@@ -481,4 +551,8 @@ def _committing_final_checkpoint(replicas: Sequence[ReplicaObservation]) -> bool
     running = [r for r in replicas if r.phase == "running" and not r.replaced]
     if any(r.preempted for r in running):
         return True
+    if warm:
+        # Survivors of a warm recovery stay after the final checkpoint (they hold it in
+        # memory), so once the preempted replicas are gone there is nothing to wait for.
+        return False
     return bool(running) and any(r.exit_code == EXIT_PREEMPTED for r in replicas)

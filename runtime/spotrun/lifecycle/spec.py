@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+Recovery = Literal["warm", "cold"]
 
 DEFAULT_MAX_FAILURES = 3
 UNLIMITED = -1
@@ -79,6 +81,9 @@ class JobSpec:
     failure_policy: FailurePolicy = field(default_factory=FailurePolicy)
     ttl_seconds_after_finished: float | None = None
     grace_seconds: float = DEFAULT_GRACE_SECONDS
+    # warm: a preemption keeps the surviving replicas (their processes, torch, the state in
+    # memory) and replaces only the lost ones; cold: every preemption restarts the group.
+    recovery: Recovery = "warm"
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> JobSpec:
@@ -92,4 +97,5 @@ class JobSpec:
             failure_policy=FailurePolicy.from_spec(spec.get("failurePolicy") or {}),
             ttl_seconds_after_finished=None if ttl is None else float(ttl),
             grace_seconds=DEFAULT_GRACE_SECONDS if grace is None else float(grace),
+            recovery="cold" if str(spec.get("recovery", "Warm")).lower() == "cold" else "warm",
         )

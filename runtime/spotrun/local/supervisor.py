@@ -373,6 +373,13 @@ class LocalRun:
         def mutate(current: dict[str, Any]) -> None:
             decision = plan(self.spec, current, observation, self.rng)
             merge_owned(current, decision.status)
+            group = current.get("group")
+            if isinstance(group, dict) and "masterPort" not in group:
+                # The rendezvous port of the attempt: a free one on this machine, published
+                # so that kept replicas (warm recovery) join the same one as new ones.
+                port = self.memory.ports.setdefault(int(group["attempt"]), free_port())
+                group["masterPort"] = port
+                decision.status["group"] = copy.deepcopy(group)
             decided.append(decision)
 
         update_status_file(self.status_url, mutate)
@@ -383,7 +390,8 @@ class LocalRun:
     def _apply(self, actions: Sequence[Action], now: float) -> None:
         for action in actions:
             if isinstance(action, StartGroup | RestartGroup):
-                self._ensure_group(action.attempt, action.resume_from, now)
+                keep = action.keep if isinstance(action, RestartGroup) else ()
+                self._ensure_group(action.attempt, action.resume_from, now, keep)
             elif isinstance(action, Succeed):
                 # Replicas still running are finishing (flushing their last saves).
                 for replica in self.replicas:
@@ -398,20 +406,37 @@ class LocalRun:
             # Wait: the loop polls anyway; DeleteJob (ttlSecondsAfterFinished): the local
             # run ends with the job, its folder stays for `spotrun status`.
 
-    def _ensure_group(self, attempt: int, resume_from: str | None, now: float) -> None:
-        """The group of `attempt` should run: stop the others, start what is missing."""
+    def _ensure_group(
+        self, attempt: int, resume_from: str | None, now: float, keep: Sequence[int] = ()
+    ) -> None:
+        """The group of `attempt` should run: stop the others, start what is missing.
+
+        Replicas in `keep` (a warm recovery) join `attempt` as they are: their launchers
+        see the new group in the status and their workers re-form it in place.
+        """
         for replica in self.replicas:
             if replica.attempt != attempt and replica.running:
+                if replica.index in keep and replica.attempt == attempt - 1 and not replica.stopping:
+                    replica.attempt = attempt
+                    self.display.event(
+                        now,
+                        f"attempt {attempt}: replica {replica.index} (pid {replica.process.pid}) "
+                        "kept, re-forming in place",
+                        quiet=True,
+                    )
+                    continue
                 replica.stop(now, STOP_GRACE_SECONDS)
-        if attempt not in self.memory.ports:
-            self.memory.ports[attempt] = free_port()
+        if attempt not in self.memory.progress_at_start:
+            self.memory.ports.setdefault(attempt, free_port())
             self.memory.progress_at_start[attempt] = self.status.get("lastMetrics")
             where = f"from {_short(resume_from)}" if resume_from else "from scratch"
             step = (self.status.get("latestCheckpoint") or {}).get("step")
             if resume_from and step is not None and resume_from == _latest_uri(self.status):
                 where += f" (step {step})"
+            fresh = self.spec.replicas - len(keep)
+            kept = f", keeping {len(keep)} (warm)" if keep else ""
             self.display.event(
-                now, f"attempt {attempt}: starting {self.spec.replicas} replica(s) {where}"
+                now, f"attempt {attempt}: starting {fresh} replica(s) {where}{kept}"
             )
         for index in range(self.spec.replicas):
             if any(r.index == index and r.attempt == attempt for r in self.replicas):
@@ -468,6 +493,7 @@ class LocalRun:
             p for p in (os.path.dirname(sys.executable), os.environ.get("PATH", "")) if p
         )
         env["PYTHONUNBUFFERED"] = "1"
+        env[contract.RECOVERY] = self.spec.recovery
         env.setdefault("SPOTRUN_PROGRESS_SECONDS", PROGRESS_SECONDS)
         grace = _template_grace(job)
         if grace is not None:

@@ -16,20 +16,28 @@ attempt for the GPU or the checkpoint. It imports no torch: it starts in millise
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
+from typing import Any
 
 from spotrun import contract
 from spotrun._orphans import die_with_parent
 from spotrun.contract import PodContract
 from spotrun.ledger.sink import make_sink
+from spotrun.lifecycle.group import GroupRecord, rendezvous_port
+from spotrun.membership import watch
+from spotrun.membership.groupfile import GroupFile
 from spotrun.store import layout
 
 LOG_PREFIX = "[spotrun launch]"
@@ -45,6 +53,8 @@ DEFAULT_GRACE_SECONDS = 25.0
 # period to commit it (a worker with nothing in flight exits at once), then SIGKILL.
 
 FUNCTION_WORKER_MODULE = "spotrun.train._function_worker"
+SCRIPT_WORKER_MODULE = "spotrun.train._script_worker"
+_PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
 
 # torchrun's environment for each worker; consumers: spotrun.train.group, torch's env:// rendezvous.
 RANK = "RANK"
@@ -137,8 +147,15 @@ def exit_code(exits: Sequence[WorkerExit], received_signal: int | None = None) -
     return 0
 
 
-def worker_command(command: Sequence[str], function: str | None) -> list[str]:
-    """The argv of every worker: the user's command, or the function worker for module:fn."""
+def worker_command(
+    command: Sequence[str], function: str | None, *, warm: bool = False
+) -> list[str]:
+    """The argv of every worker: the user's command, or the function worker for module:fn.
+
+    With `warm` (warm recovery), a `python script.py ...` or `python -m module ...` command
+    runs through the script worker, which can run it again in the same process when the
+    group re-forms; any other command runs as given (a lost member then fails it).
+    """
     if command and function:
         raise LaunchError("give either a command after `--` or --function module:fn, not both")
     if function:
@@ -150,6 +167,10 @@ def worker_command(command: Sequence[str], function: str | None) -> list[str]:
             "nothing to launch: give a command after `--` (spotrun launch -- python train.py), "
             f"--function module:fn, or set {contract.FUNCTION}"
         )
+    if warm and _PYTHON.match(os.path.basename(command[0])) and len(command) > 1:
+        first = command[1]
+        if (first == "-m" and len(command) > 2) or not first.startswith("-"):
+            return [command[0], "-m", SCRIPT_WORKER_MODULE, *command[1:]]
     return list(command)
 
 
@@ -319,7 +340,8 @@ def launch(
             f"{contract.REPLICAS}={pod.replicas} pods; node ranks run from 0 to replicas - 1"
         )
     grace = _grace_seconds(env) if grace_seconds is None else grace_seconds
-    argv = worker_command(command, function if function is not None else pod.function)
+    warm = env.get(contract.RECOVERY) == "warm"
+    argv = worker_command(command, function if function is not None else pod.function, warm=warm)
 
     world = pod.replicas * nproc
     first = pod.node_rank * nproc
@@ -332,6 +354,10 @@ def launch(
 
     workers: list[_Worker] = []
     supervisor = _Supervisor(workers, grace)
+    membership = _Membership(pod, nproc, env) if warm else None
+    if membership is not None:
+        env = {**env, contract.GROUP_FILE: membership.path}
+        membership.start()
     if threading.current_thread() is not threading.main_thread():
         # Only the main thread can take signals; preexec_fn is unsafe beside other threads.
         raise LaunchError("launch() must run in the main thread of its process")
@@ -360,13 +386,78 @@ def launch(
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    if code == 0 and pod.node_rank == 0:
+        if membership is not None:
+            membership.stop()
+    if membership is not None:
+        pod = dataclasses.replace(pod, attempt=membership.attempt)
+    # Node 0 knows the training finished once its workers all exited 0. With warm recovery
+    # every node knows: its workers passed the group's finishing barrier (Session.finish),
+    # so whichever replica survives records it.
+    if code == 0 and (pod.node_rank == 0 or warm):
         _record_completion(pod)
     if code == 0 and env.get(contract.HOLD_AFTER_SUCCESS) == "1":
         _log("training finished; holding until the operator stops this pod")
         _hold_until_signal()
     _log(f"exiting with code {code}")
     return code
+
+
+class _Membership:
+    """Follows the status for the next group of a warm recovery, and hands it to the workers.
+
+    When the policy keeps this replica in a newer attempt, the launcher writes the group
+    file its workers wait on (SPOTRUN_GROUP_FILE): they leave their broken group and join
+    the new one in the same processes.
+    """
+
+    def __init__(self, pod: PodContract, nproc: int, env: Mapping[str, str]) -> None:
+        self.pod = pod
+        self.nproc = nproc
+        self.attempt = pod.attempt
+        self.folder = tempfile.mkdtemp(prefix="spotrun-group-")
+        self.path = os.path.join(self.folder, "group.json")
+        root = layout.job_root(pod.storage, pod.namespace, pod.job)
+        self.feed = watch.feed_for(
+            pod.status_sink, job_root=root, job=pod.job, namespace=pod.namespace, environ=env
+        )
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self.feed is None:
+            _log("warm recovery: no status to follow from this pod; a lost member fails the group")
+            return
+        self._thread = threading.Thread(
+            target=self.feed.follow, args=(self.on_status, self._stop), daemon=True
+        )
+        self._thread.start()
+
+    def on_status(self, status: Mapping[str, Any]) -> None:
+        record = GroupRecord.from_status(status)
+        if record is None or record.attempt <= self.attempt or not record.keeps(self.pod.node_rank):
+            return
+        port = record.master_port or rendezvous_port(contract.DEFAULT_MASTER_PORT, record.attempt)
+        group = GroupFile(
+            attempt=record.attempt,
+            master_addr=self.pod.master_addr,
+            master_port=port,
+            replicas=record.replicas,
+            nproc_per_node=self.nproc,
+            node_rank=self.pod.node_rank,
+        )
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(group.to_bytes())
+        os.replace(tmp, self.path)
+        self.attempt = record.attempt
+        _log(
+            f"attempt {record.attempt}: this replica is kept (warm recovery); its workers "
+            f"re-form the group at {group.master_addr}:{port}"
+        )
+
+    def stop(self) -> None:
+        self._stop.set()
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def _record_completion(pod: PodContract) -> None:

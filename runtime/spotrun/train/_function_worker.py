@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import sys
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from spotrun import contract
-from spotrun.train.session import get_session
+from spotrun.train import regroup
+from spotrun.train.session import Session, get_session, regroup_session
+
+log = logging.getLogger("spotrun")
 
 
 class FunctionNotFound(LookupError):
@@ -56,16 +61,60 @@ def call_with_config(fn: Callable[..., Any], config: dict[str, Any]) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Start the session, call the function with the job's config, finish the session."""
+    """Start the session, call the function with the job's config, finish the session.
+
+    In a warm recovery the function is called again in this same process, in the session
+    of the next group, when the group lost a member (see spotrun.train.regroup).
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     target = args[0] if args else contract.PodContract.from_env().function
     if not target:
         raise FunctionNotFound(f"no function to call: pass module:fn or set {contract.FUNCTION}")
     fn = resolve(target)
-    session = get_session()
-    call_with_config(fn, dict(session.context.config))
-    session.finish()
-    return 0
+    while True:
+        session = get_session()
+        try:
+            call_with_config(fn, dict(session.context.config))
+        except BaseException as err:
+            if not await_next_group(session, err):
+                raise
+            continue
+        session.finish()
+        return 0
+
+
+def await_next_group(session: Session, err: BaseException) -> bool:
+    """After `err`, whether this worker joined a next group (a warm recovery) to train again.
+
+    Only a lost member qualifies (a failed collective, or another replica's agreed notice);
+    an error of the training code itself fails the worker as always.
+    """
+    if not session.warm or isinstance(err, SystemExit | KeyboardInterrupt):
+        return False
+    if not regroup.is_group_failure(err):
+        return False
+    rank, attempt = session.context.world_rank, session.context.attempt
+    log.warning(
+        "rank %d: %s; waiting for the next group (attempt > %d)", rank, _first_line(err), attempt
+    )
+    started = time.monotonic()
+    group = regroup.wait_for_group(attempt)
+    if group is None:
+        log.error("rank %d: no next group came; exiting", rank)
+        return False
+    log.warning(
+        "rank %d: joining attempt %d (%.2fs after the loss)",
+        rank,
+        group.attempt,
+        time.monotonic() - started,
+    )
+    regroup_session(group)
+    return True
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
 if __name__ == "__main__":

@@ -48,7 +48,17 @@ class Checkpoint:
         self._directory = directory
         self._sharded = sharded
         self._committed = committed
+        # A dict served from a peer's or this process's memory: where and what it is.
+        self._origin: tuple[str, int, dict[str, Any]] | None = None
 
+    @classmethod
+    def served_from_memory(
+        cls, data: Mapping[str, Any], *, uri: str, step: int, metrics: Mapping[str, Any]
+    ) -> Checkpoint:
+        """The state of checkpoint `uri` (step `step`) as kept in memory by the group."""
+        checkpoint = cls(data=data)
+        checkpoint._origin = (uri, step, dict(metrics))
+        return checkpoint
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
         if not isinstance(data, Mapping):
@@ -84,14 +94,20 @@ class Checkpoint:
 
     @property
     def uri(self) -> str | None:
+        if self._origin is not None:
+            return self._origin[0]
         return self._committed.verified.uri if self._committed else None
 
     @property
     def step(self) -> int | None:
+        if self._origin is not None:
+            return self._origin[1]
         return self._committed.verified.manifest.step if self._committed else None
 
     @property
     def metrics(self) -> dict[str, Any]:
+        if self._origin is not None:
+            return dict(self._origin[2])
         return dict(self._committed.verified.manifest.metrics) if self._committed else {}
 
     @property

@@ -375,16 +375,11 @@ def prepare_data_loader(
         seed=seed,
         move_to_device=move_to_device,
     )
-    name = f"{STATEFUL_PREFIX}{_next_loader_number()}"
+    # Numbered per session, not per process: after a warm recovery the training runs again
+    # in the same process, and its first loader must find the first loader's position.
+    name = f"{STATEFUL_PREFIX}{session.stateful_count(STATEFUL_PREFIX)}"
     session.register_stateful(name, wrapped)
     return wrapped
-
-
-_loaders_prepared = itertools.count()
-
-
-def _next_loader_number() -> int:
-    return next(_loaders_prepared)
 
 
 def _sampling_of(sampler: Any, dataset_len: int, seed: int) -> tuple[bool, bool, int]:

@@ -27,13 +27,16 @@ import torch
 import torch.distributed as dist
 
 from spotrun import contract as pod
+from spotrun.ledger.status import restored_from
+from spotrun.membership.groupfile import GroupFile
 from spotrun.store import layout
 from spotrun.store.commit import CheckpointStore, Verified, split_uri
 from spotrun.store.manifest import CheckpointKind
-from spotrun.store.tree import flatten, nbytes, partition
-from spotrun.train import resume
+from spotrun.store.tree import flatten, nbytes, partition, unflatten
+from spotrun.train import regroup, resume
 from spotrun.train.cadence import Cadence
 from spotrun.train.checkpoint import Checkpoint, _Committed
+from spotrun.train.regroup import MemorySnapshot
 from spotrun.train.resume import ResumeChoice
 from spotrun.train.writer import WriterClient, WriterConfig
 
@@ -85,6 +88,7 @@ class Session:
         local_rank: int,
         world_size: int,
         local_world_size: int,
+        carried: MemorySnapshot | None = None,
     ) -> None:
         storage = layout.resolve_storage(contract.storage)
         self.contract = contract
@@ -114,15 +118,30 @@ class Session:
         self._last_report: tuple[dict[str, Any], int, float] | None = None
         self._recorded_step: int | None = None
         self._closed = False
+        self._own_notice = False
+        # A warm recovery's launcher can regroup this worker: keep whole snapshots in memory.
+        self.warm = regroup.warm_enabled() and world_size > 1
+        # The newest complete snapshot of the whole state in this process (warm only).
+        self.memory: MemorySnapshot | None = None
+        self._from_memory: MemorySnapshot | None = None
 
         if world_size > 1 and not dist.is_initialized():
             from spotrun.train import group
 
             group.init_process_group()
-        self._next_seq, self._resume, choice = self._agree_on_start()
+        agreed = self._agree_in_memory(carried) if self.warm else None
+        choice: ResumeChoice | None = None
+        if agreed is not None:
+            self._next_seq, self._from_memory = agreed
+            self.memory = self._from_memory
+            self._resume = None
+            self._step = self._from_memory.step + 1
+            resumed_state: Mapping[str, Any] = self._from_memory.runtime
+        else:
+            self._next_seq, self._resume, choice = self._agree_on_start()
+            self._step = self._resume.verified.manifest.step + 1 if self._resume else 0
+            resumed_state = self._resume.verified.manifest.runtime if self._resume else {}
         self._first_seq = self._next_seq
-        self._step = self._resume.verified.manifest.step + 1 if self._resume else 0
-        resumed_state = self._resume.verified.manifest.runtime if self._resume else {}
         self._resumed_stateful: dict[str, Any] = dict(resumed_state.get("stateful", {}))
 
         self.writer = WriterClient(
@@ -139,7 +158,7 @@ class Session:
                 resumed_seq=(
                     self._resume.verified.manifest.seq
                     if self._resume and self._resume.store.root == self.root
-                    else None
+                    else (self._from_memory.seq if self._from_memory else None)
                 ),
                 corrupt=tuple(
                     split_uri(uri)[1]
@@ -151,12 +170,58 @@ class Session:
         )
         if rank == 0 and choice is not None and (choice.corrupt or choice.rediscovered):
             self._repair_ledger(choice)
+        if rank == 0:
+            self._record_restored()
         self._install_notice_handler()
         self._failing = False
         self._chain_excepthook()
         atexit.register(self.close)
 
     # --- start-up agreement ------------------------------------------------------------------
+
+    def _agree_in_memory(
+        self, carried: MemorySnapshot | None
+    ) -> tuple[int, MemorySnapshot] | None:
+        """A warm start: the newest snapshot any member holds in memory, sent to those without it.
+
+        Every rank says which snapshot it holds (survivors of a warm recovery carry theirs);
+        the lowest rank holding the newest sends it to the others. None when no member holds
+        one (a cold start, or only replacements): then the bucket is the source.
+        """
+        rank, world = self.context.world_rank, self.context.world_size
+        highest = self.store.highest_seq() if rank == 0 else None
+        mine = regroup.Holding(
+            step=carried.step if carried else -1,
+            seq=carried.seq if carried else -1,
+            highest_seq=max(-1 if highest is None else highest, carried.seq if carried else -1),
+        )
+        holdings = regroup.gather_holdings(mine, world)
+        chosen = regroup.choose_source(holdings)
+        if chosen is None:
+            return None
+        source, needy = chosen
+        started = time.monotonic()
+        if rank == source:
+            assert carried is not None
+            regroup.send_snapshot(carried, needy)
+            snapshot = carried
+        elif rank in needy:
+            snapshot = regroup.receive_snapshot(source)
+        else:
+            assert carried is not None
+            snapshot = carried
+        next_seq = max(h.highest_seq for h in holdings) + 1
+        if rank in needy or rank == source:
+            log.warning(
+                "rank %d: state of step %d %s in %.2fs (%d bytes)",
+                rank,
+                snapshot.step,
+                f"from rank {source}'s memory" if rank != source else f"sent to ranks {needy}",
+                time.monotonic() - started,
+                snapshot.size,
+            )
+        log.warning("rank %d resumes from memory at step %d", rank, snapshot.step)
+        return next_seq, snapshot
 
     def _agree_on_start(self) -> tuple[int, _Committed | None, ResumeChoice | None]:
         """Rank 0 picks the next sequence number and the verified resume point; all follow it."""
@@ -189,6 +254,21 @@ class Session:
             )
         return int(info["next_seq"]), committed, choice
 
+    def _record_restored(self) -> None:
+        """Rank 0 tells the ledger which tier this attempt's state came from (if any)."""
+        if self._from_memory is not None:
+            snapshot = self._from_memory
+            tier, step, seq, uri = "memory", snapshot.step, snapshot.seq, None
+        elif self._resume is not None:
+            manifest = self._resume.verified.manifest
+            tier, step, seq, uri = "bucket", manifest.step, manifest.seq, self._resume.verified.uri
+        else:
+            return
+        restored = restored_from(
+            tier, step=step, seq=seq, attempt=self.contract.attempt, uri=uri, time=time.time()
+        )
+        self.writer.submit("restored", detached=True, restored=restored)
+
     def _repair_ledger(self, choice: ResumeChoice) -> None:
         """Moves the status to the checkpoint this attempt really resumes from, and says why.
 
@@ -220,6 +300,7 @@ class Session:
 
         def on_notice(signum: int, frame: FrameType | None) -> None:
             self._notice = True
+            self._own_notice = True
             log.warning(
                 "rank %d: preemption notice (signal %d); checkpointing at the next report",
                 self.context.world_rank,
@@ -246,13 +327,33 @@ class Session:
         if self.context.world_size == 1:
             return values
         tensor = torch.tensor(values, dtype=torch.float64)
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        try:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        except RuntimeError as err:
+            if self.warm and regroup.is_group_failure(err):
+                raise regroup.Regroup(f"the group lost a member: {err}") from err
+            raise
         return [float(v) for v in tensor.tolist()]
 
     # --- the training API ----------------------------------------------------------------------
 
     def get_checkpoint(self) -> Checkpoint | None:
+        if self._from_memory is not None:
+            snapshot = self._from_memory
+            # Copies: the training code may keep these tensors (an optimizer does), and the
+            # snapshot's buffer must stay as it is in case it is served again.
+            tensors = snapshot.tensors(copy=True)
+            return Checkpoint.served_from_memory(
+                unflatten(snapshot.skeleton, tensors.__getitem__),
+                uri=self.store.uri(snapshot.seq),
+                step=snapshot.step,
+                metrics=snapshot.metrics,
+            )
         return Checkpoint(committed=self._resume) if self._resume else None
+
+    def stateful_count(self, prefix: str) -> int:
+        """How many stateful objects named `prefix...` this session holds (the next number)."""
+        return sum(1 for name in self._stateful if name.startswith(prefix))
 
     def register_stateful(self, name: str, obj: Stateful) -> None:
         self._stateful[name] = obj
@@ -308,6 +409,15 @@ class Session:
             if writers or self._notice_offered:
                 self.flush()
                 self._record_last_metrics()
+                if self.warm and not self._own_notice:
+                    # Another replica was reclaimed; this one stays, with the final state in
+                    # memory, and re-forms the group with a replacement.
+                    log.warning(
+                        "rank %d: a member's preemption notice honoured at step %d; regrouping",
+                        rank,
+                        step,
+                    )
+                    raise regroup.Regroup(f"another member was preempted at step {step}")
                 log.warning("rank %d: preemption notice honoured at step %d; exiting", rank, step)
                 raise SystemExit(pod.EXIT_PREEMPTED)
 
@@ -349,12 +459,23 @@ class Session:
                 job = self.writer.save(seq, kind, skeleton, mine)
             else:
                 parts = partition([nbytes(t) for t in tensors], writers)
-                mine = {i: tensors[i] for i in parts[rank]}
-                job = self.writer.save(seq, kind, skeleton if rank == writers[0] else None, mine)
+                structure = skeleton if rank == writers[0] else None
+                if self.warm and self.writer.background:
+                    # The whole state into memory (a peer may need it), this rank's share to
+                    # the bucket.
+                    job = self.writer.save(
+                        seq, kind, structure, dict(enumerate(tensors)), write=parts[rank]
+                    )
+                    self._keep_in_memory(seq, step, skeleton, metrics)
+                else:
+                    mine = {i: tensors[i] for i in parts[rank]}
+                    job = self.writer.save(seq, kind, structure, mine)
             if not self.writer.background:
                 self._pending.append(job)
+        runtime = {"stateful": {name: obj.state_dict() for name, obj in self._stateful.items()}}
+        if self.memory is not None and self.memory.seq == seq:
+            self.memory.runtime = runtime
         if rank == 0:
-            runtime = {"stateful": {name: obj.state_dict() for name, obj in self._stateful.items()}}
             self._pending.append(
                 self.writer.submit(
                     "commit",
@@ -369,6 +490,37 @@ class Session:
             )
         if not self.settings.async_save:
             self.flush()
+
+    def _keep_in_memory(self, seq: int, step: int, skeleton: Any, metrics: dict[str, Any]) -> None:
+        """The snapshot the writer just took is this rank's newest whole state in memory."""
+        taken = self.writer.snapshot
+        if taken is None:
+            return
+        slots, size, buffer = taken
+        self.memory = regroup.MemorySnapshot(
+            seq=seq,
+            step=step,
+            skeleton=skeleton,
+            slots=[regroup.Slot(s.index, s.offset, s.dtype, s.shape, s.count) for s in slots],
+            buffer=buffer,
+            size=size,
+            metrics=dict(metrics),
+        )
+
+    def detach_for_regroup(self) -> MemorySnapshot | None:
+        """Ends this session for a warm recovery; returns the state it holds in memory.
+
+        The writer process is stopped at once (an upload of the lost group would never
+        commit, and its commit may wait for a member that is gone); the snapshot's buffer
+        stays with this process.
+        """
+        memory = self.memory
+        taken = self.writer.snapshot
+        if memory is not None and taken is not None and taken[2] is memory.buffer:
+            self.writer.detach_snapshot()
+        self._closed = True
+        self.writer.close(timeout=0)
+        return memory
 
     def flush(self, timeout: float | None = None) -> None:
         """Waits until every save this rank started is written (and on rank 0, committed)."""
@@ -400,8 +552,13 @@ class Session:
         """The training function returned: flush and stop the writer.
 
         Completion is recorded by the launcher of node 0 once all its workers exited 0, so a
-        script and a function finish the same way.
+        script and a function finish the same way. In a warm recovery the ranks first agree
+        that they all finished: a member lost after the last report makes this raise
+        Regroup, and the training runs again (from memory, at its end) with a replacement,
+        instead of leaving the replacement waiting for a rank that is gone.
         """
+        if self.warm:
+            self._all_reduce([1.0])
         self.close()
 
     def close(self) -> None:
@@ -500,10 +657,27 @@ def _failure_flush_seconds() -> float:
 
 _session: Session | None = None
 _lock = threading.Lock()
+# The state a survivor carries into the session of its next group (warm recovery).
+_carried: MemorySnapshot | None = None
+
+
+def regroup_session(group: GroupFile) -> None:
+    """Ends this process's session and prepares the next one, of `group`, for get_session().
+
+    The current session's in-memory snapshot is carried over; the process group is left and
+    the environment of the next one set. The next get_session() joins it.
+    """
+    global _session, _carried
+    with _lock:
+        if _session is not None:
+            _carried = _session.detach_for_regroup() or _carried
+            atexit.unregister(_session.close)
+            _session = None
+        regroup.rejoin(group)
 
 
 def get_session() -> Session:
-    global _session
+    global _session, _carried
     with _lock:
         if _session is None:
             env: dict[str, str] = dict(os.environ)
@@ -517,7 +691,9 @@ def get_session() -> Session:
                 local_rank=int(env.get("LOCAL_RANK", "0")),
                 world_size=int(env.get("WORLD_SIZE", "1")),
                 local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
+                carried=_carried,
             )
+            _carried = None
         return _session
 
 

@@ -228,6 +228,8 @@ class Worker:
             return self.sink.checkpoint_corrupt(args["message"], args["time"])
         if op == "resumed":
             return self.resumed(**args)
+        if op == "restored":
+            return self.sink.restored(args["restored"])
         raise ValueError(f"unknown writer op {op!r}")
 
 
@@ -253,6 +255,8 @@ class WriterClient:
         self._buffer_fd = -1
         self._buffer_view: torch.Tensor | None = None
         self._pending_save: int | None = None
+        # The last complete snapshot in the buffer: (slots, bytes used, the buffer).
+        self.snapshot: tuple[list[TensorSlot], int, mmap.mmap] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
@@ -354,16 +358,26 @@ class WriterClient:
         return True
 
     def save(
-        self, seq: int, kind: CheckpointKind, skeleton: Any, tensors: Mapping[int, torch.Tensor]
+        self,
+        seq: int,
+        kind: CheckpointKind,
+        skeleton: Any,
+        tensors: Mapping[int, torch.Tensor],
+        write: Sequence[int] | None = None,
     ) -> int:
-        """Snapshots `tensors` and queues their write; returns once the snapshot is taken.
+        """Snapshots `tensors` and queues the write of those in `write` (default: all).
 
-        One save is in flight at a time: the snapshot buffer is reused, so this first waits
-        for the previous save of this rank to finish.
+        Returns once the snapshot is taken. The snapshot buffer keeps every tensor given,
+        so a warm recovery can serve the whole state from memory while the writer uploads
+        only this rank's share. One save is in flight at a time: the buffer is reused, so
+        this first waits for the previous save of this rank to finish.
         """
+        chosen = None if write is None else set(write)
         if not self.background:
-            return self.submit("save", seq=seq, kind=kind, skeleton=skeleton, tensors=tensors)
+            mine = {i: t for i, t in tensors.items() if chosen is None or i in chosen}
+            return self.submit("save", seq=seq, kind=kind, skeleton=skeleton, tensors=mine)
         self.drain_save()
+        self.snapshot = None  # being overwritten: no complete snapshot until the copy is done
         slots, total = _plan_slots(tensors)
         self._ensure_buffer(total)
         assert self._buffer_view is not None
@@ -374,9 +388,23 @@ class WriterClient:
             if slot.count:
                 copies.extend(_pieces(dst.view(src.dtype).view(src.shape), src))
         _copy_all(copies)
-        job = self.submit("save_slots", seq=seq, kind=kind, skeleton=skeleton, slots=slots)
+        assert self._buffer is not None
+        self.snapshot = (slots, total, self._buffer)
+        written = [s for s in slots if chosen is None or s.index in chosen]
+        job = self.submit("save_slots", seq=seq, kind=kind, skeleton=skeleton, slots=written)
         self._pending_save = job
         return job
+
+    def detach_snapshot(self) -> tuple[list[TensorSlot], int, mmap.mmap] | None:
+        """Takes the last complete snapshot out of this client: it outlives the writer."""
+        snapshot, self.snapshot = self.snapshot, None
+        if snapshot is not None and snapshot[2] is self._buffer:
+            # The buffer now belongs to the caller (its mapping outlives the descriptor); a
+            # later save allocates a new one.
+            with contextlib.suppress(OSError):
+                os.close(self._buffer_fd)
+            self._buffer, self._buffer_view, self._buffer_fd = None, None, -1
+        return snapshot
 
     def drain_save(self, timeout: float | None = None) -> None:
         if self._pending_save is not None:
@@ -391,6 +419,7 @@ class WriterClient:
             self._buffer_view = None
             self._buffer.close()
             os.close(self._buffer_fd)
+            self.snapshot = None
         fd = os.memfd_create("spotrun-snapshot", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
         self._buffer_fd = fd

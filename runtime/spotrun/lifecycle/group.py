@@ -1,0 +1,70 @@
+"""`status.group`: which replicas form the group of an attempt, as the policy decided.
+
+It names the attempt it belongs to, how the group was formed (`warm`: the survivors of the
+previous attempt re-form in place with replacements; `cold`: every replica is new), the
+replica indices kept from the previous attempt, and the rendezvous port when the
+supervisor chose one (local mode). Each pod's launcher watches for it
+(spotrun.membership.watch) and hands a kept replica's workers their next group.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Mode = Literal["warm", "cold"]
+
+# How far apart the rendezvous ports of successive attempts are from the pod contract's
+# MASTER_PORT: each attempt gets a fresh TCPStore, so no member of an older group can
+# reach the new one, and a survivor's old store never blocks the new one's port.
+PORT_SPAN = 512
+
+
+@dataclass(frozen=True)
+class GroupRecord:
+    """`status.group`: the membership of attempt `attempt`."""
+
+    attempt: int
+    mode: Mode
+    replicas: int
+    kept: tuple[int, ...] = ()
+    master_port: int | None = None
+
+    def to_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "attempt": self.attempt,
+            "mode": self.mode,
+            "replicas": self.replicas,
+            "kept": list(self.kept),
+        }
+        if self.master_port is not None:
+            out["masterPort"] = self.master_port
+        return out
+
+    @classmethod
+    def from_status(cls, status: Mapping[str, Any]) -> GroupRecord | None:
+        """The record in `status` (the whole status), or None when there is none or it is bad."""
+        raw = status.get("group")
+        if not isinstance(raw, Mapping):
+            return None
+        try:
+            mode = str(raw.get("mode", "cold"))
+            port = raw.get("masterPort")
+            return cls(
+                attempt=int(raw["attempt"]),
+                mode="warm" if mode == "warm" else "cold",
+                replicas=int(raw["replicas"]),
+                kept=tuple(int(i) for i in raw.get("kept") or ()),
+                master_port=None if port is None else int(port),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+
+    def keeps(self, node_rank: int) -> bool:
+        return self.mode == "warm" and node_rank in self.kept
+
+
+def rendezvous_port(base: int, attempt: int) -> int:
+    """The rendezvous port of `attempt` when the supervisor chose none: base + attempt % span."""
+    return base + attempt % PORT_SPAN

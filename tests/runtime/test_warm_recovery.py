@@ -1,0 +1,145 @@
+"""Warm recovery in `spotrun run` on real processes: a lost replica costs a rendezvous.
+
+The survivors' worker processes stay (same pids: torch stays imported), only the lost
+replica is started again, and its state comes from a survivor's memory, not the bucket.
+The result is the uninterrupted run's, bit for bit (issue #13).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from tests.runtime.test_local_mode import (
+    CONFIG,
+    assert_bitwise_equal,
+    final_state,
+    run,
+    status_of,
+    trainjob,
+)
+
+pytestmark = pytest.mark.timeout(900)
+
+JOB_FOLDER = Path("default") / "linear-demo"
+
+
+def worker_pids(storage: Path) -> dict[tuple[int, int], list[int]]:
+    """(attempt the replica was started for, replica index) -> pids of the workers it started."""
+    out: dict[tuple[int, int], list[int]] = {}
+    for log in sorted((storage / JOB_FOLDER / "logs").glob("attempt-*/replica-*.log")):
+        attempt = int(log.parent.name.split("-")[1])
+        index = int(log.stem.split("-")[1])
+        out[(attempt, index)] = [int(p) for p in re.findall(r"started, pid (\d+)", log.read_text())]
+    return out
+
+
+def replica_log(storage: Path, attempt: int, index: int) -> str:
+    return (
+        storage / JOB_FOLDER / "logs" / f"attempt-{attempt:03d}" / f"replica-{index}.log"
+    ).read_text()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    folder = tmp_path_factory.mktemp("reference")
+    code, out = run("run", str(trainjob(folder)), "--storage", str(folder / "runs"))
+    assert code == 0, out
+    return final_state(folder / "runs")
+
+
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [("--kill-every", "InjectedKill"), ("--preempt-every", "InjectedPreemption")],
+)
+def test_a_lost_replica_is_replaced_and_the_survivor_keeps_its_process(
+    tmp_path: Path, reference: dict[str, object], fault: str, reason: str
+) -> None:
+    storage = tmp_path / "runs"
+    job = trainjob(tmp_path)
+    code, out = run(
+        "run",
+        str(job),
+        "--storage",
+        str(storage),
+        fault,
+        "3s",
+        "--max-injections",
+        "1",
+        "--seed",
+        "2",
+    )
+    assert code == 0, out
+    status = status_of(storage)
+    assert status["state"] == "Succeeded"
+    (entry,) = status["interruptions"]
+    assert (entry["reason"], entry["recovery"]) == (reason, "warm"), entry
+    assert status["group"]["mode"] == "warm" and status["attempt"] == 2
+    (kept,) = status["group"]["kept"]
+    lost = 1 - kept
+    pids = worker_pids(storage)
+    # The survivor started its worker once, in attempt 1, and trained attempt 2 with it.
+    assert len(pids[(1, kept)]) == 1 and (2, kept) not in pids, pids
+    assert "attempt 2: this replica is kept" in replica_log(storage, 1, kept)
+    # Only the lost replica was started again, and got its state from the survivor's memory.
+    assert (2, lost) in pids
+    assert f"from rank {kept}'s memory" in replica_log(storage, 2, lost)
+    assert status["restoredFrom"]["tier"] == "memory"
+    if reason == "InjectedPreemption":
+        # With a notice the group stops at a step it holds in memory: nothing is redone.
+        assert entry["stepsLost"] == 0, entry
+    assert_bitwise_equal(final_state(storage), reference)
+
+
+def test_cold_recovery_restarts_every_replica(tmp_path: Path) -> None:
+    storage = tmp_path / "runs"
+    job = trainjob(tmp_path, recovery="Cold")
+    code, out = run(
+        "run", str(job), "--storage", str(storage), "--kill-every", "3s", "--max-injections", "1"
+    )
+    assert code == 0, out
+    status = status_of(storage)
+    (entry,) = status["interruptions"]
+    assert entry["recovery"] == "cold" and status["group"] == {
+        "attempt": 2,
+        "mode": "cold",
+        "replicas": 2,
+        "kept": [],
+        "masterPort": status["group"]["masterPort"],
+    }
+    pids = worker_pids(storage)
+    assert {(2, 0), (2, 1)} <= set(pids)
+    assert status["restoredFrom"]["tier"] == "bucket"
+
+
+def test_a_script_trainer_runs_again_in_the_surviving_process(
+    tmp_path: Path, reference: dict[str, object]
+) -> None:
+    storage = tmp_path / "runs"
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import spotrun\n"
+        "from examples.train_linear import train_func_steps\n\n"
+        "if __name__ == '__main__':\n"
+        "    train_func_steps(dict(spotrun.get_context().config))\n"
+    )
+    job = trainjob(
+        tmp_path, trainer={"image": "spotrun-runtime:dev", "command": ["python", str(script)]}
+    )
+    code, out = run(
+        "run", str(job), "--storage", str(storage), "--kill-every", "3s", "--max-injections", "1"
+    )
+    assert code == 0, out
+    status = status_of(storage)
+    (kept,) = status["group"]["kept"]
+    pids = worker_pids(storage)
+    assert len(pids[(1, kept)]) == 1 and (2, kept) not in pids, pids
+    assert "spotrun.train._script_worker" in replica_log(storage, 1, kept)
+    assert status["restoredFrom"]["tier"] == "memory"
+    assert_bitwise_equal(final_state(storage), reference)
+
+
+def test_the_reference_run_is_not_interrupted(reference: dict[str, object]) -> None:
+    assert reference["step"] == CONFIG["steps"] - 1

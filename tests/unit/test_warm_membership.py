@@ -1,0 +1,181 @@
+"""Warm recovery's pure parts: who is kept, the group record and file, and what a peer may send."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spotrun.lifecycle import JobSpec, Observation, ReplicaObservation, RestartGroup, plan
+from spotrun.lifecycle.group import GroupRecord, rendezvous_port
+from spotrun.membership.groupfile import GroupFile
+from spotrun.train.regroup import Holding, Slot, choose_source, is_group_failure
+
+T0 = 1_700_000_000.0
+
+
+def running(index: int, attempt: int = 1) -> ReplicaObservation:
+    return ReplicaObservation(index, attempt, phase="running", ready=True)
+
+
+def lost(index: int, attempt: int = 1, phase: str = "failed") -> ReplicaObservation:
+    return ReplicaObservation(
+        index,
+        attempt,
+        phase=phase,
+        preempted=True,
+        preemption_reason="NodeShutdown",  # type: ignore[arg-type]
+    )
+
+
+def crashed(index: int, attempt: int = 1) -> ReplicaObservation:
+    return ReplicaObservation(index, attempt, phase="failed", exit_code=1, reason="Error")
+
+
+def started(spec: JobSpec) -> dict[str, object]:
+    status = plan(spec, {}, Observation(T0, ())).status
+    group = tuple(running(i) for i in range(spec.replicas))
+    return plan(spec, status, Observation(T0 + 1, group)).status
+
+
+@pytest.mark.parametrize(
+    ("recovery", "replicas", "keep"),
+    [
+        ("warm", (running(0), lost(1), running(2)), (0, 2)),
+        ("warm", (lost(0), running(1), running(2)), (1, 2)),
+        ("cold", (running(0), lost(1), running(2)), ()),
+        # Nobody survived: every replica is new, as cold.
+        ("warm", (lost(0), lost(1), lost(2)), ()),
+    ],
+)
+def test_a_preemption_keeps_the_survivors_only_in_warm_recovery(
+    recovery: str, replicas: tuple[ReplicaObservation, ...], keep: tuple[int, ...]
+) -> None:
+    spec = JobSpec(replicas=3, recovery=recovery)  # type: ignore[arg-type]
+    decision = plan(spec, started(spec), Observation(T0 + 50, replicas))
+    (action,) = decision.actions
+    assert isinstance(action, RestartGroup) and action.keep == keep
+    assert action.not_before == T0 + 50  # no backoff for a preemption
+    record = GroupRecord.from_status(decision.status)
+    assert record == GroupRecord(2, "warm" if keep else "cold", 3, keep)
+    assert decision.status["interruptions"][-1]["recovery"] == ("warm" if keep else "cold")
+
+
+def test_a_failure_restarts_the_whole_group_after_its_backoff_even_in_warm_recovery() -> None:
+    spec = JobSpec(replicas=2)
+    status = plan(spec, started(spec), Observation(T0 + 50, (running(0), crashed(1)))).status
+    assert status["state"] == "Restarting" and "restartNotBefore" in status
+    decision = plan(spec, status, Observation(T0 + 5000, (running(0), crashed(1))))
+    (action,) = decision.actions
+    assert isinstance(action, RestartGroup) and action.keep == ()
+
+
+def test_steps_lost_of_a_warm_recovery_come_from_where_the_state_was_restored() -> None:
+    spec = JobSpec(replicas=2)
+    status = started(spec)
+    status["lastMetrics"] = {"step": 41, "time": "2023-11-14T22:13:30Z"}
+    status = plan(spec, status, Observation(T0 + 50, (running(0), lost(1)))).status
+    assert "stepsLost" not in status["interruptions"][-1]
+    # Rank 0 of attempt 2 restored the survivor's snapshot of step 39.
+    status["restoredFrom"] = {"tier": "memory", "step": 39, "seq": 3, "attempt": 2}
+    status = plan(spec, status, Observation(T0 + 60, (running(0, 2), running(1, 2)))).status
+    assert status["interruptions"][-1]["stepsLost"] == 2
+    assert status["state"] == "Running"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        None,
+        "warm",
+        {"mode": "warm"},
+        {"attempt": "x", "replicas": 2},
+        {"attempt": 1, "replicas": 2, "kept": ["a"]},
+    ],
+)
+def test_a_bad_group_record_reads_as_none(raw: object) -> None:
+    assert GroupRecord.from_status({"group": raw}) is None
+
+
+def test_a_group_record_keeps_only_in_warm_mode() -> None:
+    warm = GroupRecord(3, "warm", 4, (0, 2), master_port=40000)
+    assert GroupRecord.from_status({"group": warm.to_status()}) == warm
+    assert warm.keeps(2) and not warm.keeps(1)
+    assert not GroupRecord(3, "cold", 4, (0, 2)).keeps(0)
+    assert rendezvous_port(29500, 3) == 29503
+    assert rendezvous_port(29500, 515) == 29503  # wraps around its span
+
+
+def test_the_group_file_gives_each_worker_its_rank_in_the_next_group() -> None:
+    group = GroupFile(
+        attempt=5,
+        master_addr="job-0.job.ns.svc",
+        master_port=29505,
+        replicas=3,
+        nproc_per_node=2,
+        node_rank=1,
+    )
+    again = GroupFile.from_bytes(group.to_bytes())
+    assert again == group
+    env = again.worker_env(local_rank=1)
+    assert (env["RANK"], env["WORLD_SIZE"], env["SPOTRUN_ATTEMPT"]) == ("3", "6", "5")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("job-0.job.ns.svc", "29505")
+
+
+@pytest.mark.parametrize(
+    ("holdings", "chosen"),
+    [
+        # The replacement (rank 1) lacks it; the lowest rank with the newest step sends it.
+        ([Holding(40, 4, 4), Holding(-1, -1, -1), Holding(40, 4, 4)], (0, [1])),
+        # A rank with an older snapshot is sent the newest too.
+        ([Holding(30, 3, 4), Holding(40, 4, 4)], (1, [0])),
+        ([Holding(-1, -1, 2), Holding(-1, -1, -1)], None),
+    ],
+)
+def test_the_newest_snapshot_in_memory_is_served_by_the_lowest_rank_holding_it(
+    holdings: list[Holding], chosen: tuple[int, list[int]] | None
+) -> None:
+    assert choose_source(holdings) == chosen
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"index": 0, "offset": 0, "dtype": "torch.float32", "shape": [4], "count": 4},
+        {"index": 0, "offset": 48, "dtype": "torch.float32", "shape": [4], "count": 4},
+    ],
+)
+def test_a_tensor_table_entry_inside_the_buffer_is_accepted(raw: dict[str, object]) -> None:
+    slot = Slot.from_json(raw, size=64)
+    assert (slot.dtype, slot.shape) == (torch.float32, (4,))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        {"index": 0, "offset": 60, "dtype": "torch.float32", "shape": [4], "count": 4},  # past end
+        {"index": 0, "offset": -4, "dtype": "torch.float32", "shape": [1], "count": 1},
+        {"index": 0, "offset": 0, "dtype": "torch.float32", "shape": [2, 2], "count": 3},
+        {"index": 0, "offset": 0, "dtype": "builtins.object", "shape": [1], "count": 1},
+        {"index": 0, "offset": 0, "dtype": "torch.float32", "shape": [-1], "count": -1},
+    ],
+)
+def test_a_peer_cannot_point_a_tensor_outside_the_buffer_it_sent(raw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Slot.from_json(raw, size=64)
+
+
+@pytest.mark.parametrize(
+    ("err", "lost_member"),
+    [
+        (
+            RuntimeError("[gloo/transport/tcp/pair.cc:561] Connection closed by peer [1.2.3.4]"),
+            True,
+        ),
+        (RuntimeError("Connection reset by peer"), True),
+        (RuntimeError("CUDA out of memory"), False),
+        (ValueError("Connection closed by peer"), False),
+        (KeyError("loss"), False),
+    ],
+)
+def test_only_a_lost_peer_is_a_reason_to_regroup(err: BaseException, lost_member: bool) -> None:
+    assert is_group_failure(err) == lost_member
