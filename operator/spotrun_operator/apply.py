@@ -33,6 +33,7 @@ from spotrun_operator.transitions import Event
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+JSON_PATCH = "application/json-patch+json"
 FIELD_MANAGER = "spotrun-operator"
 
 
@@ -237,6 +238,21 @@ class Api:
             await self._call(self.core.delete_namespaced_pod, name, namespace, body=options)
         except ApiException as err:
             if err.status not in (404, 409):  # gone already, or replaced (UID differs)
+                raise
+
+    async def label_pod(self, namespace: str, name: str, uid: str, key: str, value: str) -> None:
+        """Sets label `key` of pod `name` if it is still the one with `uid` (a JSON patch test)."""
+        path = "/metadata/labels/" + key.replace("~", "~0").replace("/", "~1")
+        body = [
+            {"op": "test", "path": "/metadata/uid", "value": uid},
+            {"op": "add", "path": path, "value": value},
+        ]
+        try:
+            await self._call(
+                self.core.patch_namespaced_pod, name, namespace, body, _content_type=JSON_PATCH
+            )
+        except ApiException as err:
+            if err.status not in (404, 422):  # gone already, or replaced (the test failed)
                 raise
 
     # -- events ----------------------------------------------------------------------

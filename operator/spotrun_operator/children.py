@@ -22,6 +22,7 @@ import kopf
 
 from spotrun import contract
 from spotrun.contract import CheckpointSettings, PodContract
+from spotrun.lifecycle.group import rendezvous_port
 from spotrun_operator import names
 
 STATUS_SINK_KUBERNETES = "kubernetes"
@@ -161,10 +162,12 @@ def service_account(job: Mapping[str, Any], defaults: Defaults = NO_DEFAULTS) ->
 
 
 def role(job: Mapping[str, Any]) -> dict[str, Any]:
-    """The runtime's only right: `patch` on its own job's status (no get, list or update).
+    """The runtime's rights: `patch` its own job's status, and read (get, list, watch) its own job.
 
-    Without `get` the runtime cannot read-then-write, so its fence rides in the patch
-    (a `test` of status.attempt) and in the CRD (the step never goes down).
+    The launcher watches its job for the membership of a warm recovery (status.group); the
+    names restrict the list and watch to a `metadata.name` field selector. The status is
+    never read-then-written: the fence rides in the patch (a `test` of status.attempt) and
+    in the CRD (the latest checkpoint never goes back).
     """
     name, namespace = _meta(job)
     return _owned(
@@ -182,7 +185,13 @@ def role(job: Mapping[str, Any]) -> dict[str, Any]:
                     "resources": [f"{names.PLURAL}/status"],
                     "resourceNames": [name],
                     "verbs": ["patch"],
-                }
+                },
+                {
+                    "apiGroups": [names.GROUP],
+                    "resources": [names.PLURAL],
+                    "resourceNames": [name],
+                    "verbs": ["get", "list", "watch"],
+                },
             ],
         },
         job,
@@ -306,7 +315,9 @@ def contract_env(
         config=spec.get("config") or {},
         checkpoint=CheckpointSettings.from_spec(checkpoint),
         master_addr=names.master_addr(name, namespace),
-        master_port=master_port(job),
+        # A port per attempt: the group of a warm recovery meets on a fresh TCPStore, which
+        # no member of an older group can reach (the kept pods read it from status.group).
+        master_port=rendezvous_port(master_port(job), attempt),
         function=trainer.get("function") or None,
         status_sink=STATUS_SINK_KUBERNETES,
     )
@@ -321,6 +332,8 @@ def contract_env(
             "valueFrom": {"fieldRef": {"fieldPath": f"metadata.labels['{names.POD_INDEX_LABEL}']"}},
         }
     )
+    recovery = str(spec.get("recovery", "Warm")).lower()
+    env.append({"name": contract.RECOVERY, "value": "cold" if recovery == "cold" else "warm"})
     # The launcher then keeps the container alive after training returned, so that
     # `restartPolicy: Always` does not rerun it; the operator marks the job Succeeded and
     # scales the StatefulSet to 0.

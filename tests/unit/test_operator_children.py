@@ -107,7 +107,7 @@ def test_pod_env_follows_the_pod_contract() -> None:
         resume_from="gs://bucket/runs/x",
         config={"lr": 0.001},
         master_addr="llama-0.llama.team-a.svc",
-        master_port=29500,
+        master_port=29503,  # 29500 + the attempt: each attempt meets on a fresh port
         function="train:main",
         status_sink="kubernetes",
     ).to_env()
@@ -120,6 +120,7 @@ def test_pod_env_follows_the_pod_contract() -> None:
         "fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}
     }
     assert env["SPOTRUN_HOLD_AFTER_SUCCESS"] == "1"
+    assert env["SPOTRUN_RECOVERY"] == "warm"
     assert env["WANDB_MODE"] == "offline"
 
 
@@ -228,7 +229,7 @@ def test_template_overrides_are_merged_but_cannot_break_the_contract() -> None:
     assert [s["name"] for s in subjects] == ["llama-runtime", "workload-identity"]
 
 
-def test_the_runtime_may_only_patch_its_own_jobs_status() -> None:
+def test_the_runtime_may_only_patch_its_own_jobs_status_and_read_its_own_job() -> None:
     job = make_job()
     role = children.role(job)
     assert role["rules"] == [
@@ -237,7 +238,13 @@ def test_the_runtime_may_only_patch_its_own_jobs_status() -> None:
             "resources": ["trainjobs/status"],
             "resourceNames": ["llama"],
             "verbs": ["patch"],
-        }
+        },
+        {
+            "apiGroups": ["spotrun.dev"],
+            "resources": ["trainjobs"],
+            "resourceNames": ["llama"],
+            "verbs": ["get", "list", "watch"],
+        },
     ]
     binding = children.role_binding(job)
     assert binding["roleRef"] == {

@@ -65,6 +65,9 @@ class RecordingApi:
     async def delete_pod(self, namespace: str, name: str, uid: str, *, force: bool) -> None:
         self.calls.append(("delete_pod", (name, uid, force)))
 
+    async def label_pod(self, namespace: str, name: str, uid: str, key: str, value: str) -> None:
+        self.calls.append(("label_pod", (name, uid, key, value)))
+
     async def delete_job(self, namespace: str, name: str, uid: str) -> None:
         self.calls.append(("delete_job", name))
 
@@ -75,7 +78,8 @@ class RecordingApi:
         return [c[0] for c in self.calls if c[0] != "event"]
 
 
-def make_job() -> dict[str, Any]:
+def make_job(recovery: str = "Cold") -> dict[str, Any]:
+    """A 2-replica TrainJob; cold recovery unless asked (most tests pin the group restart)."""
     return {
         "apiVersion": "spotrun.dev/v1alpha1",
         "kind": "TrainJob",
@@ -91,6 +95,7 @@ def make_job() -> dict[str, Any]:
             "trainer": {"image": "img", "function": "a:b"},
             "checkpoint": {"storage": "gs://b/r"},
             "failurePolicy": {"backoff": {"initialSeconds": 0, "maxSeconds": 0, "jitter": 0}},
+            "recovery": recovery,
         },
     }
 
@@ -132,8 +137,8 @@ def statefulset(job: dict[str, Any], attempt: int, *, observed: bool = True) -> 
 
 
 class Harness:
-    def __init__(self) -> None:
-        self.api = RecordingApi(make_job())
+    def __init__(self, recovery: str = "Cold") -> None:
+        self.api = RecordingApi(make_job(recovery))
         self.shared = Shared(config=Config(metrics_address=""), api=cast(Api, self.api))
         self.memory = JobMemory()
         self.pods: list[dict[str, Any]] = []
@@ -181,8 +186,8 @@ def test_a_stale_copy_of_the_job_does_not_undo_the_last_write() -> None:
     assert "write_status" not in h.api.names()
 
 
-def running_harness() -> Harness:
-    h = Harness()
+def running_harness(recovery: str = "Cold") -> Harness:
+    h = Harness(recovery)
     h.run()
     h.sts = statefulset(h.api.job, 1)
     h.pods = [pod(0, 1, uid="a"), pod(1, 1, uid="b")]
@@ -217,6 +222,35 @@ def test_a_preemption_writes_the_new_attempt_before_touching_the_statefulset() -
     assert [c for c in h.api.calls if c[0] == "delete_pod"] == [
         ("delete_pod", (f"{NAME}-1", "b", False))
     ]
+
+
+def test_a_warm_recovery_keeps_the_surviving_pod_and_relabels_it() -> None:
+    h = running_harness(recovery="Warm")
+    h.pods = [pod(0, 1, uid="a", deleting=True), pod(1, 1, uid="b")]
+    h.run()  # the preemption: replica 0's pod is going (it got the notice)
+    h.pods = [pod(1, 1, uid="b")]
+    h.run()  # the restart: attempt 2, keeping replica 1
+    assert h.api.job["status"]["group"] == {
+        "attempt": 2,
+        "mode": "warm",
+        "replicas": 2,
+        "kept": [1],
+    }
+    template = [c for c in h.api.calls if c[0] == "replace_statefulset_spec"][-1][1]
+    env = {
+        e["name"]: e.get("value")
+        for e in template["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert (env["SPOTRUN_ATTEMPT"], env["MASTER_PORT"], env["SPOTRUN_RECOVERY"]) == (
+        "2",
+        "29502",
+        "warm",
+    )
+    h.sts = statefulset(h.api.job, 2)
+    h.run()
+    # The survivor is not deleted: it joins attempt 2 where it stands (same UID).
+    assert "delete_pod" not in h.api.names()
+    assert ("label_pod", (f"{NAME}-1", "b", "spotrun.dev/attempt", "2")) in h.api.calls
 
 
 def test_pods_on_a_deleted_node_are_force_deleted() -> None:

@@ -80,7 +80,7 @@ lists the code behind each rule; tests/unit/test_chart_rbac.py checks it against
   verbs: ["list", "watch", "create", "patch"]
 - apiGroups: [""]
   resources: ["pods"]
-  verbs: ["list", "watch", "delete"]
+  verbs: ["list", "watch", "delete", "patch"]
 - apiGroups: [""]
   resources: ["services", "serviceaccounts"]
   verbs: ["create", "patch"]

@@ -232,6 +232,7 @@ async def reconcile_once(
                 resume_from=action.resume_from,
                 replicas=spec.replicas,
                 defaults=defaults,
+                keep=action.keep if isinstance(action, RestartGroup) else (),
             )
         elif isinstance(action, Wait):
             next_at = min(next_at, action.until)
@@ -302,12 +303,16 @@ async def _run_attempt(
     resume_from: str | None,
     replicas: int,
     defaults: children.Defaults,
+    keep: tuple[int, ...] = (),
 ) -> None:
     """Makes the StatefulSet run `attempt`, then removes the pods of any other attempt.
 
     The old pods go only once the StatefulSet controller has seen the new template
     (observedGeneration caught up); otherwise it could recreate them from the old one.
-    The loop is woken by the StatefulSet's own status update.
+    The loop is woken by the StatefulSet's own status update. The pods of the previous
+    attempt whose index is in `keep` (a warm recovery) stay: they are relabelled to
+    `attempt` (their launchers already follow status.group), and only the others are
+    replaced, from the new template.
     """
     api = shared.api
     desired = children.statefulset(
@@ -326,9 +331,23 @@ async def _run_attempt(
         return
     for pod in pods:
         meta = pod["metadata"]
-        if meta.get("labels", {}).get(names.ATTEMPT_LABEL) == str(attempt):
+        label = meta.get("labels", {}).get(names.ATTEMPT_LABEL)
+        if label == str(attempt):
+            continue
+        if label == str(attempt - 1) and _index(pod) in keep and not meta.get("deletionTimestamp"):
+            await api.label_pod(
+                meta["namespace"], meta["name"], str(meta["uid"]), names.ATTEMPT_LABEL, str(attempt)
+            )
             continue
         await _remove_pod(shared, memory, pod, facts)
+
+
+def _index(pod: Mapping[str, Any]) -> int | None:
+    raw = (pod["metadata"].get("labels") or {}).get(names.POD_INDEX_LABEL)
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
 
 
 # How long a StatefulSet write may take to show in the watch before it is sent again.
