@@ -59,7 +59,7 @@ class Launch:
             contract.NAMESPACE: "test",
             contract.STORAGE: str(self.out / "storage"),
             contract.MASTER_PORT: str(_free_port()),
-            "PYTHONPATH": os.pathsep.join([str(ROOT), str(self.out)]),
+            "PYTHONPATH": os.pathsep.join([os.environ["PYTHONPATH"], str(self.out)]),
             "TEST_OUT": str(self.out),
         }
         env.pop(contract.NPROC_PER_NODE, None)
