@@ -37,15 +37,15 @@ from spotrun.store.commit import CheckpointCorruptError, CheckpointStore, Verifi
 from spotrun.store.manifest import FileRecord
 
 try:
-    from torch.distributed.checkpoint.fsspec_filesystem import FsspecWriter
-    from torch.distributed.checkpoint.fsspec_filesystem import _FileSystem as _FsspecFileSystem
+    from torch.distributed.checkpoint import fsspec_filesystem as _fsspec
 except ImportError:  # torch < 2.6
-    from torch.distributed.checkpoint._fsspec_filesystem import (  # type: ignore[no-redef]
-        FileSystem as _FsspecFileSystem,
+    from torch.distributed.checkpoint import (  # type: ignore[no-redef, unused-ignore]
+        _fsspec_filesystem as _fsspec,
     )
-    from torch.distributed.checkpoint._fsspec_filesystem import (  # type: ignore[no-redef]
-        FsspecWriter,
-    )
+
+# DCP's fsspec filesystem and writer, extended below to hash as they write.
+_FsspecFileSystem: Any = getattr(_fsspec, "_FileSystem", None) or _fsspec.FileSystem  # type: ignore[attr-defined, unused-ignore]
+_FsspecWriter: Any = _fsspec.FsspecWriter
 
 DCP_DIR = "dcp"
 METADATA = ".metadata"
@@ -113,7 +113,7 @@ def _basename(path: str | os.PathLike[str]) -> str:
     return os.fspath(path).rstrip("/").rsplit("/", 1)[-1]
 
 
-class _HashingWriter(FsspecWriter):  # type: ignore[misc]
+class _HashingWriter(_FsspecWriter):  # type: ignore[misc]
     def __init__(self, path: str, **kwargs: Any) -> None:
         super().__init__(path, single_file_per_rank=True, **kwargs)
         self.fs = _HashingFileSystem()
@@ -195,7 +195,7 @@ class VerifiedReader(StorageReader):
     # StorageReader. read_metadata takes no rank: spotrun never writes rank-local metadata,
     # and without **kwargs DCP does not go looking for it when this one refuses.
 
-    def read_metadata(self) -> Metadata:  # type: ignore[override]
+    def read_metadata(self) -> Metadata:
         if self.metadata is None:
             if METADATA not in self.records:
                 raise self._refuse("the manifest lists no dcp/.metadata")
