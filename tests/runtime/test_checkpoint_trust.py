@@ -207,6 +207,27 @@ def test_forged_dcp_checkpoint_resumed_by_a_group_runs_nothing(tmp_path: Path) -
     assert not marker.exists()
 
 
+def test_each_rank_fetches_only_the_dcp_files_its_load_plan_reads(
+    gcs: GcsEmulator, tmp_path: Path
+) -> None:
+    """Saved by two ranks on the GCS emulator, loaded by two: the weight is sharded by rows,
+    so rank 1 needs only its own file; rank 0 also reads rank 1's, where DCP put the one
+    copy of the replicated `step` tensor. Each fetched file is verified as it arrives."""
+    job = Job(gcs.new_bucket())
+    code, out = job.run({"mode": "save"}, nproc=2, workload="sharded_state.py")
+    assert code == 0, out
+    code, out = job.run(
+        {"mode": "load", "trace_reads": True},
+        nproc=2,
+        attempt=1,
+        resume_from=job.latest_uri(),
+        workload="sharded_state.py",
+    )
+    assert code == 0, out
+    assert "rank 1 read ['dcp/.metadata', 'dcp/__1_0.distcp']" in out, out
+    assert out.count("on world size 2") == 2, out
+
+
 def test_dcp_files_are_hashed_as_they_are_written(tmp_path: Path, gcs: GcsEmulator) -> None:
     for root in (str(tmp_path / "runs"), f"{gcs.new_bucket()}/ns/job"):
         store = CheckpointStore(root)
