@@ -213,18 +213,13 @@ class CheckpointStore:
         return sorted(out, key=lambda c: c.manifest.seq)
 
     def verify(
-        self,
-        seq: int,
-        ranks: Iterable[int] | None = None,
-        *,
-        keep_for: int | None = 0,
-        into: Verified | None = None,
+        self, seq: int, ranks: Iterable[int] | None = None, *, keep_for: int | None = 0
     ) -> Verified:
         """Checks every file of checkpoint seq (or only those of `ranks`) against its record.
 
         Local files are checked in place. Remote files are streamed and hashed as they
-        arrive; those rank `keep_for` will load (`loaded_by`) are kept in a staged local
-        copy, the rest are not kept at all. `into` adds to an earlier Verified of seq.
+        arrive; those rank `keep_for` will load (`loaded_by`) are kept as staged local
+        copies, the rest not at all.
         """
         try:
             manifest, sha = self.read_manifest(seq)
@@ -233,13 +228,8 @@ class CheckpointStore:
         wanted = set(ranks) if ranks is not None else None
         files = [f for f in manifest.files if wanted is None or f.rank in wanted]
         keep = loaded_by(manifest, keep_for) if keep_for is not None else set()
-        verified = into or Verified(uri=self.uri(seq), manifest=manifest, manifest_sha256=sha)
-        try:
-            paths = self.fetch(verified, files, keep=lambda f: f.path in keep)
-        except CheckpointCorruptError:
-            verified.release(list(verified.blobs))
-            raise
-        verified.blobs.update(paths)
+        verified = Verified(uri=self.uri(seq), manifest=manifest, manifest_sha256=sha)
+        verified.blobs.update(self.fetch(verified, files, keep=lambda f: f.path in keep))
         return verified
 
     def fetch(
@@ -248,24 +238,32 @@ class CheckpointStore:
         files: Sequence[FileRecord],
         keep: Callable[[FileRecord], bool] = lambda f: True,
     ) -> dict[str, str]:
-        """Verifies `files` of a checkpoint (8 at a time); returns the verified local path
-        of each that is local or was kept (staged into verified.staging)."""
+        """Verifies `files` of a checkpoint, 8 at a time; returns the verified local path of
+        each that is local or was kept (staged into verified.staging). When one fails, the
+        copies staged for the others are deleted and CheckpointCorruptError raised."""
 
-        def check(record: FileRecord) -> tuple[str, str | None]:
+        def check(record: FileRecord) -> str | None:
             url = layout.join(verified.uri, record.path)
-            staging = verified.staging if keep(record) else None
-            return record.path, trust.verified_copy(url, record, staging)
+            return trust.verified_copy(url, record, verified.staging if keep(record) else None)
 
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
+            futures = {record.path: pool.submit(check, record) for record in files}
         out: dict[str, str] = {}
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
-                for path, local in pool.map(check, files):
-                    if local is not None:
-                        out[path] = local
-        except storage.CorruptFileError as err:
+        failure: BaseException | None = None
+        for path, future in futures.items():
+            try:
+                local = future.result()
+            except BaseException as err:
+                failure = failure or err
+                continue
+            if local is not None:
+                out[path] = local
+        if failure is not None:
             for local in out.values():
                 verified.staging.release(local)
-            raise CheckpointCorruptError(str(err)) from None
+            if isinstance(failure, storage.CorruptFileError):
+                raise CheckpointCorruptError(str(failure)) from None
+            raise failure
         return out
 
     def resolve(self, seq: int, ranks: Iterable[int] | None = None) -> tuple[Verified, list[str]]:
