@@ -11,7 +11,7 @@ write into, whatever the bytes say:
   files land only inside the target (`directory_member`, `path_inside`); local staging
   files are named by us, never after a record;
 - sizes and digests: a file is read only up to its recorded size and hashed as it is read
-  (`open_verified`); a remote file is streamed into a private temporary file while it is
+  (`verified_copy`); a remote file is streamed into a private temporary file while it is
   hashed, so what is loaded is exactly what was verified and the bytes are not kept in
   memory;
 - unpickling: shards load with `torch.load(weights_only=True)` (`load_torch`); DCP's
@@ -326,7 +326,8 @@ class _DcpMetadataUnpickler(pickle.Unpickler):
         if module == "torch":
             import torch
 
-            value = getattr(torch, name, None)
+            # Looked up in the module's own names: getattr could import a lazy submodule.
+            value = vars(torch).get(name)
             if isinstance(value, torch.dtype):
                 return value
         raise UnsafeCheckpointError(
