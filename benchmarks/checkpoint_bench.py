@@ -6,9 +6,13 @@ Arms, all on the same fsspec target (local files by default, --target to change)
   (c) save throughput: 2 ranks sharing the write vs rank 0 alone doing torch.save into
       fsspec.open, and vs a raw copy of the same bytes
   (d) load throughput: verified spotrun load vs torch.load
+  (e) peak memory of a load: how much a fresh process's peak resident set (VmHWM) grows
+      while it loads the checkpoint and touches every tensor, spotrun vs plain download +
+      torch.load, beside the state size
 Each worker runs in its own process; the training loop uses one thread (2-core machine).
 
     .venv/bin/python benchmarks/checkpoint_bench.py --size-mb 512
+    .venv/bin/python benchmarks/checkpoint_bench.py --gcs --size-mb 256 --only memory
 """
 
 from __future__ import annotations
@@ -120,7 +124,9 @@ def worker_save_rank(size_mb: int) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - t0}
 
 
-def worker_save_single(size_mb: int, target: str, keep: bool) -> dict[str, Any]:
+def worker_save_single(
+    size_mb: int, target: str, keep: bool, name: str = "single.pt"
+) -> dict[str, Any]:
     import torch
 
     from spotrun.store import storage
@@ -128,7 +134,7 @@ def worker_save_single(size_mb: int, target: str, keep: bool) -> dict[str, Any]:
     torch.set_num_threads(1)
     state = make_state(size_mb)
     t0 = time.perf_counter()
-    with open_target(f"{target}/single.pt", "wb") as f:
+    with open_target(f"{target}/{name}", "wb") as f:
         torch.save(state, f)
     save = time.perf_counter() - t0
     if keep:
@@ -166,6 +172,50 @@ def worker_load(target: str, uri: str, ours_first: bool) -> dict[str, Any]:
         return {"spotrun": spotrun_s, "torch_load": baseline()}
     baseline_s = baseline()
     return {"torch_load": baseline_s, "spotrun": ours()}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _touch(state: Any) -> int:
+    """Reads every tensor (memory-mapped ones become resident); returns their bytes."""
+    import torch
+
+    if isinstance(state, torch.Tensor):
+        state.sum()
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(_touch(v) for v in state.values())
+    return 0
+
+
+def worker_load_memory(arm: str, url: str, warm: str) -> dict[str, Any]:
+    """Peak resident-set growth of one load: the peak is reset (/proc/self/clear_refs) after
+    the imports and a small warm-up load, then read (VmHWM) once every tensor was touched.
+    ru_maxrss would not do: a child starts with its parent's at the fork."""
+    import torch
+
+    from spotrun.train.checkpoint import Checkpoint
+
+    torch.set_num_threads(1)
+
+    def load(source: str) -> Any:
+        if arm == "spotrun":
+            return Checkpoint.from_uri(source).to_dict()
+        with open_target(source, "rb") as f:
+            return torch.load(f, weights_only=True)
+
+    _touch(load(warm))
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
+    baseline = _status_kb("VmRSS")
+    size = _touch(load(url))
+    return {"baseline_kb": baseline, "peak_kb": _status_kb("VmHWM"), "state_bytes": size}
 
 
 # --- orchestration ---------------------------------------------------------------------------
@@ -246,6 +296,12 @@ def main() -> None:
         action="store_true",
         help="target a bucket on a fake-gcs-server started for this run (127.0.0.1)",
     )
+    parser.add_argument(
+        "--only",
+        choices=["memory"],
+        default=None,
+        help="run only one arm: memory, the peak-RSS arm (e)",
+    )
     parser.add_argument("--worker")
     parser.add_argument("--args", default="{}")
     args = parser.parse_args()
@@ -255,6 +311,7 @@ def main() -> None:
             "save_rank": worker_save_rank,
             "save_single": worker_save_single,
             "load": worker_load,
+            "load_memory": worker_load_memory,
         }[args.worker]
         result = fn(**json.loads(args.args))
         if os.environ.get("RANK", "0") == "0":
@@ -285,6 +342,9 @@ def run(args: argparse.Namespace, target: str) -> None:
     print(
         f"state {size} MB, {args.steps} steps, a checkpoint every {args.every}; target {target}\n"
     )
+    if args.only == "memory":
+        memory(args, target)
+        return
     base = child(
         "loop", arm="none", size_mb=size, steps=args.steps, every=args.every, target=target
     )
@@ -368,6 +428,45 @@ def run(args: argparse.Namespace, target: str) -> None:
     print(f"    torch.load        {spread(torch_load_s)}")
     print(f"    spotrun           {spread(load_s)}")
     print(f"    ratio {ratio_d:.2f}x vs torch.load (goal >= 2x)")
+    memory(args, target)
+
+
+def memory(args: argparse.Namespace, target: str) -> None:
+    from spotrun.store import storage
+
+    size = args.size_mb
+
+    def save_two(folder: str, mb: int) -> None:
+        child("save_rank", contract_env(folder, "two", 2, False), nproc=2, size_mb=mb)
+
+    save_two(f"{target}/two", size)
+    save_two(f"{target}/warm", 1)
+    child("save_single", size_mb=size, target=target, keep=True)
+    child("save_single", size_mb=1, target=target, keep=True, name="warm.pt")
+    ckpt = "bench/two/ckpt-000000"
+    arms = {
+        "torch": (f"{target}/single.pt", f"{target}/warm.pt"),
+        "spotrun": (f"{target}/two/{ckpt}", f"{target}/warm/{ckpt}"),
+    }
+    grown: dict[str, list[float]] = {arm: [] for arm in arms}
+    state = 0
+    for rep in range(args.repeat):
+        for arm in sorted(arms, reverse=rep % 2 == 1):
+            url, warm = arms[arm]
+            result = child("load_memory", arm=arm, url=url, warm=warm)
+            state = result["state_bytes"]
+            grown[arm].append((result["peak_kb"] - result["baseline_kb"]) * 1024 / state)
+    for leftover in ("two", "warm", "single.pt", "warm.pt"):
+        storage.remove_tree(f"{target}/{leftover}")
+    print(f"(e) peak memory of a load: growth of the peak RSS, {args.repeat} repetitions")
+    print(f"    state             {state / (1 << 20):7.0f} MB")
+    for arm, label in (("torch", "fsspec + torch.load"), ("spotrun", "spotrun (verified)")):
+        ratio = statistics.median(grown[arm])
+        print(
+            f"    {label:<19} {ratio * state / (1 << 20):5.0f} MB   {ratio:.2f}x the state "
+            f"(range {min(grown[arm]):.2f}-{max(grown[arm]):.2f})"
+            + ("  (goal <= 1.3x)" if arm == "spotrun" else "")
+        )
 
 
 if __name__ == "__main__":

@@ -8,10 +8,10 @@ and every file it lists has the recorded size and sha256. Anything else in the j
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
+import pickle
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from spotrun.store import layout, storage
+from spotrun.store import layout, storage, trust
 from spotrun.store.manifest import Commit, DoneRecord, FileRecord, Manifest, ManifestError
 
 log = logging.getLogger("spotrun.train.checkpoint")
@@ -35,13 +35,34 @@ class NoValidCheckpointError(RuntimeError):
 
 @dataclass
 class Verified:
-    """A committed checkpoint whose files were read and verified (kept in memory)."""
+    """A committed checkpoint whose files were checked against its manifest."""
 
     uri: str
     manifest: Manifest
     manifest_sha256: str
-    # Verified contents by relative path: the bytes (remote storage) or the local file path.
-    blobs: dict[str, bytes | str] = field(default_factory=dict)
+    # Local paths holding verified bytes, by relative path: the file itself (local storage)
+    # or a staged copy (remote storage, trust.verified_copy). Never the bytes themselves.
+    blobs: dict[str, str] = field(default_factory=dict)
+    staging: trust.Staging = field(default_factory=trust.Staging, repr=False)
+
+    def release(self, paths: Iterable[str]) -> None:
+        """Forgets verified copies once loaded; staged copies are deleted (an mmap of one
+        stays valid until its tensors are freed)."""
+        for path in paths:
+            local = self.blobs.pop(path, None)
+            if local is not None:
+                self.staging.release(local)
+
+
+def loaded_by(manifest: Manifest, rank: int) -> set[str]:
+    """The files rank reads when it loads this checkpoint, as far as the manifest tells:
+    every file of a replicated or directory checkpoint, its own of a per-rank one, none of a
+    DCP one (which files a rank reads depends on its load plan, so DCP stages its own)."""
+    if manifest.kind == "per-rank":
+        return {f.path for f in manifest.files_of(rank)}
+    if manifest.kind == "dcp":
+        return set()
+    return {f.path for f in manifest.files}
 
 
 class CheckpointStore:
@@ -90,11 +111,18 @@ class CheckpointStore:
         self.write_done(seq, record)
         return record
 
-    def record_existing(self, seq: int, rank: int, paths: Iterable[str]) -> DoneRecord:
-        """Marks files already in checkpoint seq (written by DCP) as rank's, with their hashes."""
+    def record_existing(
+        self, seq: int, rank: int, paths: Mapping[str, storage.Written] | Iterable[str]
+    ) -> DoneRecord:
+        """Marks files already in checkpoint seq (written by DCP) as rank's.
+
+        Given a mapping (as sharded.save returns: path -> size and hash taken while the file
+        was written), records those; given bare paths, reads each back once to hash it.
+        """
+        hashed = paths if isinstance(paths, Mapping) else {}
         records = []
         for rel in sorted(paths):
-            written = storage.hash_file(layout.join(self.uri(seq), rel))
+            written = hashed.get(rel) or storage.hash_file(layout.join(self.uri(seq), rel))
             records.append(FileRecord(rank, rel, written.size, written.sha256, written.chunk_bytes))
         record = DoneRecord(rank=rank, files=tuple(records))
         self.write_done(seq, record)
@@ -195,31 +223,59 @@ class CheckpointStore:
                 out.append(seq)
         return sorted(out)
 
-    def verify(self, seq: int, ranks: Iterable[int] | None = None) -> Verified:
-        """Reads every file of checkpoint seq (or only those of `ranks`) and checks it."""
+    def verify(
+        self, seq: int, ranks: Iterable[int] | None = None, *, keep_for: int | None = 0
+    ) -> Verified:
+        """Checks every file of checkpoint seq (or only those of `ranks`) against its record.
+
+        Local files are checked in place. Remote files are streamed and hashed as they
+        arrive; those rank `keep_for` will load (`loaded_by`) are kept as staged local
+        copies, the rest not at all.
+        """
         try:
             manifest, sha = self.read_manifest(seq)
         except (FileNotFoundError, ManifestError) as err:
             raise CheckpointCorruptError(f"{self.uri(seq)}: {err}") from None
         wanted = set(ranks) if ranks is not None else None
         files = [f for f in manifest.files if wanted is None or f.rank in wanted]
+        keep = loaded_by(manifest, keep_for) if keep_for is not None else set()
+        verified = Verified(uri=self.uri(seq), manifest=manifest, manifest_sha256=sha)
+        verified.blobs.update(self.fetch(verified, files, keep=lambda f: f.path in keep))
+        return verified
 
-        def read(record: FileRecord) -> tuple[str, bytes | str]:
-            url = layout.join(self.uri(seq), record.path)
-            local = storage.local_path(url)
-            if local is not None:  # verified in place; loaded later through an mmap
-                storage.verify_local(local, record.size, record.sha256, record.chunk_bytes)
-                return record.path, local
-            return record.path, storage.read_verified(
-                url, record.size, record.sha256, record.chunk_bytes
-            )
+    def fetch(
+        self,
+        verified: Verified,
+        files: Sequence[FileRecord],
+        keep: Callable[[FileRecord], bool] = lambda f: True,
+    ) -> dict[str, str]:
+        """Verifies `files` of a checkpoint, 8 at a time; returns the verified local path of
+        each that is local or was kept (staged into verified.staging). When one fails, the
+        copies staged for the others are deleted and CheckpointCorruptError raised."""
 
-        try:
-            with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
-                blobs = dict(pool.map(read, files))
-        except storage.CorruptFileError as err:
-            raise CheckpointCorruptError(str(err)) from None
-        return Verified(uri=self.uri(seq), manifest=manifest, manifest_sha256=sha, blobs=blobs)
+        def check(record: FileRecord) -> str | None:
+            url = layout.join(verified.uri, record.path)
+            return trust.verified_copy(url, record, verified.staging if keep(record) else None)
+
+        with ThreadPoolExecutor(max_workers=max(1, min(8, len(files)))) as pool:
+            futures = {record.path: pool.submit(check, record) for record in files}
+        out: dict[str, str] = {}
+        failure: BaseException | None = None
+        for path, future in futures.items():
+            try:
+                local = future.result()
+            except BaseException as err:
+                failure = failure or err
+                continue
+            if local is not None:
+                out[path] = local
+        if failure is not None:
+            for local in out.values():
+                verified.staging.release(local)
+            if isinstance(failure, storage.CorruptFileError):
+                raise CheckpointCorruptError(str(failure)) from None
+            raise failure
+        return out
 
     def resolve(self, seq: int, ranks: Iterable[int] | None = None) -> tuple[Verified, list[str]]:
         """Checkpoint seq verified, or the newest earlier committed one that verifies.
@@ -255,22 +311,15 @@ def _without_zip_crc() -> Iterator[None]:
         torch.serialization.set_crc32_options(previous)
 
 
-def load_blob(blob: bytes | str, *, weights_only: bool = True) -> Any:
-    """Unpickles a verified shard; `weights_only` refuses arbitrary code in the pickle.
-
-    A local file (given by path) is memory-mapped: its pages were just hashed, so they are
-    in the page cache and the tensors share them instead of copying.
-    """
-    if isinstance(blob, str):
-        return torch.load(blob, map_location="cpu", weights_only=weights_only, mmap=True)
-    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=weights_only)
-
-
-def read_blob(blob: bytes | str) -> bytes:
-    if isinstance(blob, str):
-        with open(blob, "rb") as raw:
-            return raw.read()
-    return blob
+def load_shard(verified: Verified, path: str, *, weights_only: bool = True) -> Any:
+    """Unpickles a verified shard (`torch.load(weights_only=True)`, memory-mapped)."""
+    try:
+        return trust.load_torch(verified.blobs[path], weights_only=weights_only)
+    except pickle.UnpicklingError as err:
+        raise CheckpointCorruptError(
+            f"{verified.uri}/{path} verifies but does not load as a weights-only shard "
+            f"(refusing to run what it asks for): {err}"
+        ) from None
 
 
 def split_uri(uri: str) -> tuple[str, int]:

@@ -2,19 +2,23 @@
 
 Pure data and JSON, no I/O. A checkpoint exists only when its manifest parses, its own
 checksum matches, and every file it lists verifies; these types are what that check reads.
+Every record path and chunk size parsed here passes trust.py's rules (see there).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from spotrun.lifecycle.times import format_time
+from spotrun.store import trust
 
 FORMAT_VERSION = 1
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 CheckpointKind = Literal["replicated", "per-rank", "directory", "dcp"]
 KINDS: tuple[str, ...] = ("replicated", "per-rank", "directory", "dcp")
@@ -52,23 +56,25 @@ class FileRecord:
         if not isinstance(raw, Mapping):
             raise ManifestError(f"a file record must be an object, got {type(raw).__name__}")
         try:
+            path = raw["path"]
+            if not isinstance(path, str):
+                raise TypeError("path")
             record = cls(
                 rank=int(raw["rank"]),
-                path=str(raw["path"]),
+                path=path,
                 size=int(raw["size"]),
                 sha256=str(raw["sha256"]),
                 chunk_bytes=int(raw.get("chunkBytes", 0)),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"a file record lacks or mistypes {err}") from None
-        if (
-            record.size < 0
-            or record.chunk_bytes < 0
-            or len(record.sha256) != 64
-            or record.path.startswith("/")
-            or ".." in (record.path.split("/"))
-        ):
-            raise ManifestError(f"file record {record.path!r} has an invalid size, hash or path")
+        if record.size < 0 or not _SHA256.match(record.sha256):
+            raise ManifestError(f"file record {record.path!r} has an invalid size or hash")
+        try:
+            trust.check_record_path(record.path)
+            trust.check_chunk_bytes(record.chunk_bytes)
+        except trust.UnsafeCheckpointError as err:
+            raise ManifestError(str(err)) from None
         return record
 
 
@@ -160,7 +166,7 @@ class Manifest:
         if kind not in KINDS:
             raise ManifestError(f"manifest kind {kind!r} is not one of {', '.join(KINDS)}")
         try:
-            return cls(
+            manifest = cls(
                 seq=int(raw["seq"]),
                 step=int(raw["step"]),
                 kind=kind,
@@ -171,8 +177,14 @@ class Manifest:
                 metrics=dict(raw.get("metrics") or {}),
                 runtime=dict(raw.get("runtime") or {}),
             )
+        except ManifestError:
+            raise
         except (KeyError, TypeError, ValueError) as err:
             raise ManifestError(f"manifest.json lacks or mistypes {err}") from None
+        paths = [f.path for f in manifest.files]
+        if len(set(paths)) != len(paths):
+            raise ManifestError("manifest.json lists the same file twice")
+        return manifest
 
 
 def build_manifest(

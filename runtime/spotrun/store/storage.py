@@ -1,8 +1,10 @@
-"""fsspec glue for checkpoint storage: filesystems, hashed streaming writes, verified reads.
+"""fsspec glue for checkpoint storage: filesystems, hashed streaming writes, raw reads.
 
 Any fsspec URL works (gs://, s3://, file://, memory://). Small records are written whole
 (by rename on local disks), so a reader sees all of one or nothing; local files are fsynced
-only with SPOTRUN_FSYNC=1 (see `fsync_enabled`).
+only with SPOTRUN_FSYNC=1 (see `fsync_enabled`). Reading a checkpoint's files back goes
+through trust.py, which checks them; the reads here are of records that trust.py and
+manifest.py parse.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def fsync_enabled() -> bool:
 
 
 class CorruptFileError(IOError):
-    """A stored file's size or sha256 differs from its record: never unpickle it."""
+    """A stored file's size or sha256 differs from its record: never unpickle it.
+
+    Raised by the checks in trust.py, which is where stored bytes are verified."""
 
 
 def fsspec_options(url: str) -> dict[str, Any]:
@@ -249,61 +253,19 @@ def read_bytes(url: str) -> bytes:
     return data
 
 
-def read_verified(url: str, size: int, sha256: str, chunk_bytes: int = 0) -> bytes:
-    """Reads a whole file and checks its size and sha256 before anyone may unpickle it."""
-    fs, path = filesystem(url)
-    try:
-        if is_local(fs):
-            with open(path, "rb") as raw:
-                data = raw.read()
-        else:
-            data = fs.cat_file(path)
-    except FileNotFoundError:
-        raise CorruptFileError(f"{url} is missing") from None
-    if len(data) != size:
-        raise CorruptFileError(f"{url} has {len(data)} bytes, its record says {size}")
-    digest = chunked_sha256(data, chunk_bytes)
-    if digest != sha256:
-        raise CorruptFileError(
-            f"{url} fails its sha256 check (got {digest[:12]}…, want {sha256[:12]}…)"
-        )
-    return data
-
-
 def local_path(url: str) -> str | None:
     """The local file path behind `url`, or None for remote storage."""
     fs, path = filesystem(url)
     return str(path) if is_local(fs) else None
 
 
-def verify_local(path: str, size: int, sha256: str, chunk_bytes: int = 0) -> None:
-    """Checks a local file's size and sha256 through an mmap: no copy, the GIL released,
-    the pieces of a chunked record hashed on every core."""
-    try:
-        actual = os.stat(path).st_size
-    except FileNotFoundError:
-        raise CorruptFileError(f"{path} is missing") from None
-    if actual != size:
-        raise CorruptFileError(f"{path} has {actual} bytes, its record says {size}")
-    if size:
-        with (
-            open(path, "rb") as raw,
-            mmap.mmap(raw.fileno(), 0, prot=mmap.PROT_READ) as mapped,
-        ):
-            digest = chunked_sha256(mapped, chunk_bytes)
-    else:
-        digest = chunked_sha256(b"", chunk_bytes)
-    if digest != sha256:
-        raise CorruptFileError(
-            f"{path} fails its sha256 check (got {digest[:12]}…, want {sha256[:12]}…)"
-        )
-
-
 def hash_file(url: str) -> Written:
-    """Size and chunked sha256 of a file already in storage (one DCP wrote)."""
+    """Size and chunked sha256 of a file already in storage, read once in 8 MiB pieces.
+
+    A fallback: DCP files are hashed as they are written (sharded.save)."""
     fs, path = filesystem(url)
     hasher = ChunkHasher()
-    with fs.open(path, "rb") as raw:
+    with fs.open(path, "rb", **({} if is_local(fs) else {"cache_type": "none"})) as raw:
         while chunk := raw.read(_CHUNK):
             for future in hasher.start(chunk):
                 future.result()

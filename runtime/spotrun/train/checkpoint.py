@@ -15,8 +15,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from spotrun.store import layout
-from spotrun.store.commit import CheckpointStore, Verified, load_blob, read_blob, split_uri
+from spotrun.store import layout, trust
+from spotrun.store.commit import (
+    CheckpointCorruptError,
+    CheckpointStore,
+    Verified,
+    load_shard,
+    split_uri,
+)
 from spotrun.store.tree import unflatten
 
 
@@ -86,7 +92,7 @@ class Checkpoint:
         """
         root, seq = split_uri(uri)
         store = CheckpointStore(root)
-        verified = store.verify(seq)
+        verified = store.verify(seq, keep_for=rank)
         world = verified.manifest.world_size
         return cls(committed=_Committed(store, verified, rank, world, weights_only))
 
@@ -148,19 +154,32 @@ class Checkpoint:
             raise TypeError(
                 f"this checkpoint holds a {self.kind}; to_directory() reads directory checkpoints"
             )
+        committed = self._committed
+        try:
+            members = {
+                record.path: trust.directory_member(record.path)
+                for record in committed.verified.manifest.files
+            }
+            for rel in set(members.values()):
+                trust.path_inside(target, rel)
+        except trust.UnsafeCheckpointError as err:
+            raise CheckpointCorruptError(f"{self.uri}: {err}") from None
         blobs = self._blobs(None)
         written: set[str] = set()
-        for record in sorted(
-            self._committed.verified.manifest.files, key=lambda f: (f.rank, f.path)
-        ):
-            rel = record.path.split("/", 1)[1]
-            if rel in written:  # several ranks wrote this name: the lowest rank's copy wins
-                continue
-            written.add(rel)
-            dest = os.path.join(target, rel)
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            with open(dest, "wb") as out:
-                out.write(read_blob(blobs[record.path]))
+        try:
+            for record in sorted(committed.verified.manifest.files, key=lambda f: (f.rank, f.path)):
+                rel = members[record.path]
+                if rel in written:  # several ranks wrote this name: the lowest rank's copy wins
+                    continue
+                written.add(rel)
+                try:  # checked again as it is written: resolves inside target, links included
+                    dest = trust.path_inside(target, rel)
+                except trust.UnsafeCheckpointError as err:
+                    raise CheckpointCorruptError(f"{self.uri}: {err}") from None
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                shutil.copyfile(blobs[record.path], dest)
+        finally:
+            committed.verified.release(blobs)
         return target
 
     @contextmanager
@@ -175,35 +194,44 @@ class Checkpoint:
             shutil.rmtree(path, ignore_errors=True)
 
     def load_sharded_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads a DCP checkpoint into `state_dict` in place, resharding to this world size."""
+        """Loads a DCP checkpoint into `state_dict` in place, resharding to this world size.
+
+        Each rank fetches and verifies only the files its share needs; DCP's metadata is
+        read through a restricted unpickler (see store/trust.py)."""
         if self._committed is None or self._committed.verified.manifest.kind != "dcp":
             raise TypeError(f"this checkpoint holds a {self.kind}, not a sharded (dcp) checkpoint")
         from spotrun.store import sharded
 
-        self._blobs(None)  # verifies every file before DCP reads any of them
-        sharded.load(self._committed.verified.uri, state_dict)
+        committed = self._committed
+        sharded.load(
+            committed.store, committed.verified, state_dict, weights_only=committed.weights_only
+        )
 
     # --- loading -------------------------------------------------------------------------
 
-    def _blobs(self, ranks: set[int] | None) -> dict[str, bytes | str]:
+    def _blobs(self, ranks: set[int] | None) -> dict[str, str]:
+        """Verified local paths of the files of `ranks` (all when None), fetching (and, for
+        remote storage, staging) those not verified yet."""
         assert self._committed is not None
         committed = self._committed
-        wanted = [
-            f.path for f in committed.verified.manifest.files if ranks is None or f.rank in ranks
-        ]
-        if not all(p in committed.verified.blobs for p in wanted):
-            fresh = committed.store.verify(committed.verified.manifest.seq, ranks)
-            committed.verified.blobs.update(fresh.blobs)
-        blobs = {p: committed.verified.blobs[p] for p in wanted}
-        return blobs
+        verified = committed.verified
+        wanted = [f for f in verified.manifest.files if ranks is None or f.rank in ranks]
+        missing = [f for f in wanted if f.path not in verified.blobs]
+        if missing:
+            verified.blobs.update(committed.store.fetch(verified, missing))
+        return {f.path: verified.blobs[f.path] for f in wanted}
 
     def _load_replicated(self) -> Any:
         assert self._committed is not None
-        shards = [
-            load_blob(data, weights_only=self._committed.weights_only)
-            for data in self._blobs(None).values()
-        ]
-        self._committed.verified.blobs.clear()  # the bytes are now tensors; free them
+        blobs = self._blobs(None)
+        verified = self._committed.verified
+        try:
+            shards = [
+                load_shard(verified, path, weights_only=self._committed.weights_only)
+                for path in blobs
+            ]
+        finally:
+            verified.release(blobs)  # the files are now (memory-mapped) tensors
         skeleton = next((s["skeleton"] for s in shards if "skeleton" in s), None)
         if skeleton is None:
             raise ValueError(f"{self.uri}: no shard carries the checkpoint's structure")
@@ -223,8 +251,13 @@ class Checkpoint:
             )
         rank = self._committed.rank
         blobs = self._blobs({rank})
-        data = blobs[layout.shard_name(rank)]
-        shard = load_blob(data, weights_only=self._committed.weights_only)
+        verified = self._committed.verified
+        try:
+            shard = load_shard(
+                verified, layout.shard_name(rank), weights_only=self._committed.weights_only
+            )
+        finally:
+            verified.release(blobs)
         return unflatten(shard["skeleton"], shard["tensors"].__getitem__)
 
     def __repr__(self) -> str:

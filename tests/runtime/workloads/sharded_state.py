@@ -1,6 +1,11 @@
-"""Saves or restores a DTensor sharded across the group through DCP (config: mode save|load)."""
+"""Saves or restores a DTensor sharded across the group through DCP (config: mode save|load).
+
+With trace_reads, a load prints the checkpoint files this rank fetched and verified for it.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -28,7 +33,20 @@ if cfg["mode"] == "save":
 else:
     checkpoint = spotrun.get_checkpoint()
     assert checkpoint is not None and checkpoint.kind == "dcp", checkpoint
+    reads: list[str] = []
+    if cfg.get("trace_reads"):
+        from spotrun.store import trust
+
+        verified_copy = trust.verified_copy
+
+        def traced(url: str, record: Any, staging: Any) -> Any:
+            reads.append(record.path)
+            return verified_copy(url, record, staging)
+
+        trust.verified_copy = traced  # type: ignore[assignment]
     checkpoint.load_sharded_state_dict(state)
+    if cfg.get("trace_reads"):
+        print(f"rank {ctx.world_rank} read {sorted(reads)}", flush=True)
     loaded = state["weight"].full_tensor() if ctx.world_size > 1 else state["weight"]
     assert torch.equal(loaded, full), "resharded weights differ"
     if ctx.world_size > 1:
