@@ -1,0 +1,155 @@
+"""Goodput benchmark: how much of the wall time a job trains when its capacity keeps going.
+
+One invocation runs the same TrainJob (examples/trainjob.yaml's demo job by default, 2
+replicas x 1 worker) through `spotrun run` several ways, side by side:
+
+  fault-free     no injected fault: the baseline
+  warm           a seeded fault (a preemption with notice, or a kill without) every
+                 --every seconds of training on average, spec.recovery: Warm
+  cold           the same seeded faults, spec.recovery: Cold (the whole group restarts)
+
+Goodput is the fault-free wall time divided by the faulted wall time (1.0: faults cost
+nothing). The faults are drawn from one seed per repetition, so the warm and cold arms of a
+repetition see the same schedule; arms alternate between repetitions, and medians print.
+
+    .venv/bin/python benchmarks/goodput.py                      # demo job, a fault every 10 s
+    .venv/bin/python benchmarks/goodput.py --every 20 --repeat 3 --steps 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "trainjob.yaml"
+SPOTRUN = [sys.executable, "-m", "spotrun.cli"]
+PYTHONPATH = os.pathsep.join(
+    [str(ROOT / "runtime"), str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+)
+
+
+def job_file(folder: Path, recovery: str, steps: int | None) -> Path:
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest["spec"]["recovery"] = recovery
+    if steps is not None:
+        manifest["spec"]["config"]["steps"] = steps
+    path = folder / f"job-{recovery.lower()}.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    return path
+
+
+def run_once(job: Path, storage: Path, faults: list[str], timeout: float) -> dict[str, Any]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*SPOTRUN, "run", str(job), "--storage", str(storage), "--no-live", *faults],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": PYTHONPATH},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    wall = time.monotonic() - started
+    if proc.returncode != 0:
+        raise SystemExit(
+            f"spotrun run {job.name} {' '.join(faults)} failed:\n{proc.stdout}{proc.stderr}"
+        )
+    status_path = next(storage.glob("*/*/status.json"))
+    status = json.loads(status_path.read_text())
+    entries = status.get("interruptions") or []
+    return {
+        "wall": wall,
+        "interruptions": int(status.get("preemptions", 0)) + int(status.get("failures", 0)),
+        "recovery": sorted({str(e.get("recovery", "?")) for e in entries}),
+        "steps_lost": sum(int(e.get("stepsLost", 0)) for e in entries),
+        "recover_seconds": [
+            float(e["secondsToRecover"]) for e in entries if "secondsToRecover" in e
+        ],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--every", type=float, default=10.0, help="mean seconds of training between faults"
+    )
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=None, help="override the job's config.steps")
+    parser.add_argument(
+        "--faults",
+        choices=("mixed", "preempt", "kill"),
+        default="mixed",
+        help="preemptions with notice, kills without, or both (each at twice the interval)",
+    )
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    args = parser.parse_args()
+
+    if args.faults == "mixed":
+        every = [f"--preempt-every={2 * args.every:g}s", f"--kill-every={2 * args.every:g}s"]
+    else:
+        every = [f"--{args.faults}-every={args.every:g}s"]
+
+    results: dict[str, list[dict[str, Any]]] = {"fault-free": [], "warm": [], "cold": []}
+    with tempfile.TemporaryDirectory(prefix="spotrun-goodput-") as tmp:
+        folder = Path(tmp)
+        jobs = {
+            "warm": job_file(folder, "Warm", args.steps),
+            "cold": job_file(folder, "Cold", args.steps),
+        }
+        for rep in range(args.repeat):
+            order = (
+                ["fault-free", "warm", "cold"] if rep % 2 == 0 else ["cold", "warm", "fault-free"]
+            )
+            for arm in order:
+                storage = folder / f"{arm}-{rep}"
+                faults = [] if arm == "fault-free" else [*every, "--seed", str(1000 + rep)]
+                job = jobs["warm" if arm == "fault-free" else arm]
+                result = run_once(job, storage, faults, args.timeout)
+                results[arm].append(result)
+                print(
+                    f"rep {rep} {arm:>10}: {result['wall']:7.1f}s, {result['interruptions']} "
+                    f"interruption(s) {','.join(result['recovery']) or '-'}, "
+                    f"{result['steps_lost']} step(s) lost, recovered in "
+                    + (", ".join(f"{s:.1f}s" for s in result["recover_seconds"]) or "-"),
+                    flush=True,
+                )
+
+    base = statistics.median(r["wall"] for r in results["fault-free"])
+    print()
+    print(
+        f"fault every {args.every:g}s of training on average ({args.faults}), {args.repeat} repetition(s), medians"
+    )
+    print(
+        f"{'arm':>10}  {'wall':>8}  {'goodput':>8}  {'interruptions':>13}  {'recovery (median)':>17}"
+    )
+    for arm in ("fault-free", "warm", "cold"):
+        wall = statistics.median(r["wall"] for r in results[arm])
+        recover = [s for r in results[arm] for s in r["recover_seconds"]]
+        interrupted = statistics.median(r["interruptions"] for r in results[arm])
+        print(
+            f"{arm:>10}  {wall:7.1f}s  {base / wall:8.3f}  {interrupted:13g}  "
+            + (f"{statistics.median(recover):16.2f}s" if recover else f"{'-':>17}")
+        )
+    warm = statistics.median(r["wall"] for r in results["warm"])
+    cold = statistics.median(r["wall"] for r in results["cold"])
+    print(
+        f"\nwarm goodput {base / warm:.3f} vs cold {base / cold:.3f}: warm/cold wall ratio {warm / cold:.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
