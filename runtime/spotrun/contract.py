@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,6 +37,12 @@ DEFAULT_MASTER_PORT = 29500
 # The launcher and its workers exit with this code when a preemption notice was honoured:
 # the group agreed on it and committed a final checkpoint (EX_TEMPFAIL from sysexits.h).
 EXIT_PREEMPTED = 75
+
+# Set by the launcher for its workers, not by the operator: the write end of a pipe on which
+# a worker's session says that it exits EXIT_PREEMPTED because its group agreed on a
+# preemption notice. A worker on a node that was not preempted learns of the notice only
+# through that agreement, so its launcher saw no signal; this is what vouches for its 75.
+NOTICE_FD = "SPOTRUN_NOTICE_FD"
 
 ScoreOrder = Literal["max", "min"]
 
@@ -152,6 +159,23 @@ class PodContract:
         if self.status_sink:
             env[STATUS_SINK] = self.status_sink
         return env
+
+
+def announce_preempted_exit(local_rank: int, env: Mapping[str, str] | None = None) -> None:
+    """Tells the launcher that this worker exits EXIT_PREEMPTED for an agreed notice.
+
+    Called by the session just before it exits; a no-op outside `spotrun launch`, or where
+    the descriptor is not the launcher's pipe (a process that inherited the variable only).
+    """
+    raw = (os.environ if env is None else env).get(NOTICE_FD)
+    if not raw:
+        return
+    try:
+        fd = int(raw)
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.write(fd, f"{local_rank}\n".encode())
+    except (ValueError, OSError):
+        return
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:

@@ -213,6 +213,29 @@ def test_a_script_that_crashes_at_once_trips_the_circuit_breaker(tmp_path: Path)
     assert "crash_at_once: the training script fails before its first step" in out
 
 
+def test_a_function_exiting_75_without_a_notice_spends_the_failure_budget(tmp_path: Path) -> None:
+    job = trainjob(
+        tmp_path,
+        trainer={
+            "image": "spotrun-runtime:dev",
+            "function": "tests.runtime.workloads.exit_75:train_func",
+        },
+        failurePolicy={
+            "maxFailures": 1,
+            "maxPreemptions": 3,
+            "backoff": {"initialSeconds": 0.2, "maxSeconds": 0.5},
+        },
+    )
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=180)
+    assert code == 1, out
+    status = status_of(storage)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "MaxFailuresExceeded", failed
+    assert (status["preemptions"], status["failures"]) == (0, 2), status["interruptions"]
+    assert "exited with code 75 without a preemption notice" in out
+
+
 BAD_FILES = [
     (
         "malformed YAML",

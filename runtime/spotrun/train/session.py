@@ -268,6 +268,7 @@ class Session:
             if writers or self._notice_offered:
                 self.flush()
                 log.warning("rank %d: preemption notice honoured at step %d; exiting", rank, step)
+                pod.announce_preempted_exit(self.context.local_rank)
                 raise SystemExit(pod.EXIT_PREEMPTED)
 
     def _save(
