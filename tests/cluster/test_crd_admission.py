@@ -161,6 +161,11 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["trainer.env may not set the pod contract's variables", "spec.config"],
     ),
     (
+        "user-env-sets-the-launcher-deadline",
+        edit("spec.trainer.env", [{"name": "SPOTRUN_GRACE_SECONDS", "value": "300"}]),
+        ["trainer.env may not set the pod contract's variables"],
+    ),
+    (
         "user-env-sets-master-addr",
         edit("spec.trainer.env", [{"name": "MASTER_ADDR", "value": "10.0.0.1"}]),
         ["trainer.env may not set the pod contract's variables"],

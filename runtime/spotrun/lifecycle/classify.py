@@ -26,6 +26,9 @@ Kind = Literal["preemption", "failure", "hang"]
 # The runtime's workers exit with this code after honouring a preemption notice (SIGTERM
 # agreed by every rank, final checkpoint written): the same value as
 # spotrun.contract.EXIT_PREEMPTED, repeated so the policy imports nothing outside itself.
+# A replica's code is its launcher's, and the launcher exits 75 only when it vouches for the
+# notice (it forwarded one, or the worker's session said its group agreed on one); user code
+# that exits 75 by itself makes the launcher exit 1. So the code alone is evidence here.
 EXIT_PREEMPTED = 75
 
 PREEMPTED = "Preempted"

@@ -73,10 +73,9 @@ POLL_SECONDS = 0.2
 # Replicas of an attempt that was replaced: status.attempt already fences their writes, so
 # a graceful stop would save nothing; they get SIGTERM and this long before SIGKILL.
 STOP_GRACE_SECONDS = 5.0
-# How often rank 0 writes lastMetrics: the live view and the hang check read it.
-PROGRESS_SECONDS = "1"
-# The launcher's own grace when the pod template sets none (spotrun.pod.launcher's default).
-LAUNCHER_GRACE_SECONDS = 25.0
+# How often, at most, rank 0 writes lastMetrics: the live view and the hang check read it
+# (a short progressDeadlineSeconds asks for more, spotrun.contract.timing_env).
+LONGEST_PROGRESS_SECONDS = 1.0
 
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
 
@@ -383,8 +382,9 @@ class LocalRun:
                     replica.stop(now, STOP_GRACE_SECONDS)
             elif isinstance(action, Suspend):
                 # SIGTERM is a preemption notice to the group: its final checkpoint is kept.
+                # SIGKILL when the pod's grace ends, as the kubelet would.
                 for replica in self.replicas:
-                    replica.stop(now, self._launcher_grace() + 5)
+                    replica.stop(now, max(self._pod_grace(), self._launcher_grace() + 1))
             # Wait: the loop polls anyway; DeleteJob (ttlSecondsAfterFinished): the local
             # run ends with the job, its folder stays for `spotrun status`.
 
@@ -458,10 +458,9 @@ class LocalRun:
             p for p in (os.path.dirname(sys.executable), os.environ.get("PATH", "")) if p
         )
         env["PYTHONUNBUFFERED"] = "1"
-        env.setdefault("SPOTRUN_PROGRESS_SECONDS", PROGRESS_SECONDS)
-        grace = _template_grace(job)
-        if grace is not None:
-            env["SPOTRUN_GRACE_SECONDS"] = str(max(1.0, grace - 5))
+        # The rule the operator follows: the launcher's deadline from the pod's grace, the
+        # progress reports from the hang deadline.
+        env.update(contract.timing_env(job.spec, longest_progress=LONGEST_PROGRESS_SECONDS))
         mtbf = mtbf_seconds(self.options)
         if mtbf is not None:
             env.setdefault("SPOTRUN_MTBF_SECONDS", f"{mtbf:g}")
@@ -471,8 +470,10 @@ class LocalRun:
         return env
 
     def _launcher_grace(self) -> float:
-        grace = _template_grace(self.job)
-        return LAUNCHER_GRACE_SECONDS if grace is None else max(1.0, grace - 5)
+        return contract.launcher_grace_seconds(self._pod_grace())
+
+    def _pod_grace(self) -> float:
+        return contract.pod_grace_seconds(self.job.spec)
 
     def _forget_stale(self) -> None:
         """Replicas of older attempts are forgotten once they exited (a deleted pod is gone)."""
@@ -604,12 +605,6 @@ class LocalRun:
 
 
 # --- helpers ----------------------------------------------------------------------------
-
-
-def _template_grace(job: TrainJob) -> float | None:
-    pod = (job.template or {}).get("spec") or {}
-    grace = pod.get("terminationGracePeriodSeconds")
-    return None if grace is None else float(grace)
 
 
 def _total_steps(job: TrainJob) -> int | None:

@@ -35,11 +35,10 @@ from spotrun.store import layout
 
 LOG_PREFIX = "[spotrun launch]"
 
-# Not part of the pod contract: the operator derives it from terminationGracePeriodSeconds
-# when it wants something other than the default, which leaves 5 s of Kubernetes' default
-# 30 s for the launcher itself to exit.
-GRACE_SECONDS_ENV = "SPOTRUN_GRACE_SECONDS"
-DEFAULT_GRACE_SECONDS = 25.0
+# The operator and `spotrun run` derive it from the pod's terminationGracePeriodSeconds
+# (contract.launcher_grace_seconds); without it, the launcher assumes Kubernetes' default.
+GRACE_SECONDS_ENV = contract.GRACE_SECONDS
+DEFAULT_GRACE_SECONDS = contract.launcher_grace_seconds(contract.DEFAULT_POD_GRACE_SECONDS)
 
 # When a worker fails the group is dead (collectives need every rank), so the others only
 # get a moment to flush their logs before they are killed: restart sooner, lose nothing.

@@ -37,7 +37,9 @@ from spotrun.train.writer import WriterClient, WriterConfig
 
 log = logging.getLogger("spotrun")
 
-PROGRESS_INTERVAL_SECONDS = float(os.environ.get("SPOTRUN_PROGRESS_SECONDS", "10"))
+PROGRESS_INTERVAL_SECONDS = float(
+    os.environ.get(pod.PROGRESS_SECONDS, str(pod.LONGEST_PROGRESS_SECONDS))
+)
 
 
 class Stateful(Protocol):
