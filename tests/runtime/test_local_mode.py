@@ -236,6 +236,57 @@ def test_a_function_exiting_75_without_a_notice_spends_the_failure_budget(tmp_pa
     assert "exited with code 75 without a preemption notice" in out
 
 
+def silent_job(tmp_path: Path, config: dict[str, Any], **policy: Any) -> Path:
+    """One worker running tests/runtime/workloads/slow_start.py, no failure budget."""
+    return trainjob(
+        tmp_path,
+        replicas=1,
+        trainer={
+            "image": "spotrun-runtime:dev",
+            "function": "tests.runtime.workloads.slow_start:train_func",
+        },
+        config={"steps": 40, "step_seconds": 0.05, **config},
+        failurePolicy={"maxFailures": 0, "backoff": {"initialSeconds": 0.2}, **policy},
+    )
+
+
+def test_a_start_up_slower_than_the_progress_deadline_is_not_a_hang(tmp_path: Path) -> None:
+    # Asleep 20 s before its first report (imports come on top), with a 10 s progress
+    # deadline; the deadline also covers the silent shutdown after the last step.
+    job = silent_job(tmp_path, {"startup_seconds": 20}, progressDeadlineSeconds=10)
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=180)
+    assert code == 0, out
+    status = status_of(storage)
+    assert (status["state"], status["failures"], status["attempt"]) == ("Succeeded", 0, 1), out
+    assert status["lastMetrics"]["step"] >= 0  # it trained: reports came after the start-up
+
+
+def test_a_group_that_stops_reporting_after_it_started_is_hung(tmp_path: Path) -> None:
+    job = silent_job(tmp_path, {"steps": 10_000, "hang_at_step": 20}, progressDeadlineSeconds=5)
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=180)
+    assert code == 1, out
+    status = status_of(storage)
+    assert status["state"] == "Failed"
+    (hang,) = status["interruptions"]
+    assert (hang["kind"], hang["reason"]) == ("hang", "ProgressDeadlineExceeded"), hang
+    assert "progressDeadlineSeconds=5" in hang["message"]
+
+
+def test_a_start_up_that_never_reports_is_hung_after_its_allowance(tmp_path: Path) -> None:
+    job = silent_job(
+        tmp_path, {"startup_seconds": 3600}, progressDeadlineSeconds=4, startupDeadlineSeconds=8
+    )
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=180)
+    assert code == 1, out
+    status = status_of(storage)
+    (hang,) = status["interruptions"]
+    assert (hang["kind"], hang["reason"]) == ("hang", "StartupDeadlineExceeded"), hang
+    assert "startupDeadlineSeconds=8" in hang["message"]
+
+
 BAD_FILES = [
     (
         "malformed YAML",
