@@ -8,7 +8,9 @@ launchers (and their workers) die with it (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -326,6 +328,86 @@ def test_bad_files_fail_with_the_crds_message(
     assert message in out
     assert str(path) in out  # the message names the file
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_a_job_far_beyond_the_machine_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    job = trainjob(tmp_path, replicas=10000, nprocPerNode=1024)
+    code, out = run("run", str(job), "--storage", str(tmp_path / "runs"), timeout=60)
+    assert code == 2, out
+    assert "replicas x nprocPerNode = 10000 x 1024 = 10240000 workers" in out
+    assert "CPU core(s)" in out and "lower spec.replicas or spec.nprocPerNode" in out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where", ["flag", "spec"])
+def test_memory_storage_is_refused_since_nothing_would_survive(tmp_path: Path, where: str) -> None:
+    if where == "flag":
+        job, args = trainjob(tmp_path), ["--storage", "memory://ckpt"]
+    else:
+        job, args = trainjob(tmp_path, checkpoint={"storage": "memory://ckpt", "numToKeep": 3}), []
+    code, out = run("run", str(job), *args, timeout=60)
+    assert code == 2, out
+    assert "memory://ckpt is memory:// storage" in out and "no checkpoint" in out
+    assert ("--storage" if where == "flag" else "spec.checkpoint.storage") in out
+
+
+def test_a_garbled_status_is_a_one_line_error_for_run_and_status(tmp_path: Path) -> None:
+    job = trainjob(tmp_path)
+    folder = tmp_path / "runs" / "default" / "linear-demo"
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text('{"state": "Running", "attempt": ')
+    for args in (["run", str(job), "--storage", str(tmp_path / "runs")], ["status", str(folder)]):
+        code, out = run(*args, timeout=60)
+        assert code == 2, out
+        assert "Traceback" not in out, out
+        (line,) = out.strip().splitlines()
+        assert f"{folder / 'status.json'} is garbled (not JSON" in line, line
+        assert "move the job folder aside" in line
+    assert not (folder / "logs").exists()  # nothing started
+
+
+def processes_of(storage: Path, *parts: str) -> list[int]:
+    """Live processes of the run whose storage is `storage` with `parts` in their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state in ("Z", "X") or not all(part in cmdline for part in parts):
+            continue
+        if f"SPOTRUN_STORAGE={storage}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+WRITER = ("spotrun.train.", "writer")  # the writer process's command line
+
+
+def test_checkpoint_writers_die_at_once_with_a_sigkilled_supervisor(tmp_path: Path) -> None:
+    storage = tmp_path / "runs"
+    process = start("run", str(trainjob(tmp_path)), "--storage", str(storage), "--no-live")
+    try:
+        # The moment the first writer process exists: it has its imports (torch) ahead of it.
+        wait_for(lambda: processes_of(storage, *WRITER), 120, "a checkpoint writer")
+        writers = processes_of(storage, *WRITER)
+        process.kill()
+        process.communicate()
+        # Its parent-death signal is armed before the imports, so it goes with its worker:
+        # well within 2 s (an import of torch alone takes longer than that).
+        wait_for(lambda: not processes_of(storage, "spotrun."), 2, "the run's processes to die")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        for pid in processes_of(storage, "spotrun."):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert writers
 
 
 def test_ctrl_c_suspends_with_a_final_checkpoint_and_the_next_run_carries_on(

@@ -62,6 +62,7 @@ from spotrun.lifecycle import (
 from spotrun.local import _fault_worker, faults
 from spotrun.local.observe import ReplicaFacts, describe_exit, observe
 from spotrun.local.progress import Display, Snapshot, make_display, print_summary
+from spotrun.local.status_command import StatusFileError, read_status
 from spotrun.local.trainjob import TrainJob, TrainJobError, load_trainjob
 from spotrun.store import layout
 
@@ -78,6 +79,13 @@ STOP_GRACE_SECONDS = 5.0
 LONGEST_PROGRESS_SECONDS = 1.0
 
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+
+# Local workers per CPU core, at most: beyond that a run only thrashes (or forks until the
+# machine gives up), and the file is meant for a cluster.
+WORKERS_PER_CORE = 4
+# Storage that lives inside one process: replicas, their writers and the supervisor are
+# processes of their own, so nothing written there would survive or be seen.
+PROCESS_LOCAL_STORAGE = ("memory",)
 
 
 class LocalRunError(RuntimeError):
@@ -124,6 +132,41 @@ def storage_url(flag: str | None, spec_storage: str | None) -> str:
     if "://" in chosen:
         return chosen.rstrip("/")
     return os.path.abspath(chosen)
+
+
+def check_storage(flag: str | None, spec_storage: str | None) -> None:
+    """Refuses storage that no other process can see (memory://)."""
+    chosen, where = (flag, "--storage") if flag else (spec_storage, "spec.checkpoint.storage")
+    if not chosen or "://" not in chosen:
+        return
+    protocol = chosen.split("://", 1)[0].lower()
+    if protocol in PROCESS_LOCAL_STORAGE:
+        raise LocalRunError(
+            f"{where} {chosen} is {protocol}:// storage, which lives inside one process; local "
+            "mode runs every replica, its checkpoint writers and the supervisor as processes "
+            "of their own, so no checkpoint and no status would survive: give a folder "
+            "(--storage ./spotrun-runs) or a bucket"
+        )
+
+
+def check_capacity(replicas: int, nproc_per_node: int, cores: int) -> None:
+    """Refuses more local workers than WORKERS_PER_CORE per core of this machine."""
+    workers = replicas * nproc_per_node
+    most = WORKERS_PER_CORE * max(1, cores)
+    if workers > most:
+        raise LocalRunError(
+            f"replicas x nprocPerNode = {replicas} x {nproc_per_node} = {workers} workers, more "
+            f"than this machine can run: it has {cores} CPU core(s), and local mode starts at "
+            f"most {WORKERS_PER_CORE} workers per core ({most}); lower spec.replicas or "
+            "spec.nprocPerNode in a copy of the file to run it here (a cluster runs it as it is)"
+        )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def launcher_argv(job: TrainJob, *, inject_failure: bool) -> list[str]:
@@ -287,7 +330,7 @@ class LocalRun:
         self.replicas: list[_Replica] = []
         self.memory = _Memory()
         # What an earlier run left (when carrying one on): only news is announced.
-        self.status: dict[str, Any] = read_status_file(self.status_url)
+        self.status: dict[str, Any] = read_status(self.status_url)
         self.holding: str | None = None
         self.interrupted = 0  # SIGINT/SIGTERM received by the supervisor
         self.started = time.time()
@@ -653,7 +696,7 @@ def prepare_folder(root: str, job: TrainJob, now: float) -> str | None:
     the policy sees the old group gone and restarts it from the latest checkpoint, as the
     operator would after a restart of its own.
     """
-    status = read_status_file(status_file(root))
+    status = read_status(status_file(root))
     note = None
     state = status.get("state")
     if state in FINISHED:
@@ -789,10 +832,11 @@ def main(args: argparse.Namespace) -> int:
     )
     try:
         _check(job, options)
+        check_storage(options.storage, job.checkpoint.storage)
         storage = storage_url(options.storage, job.checkpoint.storage)
         root = layout.job_root(storage, job.namespace, job.name)
         note = prepare_folder(root, job, time.time())
-    except (LocalRunError, OSError) as err:
+    except (LocalRunError, StatusFileError, OSError) as err:
         print(f"{LOG_PREFIX} error: {err}", file=sys.stderr)
         return 2
 
@@ -819,6 +863,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _check(job: TrainJob, options: Options) -> None:
+    check_capacity(job.replicas, job.nproc_per_node, usable_cores())
     if options.fail_rank is not None and not 0 <= options.fail_rank < job.world_size:
         raise LocalRunError(
             f"--fail-rank {options.fail_rank} is not a rank of this job: ranks run from 0 to "
