@@ -230,7 +230,9 @@ def test_failure_message_says_which_replica_and_how() -> None:
 
 
 def watch(since: float, seconds: float = 60.0) -> ProgressWatch:
-    return ProgressWatch(since, seconds, False, f"failurePolicy.progressDeadlineSeconds={seconds:g}")
+    return ProgressWatch(
+        since, seconds, False, f"failurePolicy.progressDeadlineSeconds={seconds:g}"
+    )
 
 
 @pytest.mark.parametrize(
