@@ -156,7 +156,6 @@ class Bench:
         spec["config"] = {"steps": 10**7, "step_seconds": 0.05, "checkpoint_every": 20, "seed": 0}
         spec["trainer"].pop("function", None)
         spec["trainer"]["command"] = ["python", str(ROOT / "benchmarks" / "recovery_workload.py")]
-        spec["trainer"]["env"] = [{"name": "SPOTRUN_GRACE_SECONDS", "value": str(self.grace - 5)}]
         spec["template"] = {"spec": {"terminationGracePeriodSeconds": self.grace}}
         spec["failurePolicy"]["maxFailures"] = 100
         result: dict[str, Any] = dev_node_job(

@@ -45,6 +45,8 @@ RESERVED_ENV = frozenset(
         contract.MASTER_ADDR,
         contract.MASTER_PORT,
         contract.HOLD_AFTER_SUCCESS,
+        contract.GRACE_SECONDS,
+        contract.PROGRESS_SECONDS,
     }
 )
 
@@ -338,6 +340,9 @@ def contract_env(
     # `restartPolicy: Always` does not rerun it; the operator marks the job Succeeded and
     # scales the StatefulSet to 0.
     env.append({"name": contract.HOLD_AFTER_SUCCESS, "value": "1"})
+    # The launcher's deadline follows the pod's grace period, and the progress reports the
+    # hang deadline (spotrun.contract.timing_env, the same rule as `spotrun run`).
+    env.extend({"name": k, "value": v} for k, v in contract.timing_env(spec).items())
     return env
 
 

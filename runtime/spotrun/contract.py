@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -35,12 +36,37 @@ GROUP_FILE = "SPOTRUN_GROUP_FILE"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 
+# Timing, derived from the TrainJob's spec by `timing_env` (the operator and `spotrun run`
+# both set them): the launcher's deadline after a SIGTERM, and how often rank 0 reports
+# progress between checkpoints.
+GRACE_SECONDS = "SPOTRUN_GRACE_SECONDS"
+PROGRESS_SECONDS = "SPOTRUN_PROGRESS_SECONDS"
+
 DEFAULT_NAMESPACE = "default"
 DEFAULT_MASTER_PORT = 29500
+
+# Kubernetes' default terminationGracePeriodSeconds (the lifecycle policy's
+# spec.DEFAULT_GRACE_SECONDS is the same value: it waits that long for a final checkpoint).
+DEFAULT_POD_GRACE_SECONDS = 30.0
+# What the launcher keeps of the pod's grace for itself (SIGKILL what is left, exit) before
+# the kubelet's own SIGKILL: this share of it, within the bounds below.
+_LAUNCHER_MARGIN_SHARE = 0.2
+_LAUNCHER_MARGIN_SECONDS = (1.0, 5.0)
+# Progress reports: three per progressDeadlineSeconds, so one late report is no hang; never
+# more often than every second (each is a status write), never rarer than every 10 s.
+PROGRESS_REPORTS_PER_DEADLINE = 3
+SHORTEST_PROGRESS_SECONDS = 1.0
+LONGEST_PROGRESS_SECONDS = 10.0
 
 # The launcher and its workers exit with this code when a preemption notice was honoured:
 # the group agreed on it and committed a final checkpoint (EX_TEMPFAIL from sysexits.h).
 EXIT_PREEMPTED = 75
+
+# Set by the launcher for its workers, not by the operator: the write end of a pipe on which
+# a worker's session says that it exits EXIT_PREEMPTED because its group agreed on a
+# preemption notice. A worker on a node that was not preempted learns of the notice only
+# through that agreement, so its launcher saw no signal; this is what vouches for its 75.
+NOTICE_FD = "SPOTRUN_NOTICE_FD"
 
 ScoreOrder = Literal["max", "min"]
 
@@ -157,6 +183,69 @@ class PodContract:
         if self.status_sink:
             env[STATUS_SINK] = self.status_sink
         return env
+
+
+def pod_grace_seconds(spec: Mapping[str, Any]) -> float:
+    """The effective terminationGracePeriodSeconds of a TrainJob's pods (`spec`, camelCase)."""
+    pod = (spec.get("template") or {}).get("spec") or {}
+    grace = pod.get("terminationGracePeriodSeconds")
+    return DEFAULT_POD_GRACE_SECONDS if grace is None else float(grace)
+
+
+def launcher_grace_seconds(pod_grace: float) -> float:
+    """How long the launcher waits for its workers' final checkpoint after a SIGTERM.
+
+    The pod's grace less a margin for the launcher itself to kill what is left and exit
+    before the kubelet's SIGKILL: a fifth of the grace, at least 1 s and at most 5 s. So
+    Kubernetes' default 30 s gives the workers 25 s, and 10 s gives them 8 s.
+    """
+    low, high = _LAUNCHER_MARGIN_SECONDS
+    margin = min(high, max(low, _LAUNCHER_MARGIN_SHARE * pod_grace))
+    return max(0.0, pod_grace - margin)
+
+
+def progress_interval_seconds(
+    deadline: float | None, *, longest: float = LONGEST_PROGRESS_SECONDS
+) -> float:
+    """How often rank 0 reports progress: a third of progressDeadlineSeconds, bounded.
+
+    Never more often than SHORTEST_PROGRESS_SECONDS, never rarer than `longest` (10 s on a
+    cluster; local mode asks for 1 s, for its live view).
+    """
+    if deadline is None:
+        return longest
+    return min(longest, max(SHORTEST_PROGRESS_SECONDS, deadline / PROGRESS_REPORTS_PER_DEADLINE))
+
+
+def timing_env(
+    spec: Mapping[str, Any], *, longest_progress: float = LONGEST_PROGRESS_SECONDS
+) -> dict[str, str]:
+    """SPOTRUN_GRACE_SECONDS and SPOTRUN_PROGRESS_SECONDS for the pods of a TrainJob `spec`."""
+    deadline = (spec.get("failurePolicy") or {}).get("progressDeadlineSeconds")
+    interval = progress_interval_seconds(
+        None if deadline is None else float(deadline), longest=longest_progress
+    )
+    return {
+        GRACE_SECONDS: f"{launcher_grace_seconds(pod_grace_seconds(spec)):g}",
+        PROGRESS_SECONDS: f"{interval:g}",
+    }
+
+
+def announce_preempted_exit(local_rank: int, env: Mapping[str, str] | None = None) -> None:
+    """Tells the launcher that this worker exits EXIT_PREEMPTED for an agreed notice.
+
+    Called by the session just before it exits; a no-op outside `spotrun launch`, or where
+    the descriptor is not the launcher's pipe (a process that inherited the variable only).
+    """
+    raw = (os.environ if env is None else env).get(NOTICE_FD)
+    if not raw:
+        return
+    try:
+        fd = int(raw)
+        if stat.S_ISFIFO(os.fstat(fd).st_mode):
+            os.write(fd, f"{local_rank}\n".encode())
+    except (ValueError, OSError):
+        return
 
 
 def _int(env: Mapping[str, str], name: str, default: int, *, minimum: int) -> int:

@@ -141,6 +141,26 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.failurePolicy.progressDeadlineSeconds", "greater than or equal to 1"],
     ),
     (
+        "max-failures-past-int32",
+        edit("spec.failurePolicy.maxFailures", 2**31),
+        ["spec.failurePolicy.maxFailures", "format int32"],
+    ),
+    (
+        "startup-deadline-past-int32",
+        edit("spec.failurePolicy.startupDeadlineSeconds", 2**31),
+        ["spec.failurePolicy.startupDeadlineSeconds", "format int32"],
+    ),
+    (
+        "grace-period-past-int64",
+        edit("spec.template", {"spec": {"terminationGracePeriodSeconds": 2**63}}),
+        ["spec.template.spec.terminationGracePeriodSeconds", "format int64"],
+    ),
+    (
+        "zero-startup-deadline",
+        edit("spec.failurePolicy.startupDeadlineSeconds", 0),
+        ["spec.failurePolicy.startupDeadlineSeconds", "greater than or equal to 1"],
+    ),
+    (
         "negative-ttl",
         edit("spec.ttlSecondsAfterFinished", -5),
         ["spec.ttlSecondsAfterFinished", "greater than or equal to 0"],
@@ -159,6 +179,11 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         "user-env-sets-the-attempt",
         edit("spec.trainer.env", [{"name": "SPOTRUN_ATTEMPT", "value": "7"}]),
         ["trainer.env may not set the pod contract's variables", "spec.config"],
+    ),
+    (
+        "user-env-sets-the-launcher-deadline",
+        edit("spec.trainer.env", [{"name": "SPOTRUN_GRACE_SECONDS", "value": "300"}]),
+        ["trainer.env may not set the pod contract's variables"],
     ),
     (
         "user-env-sets-master-addr",

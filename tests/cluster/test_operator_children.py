@@ -123,3 +123,22 @@ def test_deleting_the_trainjob_takes_its_children_along(
         timeout=60,
     )
     assert operator.alive()
+
+
+def test_the_statefulset_carries_the_timing_derived_from_the_spec(
+    api: client.ApiClient, namespace: str, operator: Operator
+) -> None:
+    """The launcher's deadline follows the pod's grace period (20 s: 16 s for the workers),
+    and the progress reports the hang deadline (12 s: every 4 s)."""
+    body = trainjob("timed", replicas=1)
+    body["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = 20
+    body["spec"]["failurePolicy"]["progressDeadlineSeconds"] = 12
+    create(api, namespace, body)
+    wait_running(api, namespace, "timed", attempt=1, replicas=1)
+    sts = client.AppsV1Api(api).read_namespaced_stateful_set("timed", namespace)
+    assert sts.spec.template.spec.termination_grace_period_seconds == 20
+    trainer = next(c for c in sts.spec.template.spec.containers if c.name == "trainer")
+    env = {e.name: e.value for e in trainer.env}
+    assert (env["SPOTRUN_GRACE_SECONDS"], env["SPOTRUN_PROGRESS_SECONDS"]) == ("16", "4")
+    (live,) = pods(api, namespace, "timed")
+    assert env_of(live)["SPOTRUN_GRACE_SECONDS"] == "16"

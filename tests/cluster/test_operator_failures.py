@@ -154,20 +154,42 @@ def test_a_group_without_progress_is_hung_and_restarted_as_a_failure(
     policy = {
         "maxFailures": 3,
         "progressDeadlineSeconds": 3,
+        "startupDeadlineSeconds": 3,
         "backoff": {"initialSeconds": 0.5, "maxSeconds": 1},
     }
     create(api, namespace, trainjob(JOB, replicas=1, failurePolicy=policy))
     wait_running(api, namespace, JOB, attempt=1, replicas=1)
 
-    st = wait_running(api, namespace, JOB, attempt=2, replicas=1, timeout=60)
-    assert (st["failures"], st["preemptions"]) == (1, 0)
-    assert st["interruptions"][0]["kind"] == "hang"
-    assert st["interruptions"][0]["reason"] == "ProgressDeadlineExceeded"
+    # Attempt 1 never reports: hung once its start-up allowance is over.
+    wait_until("attempt 2", lambda: status(api, namespace, JOB).get("attempt") == 2, timeout=60)
 
-    # Progress reports within the deadline keep the attempt alive.
+    # Attempt 2 reports at once (its own start-up allowance is as short), and then within
+    # the deadline: that keeps it alive.
     sink = runtime_sink(cluster, api, namespace, JOB, attempt=2)
     for step in range(8):
         sink.progress({"loss": 1.0 / (step + 1)}, step, time.time())
         time.sleep(1)
         assert status(api, namespace, JOB)["attempt"] == 2
-    assert status(api, namespace, JOB)["failures"] == 1
+    st = status(api, namespace, JOB)
+    assert (st["failures"], st["preemptions"], st["state"]) == (1, 0, "Running")
+    assert st["interruptions"][0]["kind"] == "hang"
+    assert st["interruptions"][0]["reason"] == "StartupDeadlineExceeded"
+
+    # Then silence, once it trained: hung past the progress deadline.
+    st = wait_running(api, namespace, JOB, attempt=3, replicas=1, timeout=60)
+    assert st["failures"] == 2
+    assert st["interruptions"][1]["kind"] == "hang"
+    assert st["interruptions"][1]["reason"] == "ProgressDeadlineExceeded"
+
+
+def test_a_start_up_longer_than_the_progress_deadline_is_not_a_hang(
+    api: client.ApiClient, namespace: str, operator: Operator
+) -> None:
+    policy = {"progressDeadlineSeconds": 2, "backoff": {"initialSeconds": 0.5, "maxSeconds": 1}}
+    create(api, namespace, trainjob(JOB, replicas=1, failurePolicy=policy))
+    wait_running(api, namespace, JOB, attempt=1, replicas=1)
+    # No report for four progress deadlines: still starting (the allowance is 600 s).
+    for _ in range(8):
+        time.sleep(1)
+        st = status(api, namespace, JOB)
+        assert (st["attempt"], st["failures"], st["state"]) == (1, 0, "Running"), st

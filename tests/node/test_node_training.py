@@ -52,8 +52,8 @@ def the_job(name: str) -> dict[str, Any]:
     body["metadata"] = {"name": name}
     body["spec"]["config"] = {**CONFIG, "step_seconds": 0.1}
     # A final checkpoint of this model takes well under a second; shorter graces make the
-    # old attempt's pods go sooner (a worker blocked in rendezvous only dies at the deadline).
-    body["spec"]["trainer"]["env"] = [{"name": "SPOTRUN_GRACE_SECONDS", "value": "10"}]
+    # old attempt's pods go sooner (a worker blocked in rendezvous only dies at the deadline,
+    # which the operator derives from the grace: 12 s of 15).
     body["spec"]["template"] = {"spec": {"terminationGracePeriodSeconds": 15}}
     body["spec"]["failurePolicy"]["maxFailures"] = 5
     return body

@@ -44,19 +44,28 @@ class Job:
         return str(self.status()["latestCheckpoint"]["uri"])
 
     def env(
-        self, config: dict[str, Any], *, nproc: int, attempt: int, resume_from: str | None
+        self,
+        config: dict[str, Any],
+        *,
+        nproc: int,
+        attempt: int,
+        resume_from: str | None,
+        replicas: int = 1,
+        node_rank: int = 0,
+        master_port: int | None = None,
     ) -> dict[str, str]:
         contract = pod.PodContract(
             job=self.name,
             namespace=self.namespace,
             attempt=attempt,
-            replicas=1,
+            replicas=replicas,
+            node_rank=node_rank,
             nproc_per_node=nproc,
             storage=self.storage,
             resume_from=resume_from,
             config=config,
             checkpoint=pod.CheckpointSettings.from_spec(self.checkpoint or {}),
-            master_port=free_port(),
+            master_port=master_port or free_port(),
         )
         return {
             **os.environ,
@@ -74,8 +83,10 @@ class Job:
         resume_from: str | None = None,
         workload: str = "linear_steps.py",
         extra_env: dict[str, str] | None = None,
+        **group: Any,
     ) -> subprocess.Popen[str]:
-        env = self.env(config, nproc=nproc, attempt=attempt, resume_from=resume_from)
+        """One launcher of the group; `group` (replicas, node_rank, master_port) places it."""
+        env = self.env(config, nproc=nproc, attempt=attempt, resume_from=resume_from, **group)
         env.update(extra_env or {})
         # What the supervisor (operator or local mode) does before it starts an attempt.
         update_status_file(

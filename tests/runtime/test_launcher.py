@@ -340,10 +340,27 @@ def test_the_grace_period_comes_from_the_environment_without_the_flag(launch: La
     assert "SIGKILL in 0.5s" in err
 
 
-def test_workers_ending_with_done_and_preempted_make_a_preempted_launcher(launch: Launch) -> None:
-    process = launch.start("--nproc-per-node", "2", script="sys.exit(75 if LOCAL_RANK else 0)")
+def test_workers_ending_with_done_and_an_agreed_notice_make_a_preempted_launcher(
+    launch: Launch,
+) -> None:
+    # Rank 1 exits as a session does when its group agreed on a notice another node got.
+    script = """
+    from spotrun import contract
+    if LOCAL_RANK:
+        contract.announce_preempted_exit(LOCAL_RANK)
+        sys.exit(75)
+    """
+    process = launch.start("--nproc-per-node", "2", script=script)
     code, err = launch.finish(process)
     assert code == EXIT_PREEMPTED, err
+
+
+def test_a_worker_exiting_75_without_a_notice_fails_the_launcher(launch: Launch) -> None:
+    process = launch.start("--nproc-per-node", "2", script="sys.exit(75 if LOCAL_RANK else 0)")
+    code, err = launch.finish(process)
+    assert code not in (0, EXIT_PREEMPTED), err
+    assert code == 1, err
+    assert "worker 1 (rank 1) exited with code 75 without a preemption notice" in err
 
 
 def test_a_command_that_does_not_exist_fails_with_127(launch: Launch) -> None:

@@ -8,7 +8,9 @@ launchers (and their workers) die with it (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -213,6 +215,80 @@ def test_a_script_that_crashes_at_once_trips_the_circuit_breaker(tmp_path: Path)
     assert "crash_at_once: the training script fails before its first step" in out
 
 
+def test_a_function_exiting_75_without_a_notice_spends_the_failure_budget(tmp_path: Path) -> None:
+    job = trainjob(
+        tmp_path,
+        trainer={
+            "image": "spotrun-runtime:dev",
+            "function": "tests.runtime.workloads.exit_75:train_func",
+        },
+        failurePolicy={
+            "maxFailures": 1,
+            "maxPreemptions": 3,
+            "backoff": {"initialSeconds": 0.2, "maxSeconds": 0.5},
+        },
+    )
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=180)
+    assert code == 1, out
+    status = status_of(storage)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "MaxFailuresExceeded", failed
+    assert (status["preemptions"], status["failures"]) == (0, 2), status["interruptions"]
+    assert "exited with code 75 without a preemption notice" in out
+
+
+def silent_job(tmp_path: Path, config: dict[str, Any], **policy: Any) -> Path:
+    """One worker running tests/runtime/workloads/slow_start.py, no failure budget."""
+    return trainjob(
+        tmp_path,
+        replicas=1,
+        trainer={
+            "image": "spotrun-runtime:dev",
+            "function": "tests.runtime.workloads.slow_start:train_func",
+        },
+        config={"steps": 40, "step_seconds": 0.05, **config},
+        failurePolicy={"maxFailures": 0, "backoff": {"initialSeconds": 0.2}, **policy},
+    )
+
+
+def test_a_start_up_slower_than_the_progress_deadline_is_not_a_hang(tmp_path: Path) -> None:
+    # Asleep 20 s before its first report (imports come on top), with a 10 s progress
+    # deadline; the deadline also covers the silent shutdown after the last step.
+    job = silent_job(tmp_path, {"startup_seconds": 20}, progressDeadlineSeconds=10)
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=180)
+    assert code == 0, out
+    status = status_of(storage)
+    assert (status["state"], status["failures"], status["attempt"]) == ("Succeeded", 0, 1), out
+    assert status["lastMetrics"]["step"] >= 0  # it trained: reports came after the start-up
+
+
+def test_a_group_that_stops_reporting_after_it_started_is_hung(tmp_path: Path) -> None:
+    job = silent_job(tmp_path, {"steps": 10_000, "hang_at_step": 20}, progressDeadlineSeconds=5)
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=180)
+    assert code == 1, out
+    status = status_of(storage)
+    assert status["state"] == "Failed"
+    (hang,) = status["interruptions"]
+    assert (hang["kind"], hang["reason"]) == ("hang", "ProgressDeadlineExceeded"), hang
+    assert "progressDeadlineSeconds=5" in hang["message"]
+
+
+def test_a_start_up_that_never_reports_is_hung_after_its_allowance(tmp_path: Path) -> None:
+    job = silent_job(
+        tmp_path, {"startup_seconds": 3600}, progressDeadlineSeconds=4, startupDeadlineSeconds=8
+    )
+    storage = tmp_path / "runs"
+    code, out = run("run", str(job), "--storage", str(storage), timeout=180)
+    assert code == 1, out
+    status = status_of(storage)
+    (hang,) = status["interruptions"]
+    assert (hang["kind"], hang["reason"]) == ("hang", "StartupDeadlineExceeded"), hang
+    assert "startupDeadlineSeconds=8" in hang["message"]
+
+
 BAD_FILES = [
     (
         "malformed YAML",
@@ -252,6 +328,86 @@ def test_bad_files_fail_with_the_crds_message(
     assert message in out
     assert str(path) in out  # the message names the file
     assert not (tmp_path / "runs").exists()  # nothing started
+
+
+def test_a_job_far_beyond_the_machine_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    job = trainjob(tmp_path, replicas=10000, nprocPerNode=1024)
+    code, out = run("run", str(job), "--storage", str(tmp_path / "runs"), timeout=60)
+    assert code == 2, out
+    assert "replicas x nprocPerNode = 10000 x 1024 = 10240000 workers" in out
+    assert "CPU core(s)" in out and "lower spec.replicas or spec.nprocPerNode" in out
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("where", ["flag", "spec"])
+def test_memory_storage_is_refused_since_nothing_would_survive(tmp_path: Path, where: str) -> None:
+    if where == "flag":
+        job, args = trainjob(tmp_path), ["--storage", "memory://ckpt"]
+    else:
+        job, args = trainjob(tmp_path, checkpoint={"storage": "memory://ckpt", "numToKeep": 3}), []
+    code, out = run("run", str(job), *args, timeout=60)
+    assert code == 2, out
+    assert "memory://ckpt is memory:// storage" in out and "no checkpoint" in out
+    assert ("--storage" if where == "flag" else "spec.checkpoint.storage") in out
+
+
+def test_a_garbled_status_is_a_one_line_error_for_run_and_status(tmp_path: Path) -> None:
+    job = trainjob(tmp_path)
+    folder = tmp_path / "runs" / "default" / "linear-demo"
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text('{"state": "Running", "attempt": ')
+    for args in (["run", str(job), "--storage", str(tmp_path / "runs")], ["status", str(folder)]):
+        code, out = run(*args, timeout=60)
+        assert code == 2, out
+        assert "Traceback" not in out, out
+        (line,) = out.strip().splitlines()
+        assert f"{folder / 'status.json'} is garbled (not JSON" in line, line
+        assert "move the job folder aside" in line
+    assert not (folder / "logs").exists()  # nothing started
+
+
+def processes_of(storage: Path, *parts: str) -> list[int]:
+    """Live processes of the run whose storage is `storage` with `parts` in their command line."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state in ("Z", "X") or not all(part in cmdline for part in parts):
+            continue
+        if f"SPOTRUN_STORAGE={storage}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+WRITER = ("spotrun.train.", "writer")  # the writer process's command line
+
+
+def test_checkpoint_writers_die_at_once_with_a_sigkilled_supervisor(tmp_path: Path) -> None:
+    storage = tmp_path / "runs"
+    process = start("run", str(trainjob(tmp_path)), "--storage", str(storage), "--no-live")
+    try:
+        # The moment the first writer process exists: it has its imports (torch) ahead of it.
+        wait_for(lambda: processes_of(storage, *WRITER), 120, "a checkpoint writer")
+        writers = processes_of(storage, *WRITER)
+        process.kill()
+        process.communicate()
+        # Its parent-death signal is armed before the imports, so it goes with its worker:
+        # well within 2 s (an import of torch alone takes longer than that).
+        wait_for(lambda: not processes_of(storage, "spotrun."), 2, "the run's processes to die")
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+        for pid in processes_of(storage, "spotrun."):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert writers
 
 
 def test_ctrl_c_suspends_with_a_final_checkpoint_and_the_next_run_carries_on(

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from spotrun.contract import EXIT_PREEMPTED
+from tests.fixtures.gcs import free_port
 from tests.runtime.helpers import Job, send, wait_for
 
 STEPS = 24
@@ -84,3 +85,31 @@ def test_sigterm_commits_a_final_checkpoint_at_the_current_step(tmp_path: Path) 
     assert f"resumed at step {final_step + 1}" in out
     assert_bitwise_equal(tmp_path / "ref.pt", tmp_path / "resumed.pt")
     assert os.path.exists(job.root)
+
+
+def test_a_notice_to_one_node_preempts_every_node_of_the_group(tmp_path: Path) -> None:
+    """Only node 0's launcher gets SIGTERM; node 1's workers exit 75 because the group agreed
+    on the notice, and their session vouches for it, so node 1's launcher exits 75 too."""
+    job = Job(str(tmp_path / "runs"))
+    config = {"steps": 400, "checkpoint_every": 1000, "step_seconds": 0.05}
+    port = free_port()
+    nodes = [
+        job.start(config, nproc=1, replicas=2, node_rank=rank, master_port=port)
+        for rank in range(2)
+    ]
+    try:
+        wait_for(
+            lambda: job.status().get("lastMetrics", {}).get("step", -1) >= 5,
+            90,
+            "training to reach step 5",
+        )
+        send(nodes[0], signal.SIGTERM)
+        outs = [node.communicate(timeout=60)[0] for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+                node.communicate()
+    assert [node.returncode for node in nodes] == [EXIT_PREEMPTED, EXIT_PREEMPTED], outs
+    assert "received SIGTERM" not in outs[1], outs[1]
+    assert "without a preemption notice" not in outs[1], outs[1]

@@ -15,6 +15,7 @@ from spotrun.pod.launcher import (
     FUNCTION_WORKER_MODULE,
     LaunchError,
     WorkerExit,
+    describe_exit,
     exit_code,
     worker_command,
     worker_env,
@@ -27,29 +28,53 @@ def done(rank: int, code: int, *sent: int) -> WorkerExit:
     return WorkerExit(local_rank=rank, returncode=code, signals_sent=frozenset(sent))
 
 
+def honoured(rank: int) -> WorkerExit:
+    """A worker whose session honoured a notice the group agreed on (another node got it)."""
+    return WorkerExit(local_rank=rank, returncode=EXIT_PREEMPTED, notice_honoured=True)
+
+
 @pytest.mark.parametrize(
     ("exits", "received", "expected"),
     [
         pytest.param([done(0, 0), done(1, 0)], None, 0, id="all done"),
-        pytest.param([done(0, 75), done(1, 75)], TERM, EXIT_PREEMPTED, id="all preempted"),
-        pytest.param([done(0, 0), done(1, 75)], TERM, EXIT_PREEMPTED, id="done and preempted"),
+        pytest.param(
+            [done(0, 75, TERM), done(1, 75, TERM)], TERM, EXIT_PREEMPTED, id="all preempted"
+        ),
+        pytest.param(
+            [done(0, 0), done(1, 75, TERM)], TERM, EXIT_PREEMPTED, id="done and preempted"
+        ),
         pytest.param([done(1, 3), done(0, -TERM, TERM)], None, 3, id="failure, other stopped"),
         pytest.param([done(1, 3), done(0, 1, TERM)], None, 3, id="first failure wins"),
         pytest.param([done(0, -KILL), done(1, -TERM, TERM)], None, 128 + KILL, id="oom killed"),
         pytest.param([done(0, -TERM)], None, 128 + TERM, id="sigterm nobody sent"),
         pytest.param(
-            [done(0, 75), done(1, -KILL, TERM, KILL)], TERM, 128 + TERM, id="deadline passed"
+            [done(0, 75, TERM), done(1, -KILL, TERM, KILL)], TERM, 128 + TERM, id="deadline passed"
         ),
         pytest.param([done(0, -TERM, TERM)], INT, 128 + INT, id="ctrl-c, no handler"),
         pytest.param(
             [done(0, 75, TERM), done(1, 2, TERM)], TERM, 2, id="failure during the final save"
         ),
+        pytest.param(
+            [honoured(0), honoured(1)], None, EXIT_PREEMPTED, id="notice agreed with another node"
+        ),
+        pytest.param([done(0, 0), honoured(1)], None, EXIT_PREEMPTED, id="done and agreed"),
+        pytest.param([done(0, 75)], None, 1, id="75 without a notice is a failure"),
+        pytest.param([done(0, 0), done(1, 75)], None, 1, id="75 without a notice beside a 0"),
+        pytest.param([done(0, 75), done(1, 75, TERM)], TERM, 1, id="75 before the notice came"),
     ],
 )
 def test_the_launcher_exit_code_folds_its_workers_fate(
     exits: list[WorkerExit], received: int | None, expected: int
 ) -> None:
     assert exit_code(exits, received) == expected
+
+
+def test_a_worker_exiting_75_without_a_notice_is_a_failure_and_says_so() -> None:
+    worker = done(0, EXIT_PREEMPTED)
+    assert worker.failed and not worker.preempted
+    assert worker.code == EXIT_PREEMPTED  # what it did; the launcher's code says what it means
+    assert exit_code([worker]) != EXIT_PREEMPTED
+    assert "without a preemption notice" in describe_exit(worker)
 
 
 def test_worker_ranks_follow_node_rank_and_local_rank() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from spotrun.contract import EXIT_PREEMPTED as CONTRACT_EXIT_PREEMPTED
 from spotrun.lifecycle.classify import EXIT_PREEMPTED, blocker, classify, preemption_of
+from spotrun.lifecycle.hang import ProgressWatch
 from spotrun.lifecycle.observation import ReplicaObservation
 
 
@@ -228,20 +229,19 @@ def test_failure_message_says_which_replica_and_how() -> None:
     assert verdict.message == "replica 3 exited with code 137 (OOMKilled) after 1 container restart"
 
 
+def watch(since: float, seconds: float = 60.0) -> ProgressWatch:
+    return ProgressWatch(
+        since, seconds, False, f"failurePolicy.progressDeadlineSeconds={seconds:g}"
+    )
+
+
 @pytest.mark.parametrize(
     ("since", "now", "hung"),
     [(0.0, 60.0, False), (0.0, 60.5, True), (100.0, 130.0, False)],
     ids=["at the deadline", "past the deadline", "recent progress"],
 )
 def test_hang_when_no_progress_within_the_deadline(since: float, now: float, hung: bool) -> None:
-    verdict = classify(
-        [running(0)],
-        expected=1,
-        was_running=True,
-        now=now,
-        progress_since=since,
-        progress_deadline=60.0,
-    )
+    verdict = classify([running(0)], expected=1, was_running=True, now=now, watch=watch(since))
     if hung:
         assert verdict is not None
         assert (verdict.kind, verdict.reason) == ("hang", "ProgressDeadlineExceeded")
@@ -250,8 +250,17 @@ def test_hang_when_no_progress_within_the_deadline(since: float, now: float, hun
         assert verdict is None
 
 
-def test_no_hang_without_a_deadline() -> None:
-    assert classify([running(0)], expected=1, was_running=True, now=1e9, progress_since=0.0) is None
+def test_no_hang_without_a_watch() -> None:
+    assert classify([running(0)], expected=1, was_running=True, now=1e9) is None
+
+
+def test_a_start_up_past_its_allowance_is_a_hang_of_its_own_name() -> None:
+    starting = ProgressWatch(0.0, 600.0, True, "failurePolicy.startupDeadlineSeconds=600")
+    verdict = classify([running(0)], expected=1, was_running=True, now=601.0, watch=starting)
+    assert verdict is not None
+    assert (verdict.kind, verdict.reason) == ("hang", "StartupDeadlineExceeded")
+    assert "after every replica started" in verdict.message
+    assert "startupDeadlineSeconds=600" in verdict.message
 
 
 def test_failure_wins_over_hang() -> None:
@@ -260,8 +269,7 @@ def test_failure_wins_over_hang() -> None:
         expected=1,
         was_running=True,
         now=1000.0,
-        progress_since=0.0,
-        progress_deadline=10.0,
+        watch=watch(0.0, 10.0),
     )
     assert verdict is not None and verdict.kind == "failure"
 

@@ -811,6 +811,98 @@ def test_hang_is_measured_from_the_attempt_start_not_old_progress() -> None:
     assert (job.state, job.status["failures"]) == ("Running", 0)
 
 
+# The attempt of `Job().started(at=T0)` starts (every replica running) at T0 + 1.
+STARTED = T0 + 1
+HANG_CASES = [
+    # (id, policy, seconds after the start, last progress (None: none yet), reason or None)
+    ("start-up slower than the deadline", {"progress_deadline_seconds": 10.0}, 300, None, None),
+    (
+        "progress of an older attempt is still start-up",
+        {"progress_deadline_seconds": 10.0},
+        300,
+        T0 - 50,
+        None,
+    ),
+    ("training, reported in time", {"progress_deadline_seconds": 10.0}, 29, T0 + 20, None),
+    (
+        "training, silent past the deadline",
+        {"progress_deadline_seconds": 10.0},
+        31,
+        T0 + 20,
+        "ProgressDeadlineExceeded",
+    ),
+    (
+        "start-up within the default allowance (600 s)",
+        {"progress_deadline_seconds": 10.0},
+        600,
+        None,
+        None,
+    ),
+    (
+        "start-up past the default allowance",
+        {"progress_deadline_seconds": 10.0},
+        601,
+        None,
+        "StartupDeadlineExceeded",
+    ),
+    (
+        "a long deadline stretches the allowance to 3 deadlines",
+        {"progress_deadline_seconds": 300.0},
+        899,
+        None,
+        None,
+    ),
+    (
+        "start-up past the allowance set",
+        {"progress_deadline_seconds": 10.0, "startup_deadline_seconds": 30.0},
+        31,
+        None,
+        "StartupDeadlineExceeded",
+    ),
+    (
+        "a start-up allowance alone leaves training unwatched",
+        {"startup_deadline_seconds": 30.0},
+        10_000,
+        T0 + 5,
+        None,
+    ),
+    (
+        "a start-up allowance alone still catches a hung start-up",
+        {"startup_deadline_seconds": 30.0},
+        31,
+        None,
+        "StartupDeadlineExceeded",
+    ),
+    ("no deadline at all", {}, 1_000_000, None, None),
+]
+
+
+@pytest.mark.parametrize(
+    ("policy", "after", "progress", "reason"),
+    [case[1:] for case in HANG_CASES],
+    ids=[case[0] for case in HANG_CASES],
+)
+def test_the_progress_deadline_applies_after_the_first_report_and_start_up_has_its_own(
+    policy: dict[str, float], after: float, progress: float | None, reason: str | None
+) -> None:
+    job = Job(make_spec(**policy)).started(at=T0)
+    job.see(*job.group(1), at=STARTED + after, progress=progress)
+    if reason is None:
+        assert (job.state, job.status["failures"]) == ("Running", 0), job.status
+    else:
+        assert (job.state, job.status["failures"]) == ("Restarting", 1)
+        assert job.status["interruptions"][-1]["kind"] == "hang"
+        assert job.status["interruptions"][-1]["reason"] == reason
+
+
+def test_a_starting_attempt_wakes_the_caller_when_its_start_up_allowance_ends() -> None:
+    job = Job(make_spec(progress_deadline_seconds=10.0)).started(at=T0)
+    result = job.see(*job.group(1), at=STARTED + 5)
+    assert result.actions == (Wait(STARTED + 600, "StartupDeadline"),)
+    result = job.see(*job.group(1), at=STARTED + 7, progress=STARTED + 6)
+    assert result.actions == (Wait(STARTED + 16, "ProgressDeadline"),)
+
+
 def test_no_hang_is_detected_while_pending() -> None:
     job = Job(make_spec(progress_deadline_seconds=60.0))
     job.see(at=T0)

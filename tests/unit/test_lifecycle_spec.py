@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+
+from spotrun import contract
 from spotrun.lifecycle.spec import Backoff, CircuitBreaker, FailurePolicy, JobSpec
 
 
@@ -51,3 +54,16 @@ def test_every_field_is_read() -> None:
         ttl_seconds_after_finished=60.0,
         grace_seconds=90.0,
     )
+
+
+@pytest.mark.parametrize("grace", [None, 0, 3, 10, 30, 600])
+def test_the_policy_waits_for_the_final_checkpoint_as_long_as_the_pod_may_live(
+    grace: int | None,
+) -> None:
+    """The policy's grace is the pod's own: the launcher's deadline (a margin shorter) and
+    the policy's wait for the final checkpoint come from the same value."""
+    pod = {} if grace is None else {"terminationGracePeriodSeconds": grace}
+    spec = {"trainer": {"image": "x"}, "template": {"spec": pod}}
+    policy_grace = JobSpec.from_spec(spec).grace_seconds
+    assert policy_grace == contract.pod_grace_seconds(spec)
+    assert contract.launcher_grace_seconds(policy_grace) <= policy_grace

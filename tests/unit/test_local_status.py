@@ -15,6 +15,8 @@ from spotrun.local.status_command import COLUMNS, human_duration, row, table
 from spotrun.local.supervisor import (
     LocalRunError,
     Options,
+    check_capacity,
+    check_storage,
     launcher_argv,
     merge_owned,
     mtbf_seconds,
@@ -73,6 +75,53 @@ def test_storage_defaults_to_spotrun_runs_made_absolute() -> None:
     assert storage_url("runs", "gs://bucket/x") == os.path.abspath("runs")
     assert storage_url(None, "gs://bucket/x/") == "gs://bucket/x"
     assert storage_url("file:///tmp/runs", None) == "file:///tmp/runs"
+
+
+@pytest.mark.parametrize(
+    ("replicas", "nproc", "cores", "refused"),
+    [
+        pytest.param(2, 1, 2, False, id="the example on 2 cores"),
+        pytest.param(2, 4, 2, False, id="4 workers per core"),
+        pytest.param(3, 3, 2, True, id="more than 4 per core"),
+        pytest.param(10000, 1024, 64, True, id="a cluster's job"),
+        pytest.param(1, 4, 0, False, id="no core count: one core assumed"),
+    ],
+)
+def test_local_runs_are_bounded_by_the_machines_cores(
+    replicas: int, nproc: int, cores: int, refused: bool
+) -> None:
+    if not refused:
+        check_capacity(replicas, nproc, cores)
+        return
+    with pytest.raises(LocalRunError) as caught:
+        check_capacity(replicas, nproc, cores)
+    message = str(caught.value)
+    assert f"replicas x nprocPerNode = {replicas} x {nproc} = {replicas * nproc} workers" in message
+    assert f"it has {cores} CPU core(s)" in message and "lower spec.replicas" in message
+
+
+@pytest.mark.parametrize(
+    ("flag", "spec", "where"),
+    [
+        ("memory://ckpt", None, "--storage memory://ckpt"),
+        (None, "memory://bucket/prefix", "spec.checkpoint.storage memory://bucket/prefix"),
+        ("MEMORY://x", "file:///tmp/x", "--storage MEMORY://x"),
+    ],
+)
+def test_storage_inside_one_process_is_refused(
+    flag: str | None, spec: str | None, where: str
+) -> None:
+    with pytest.raises(LocalRunError) as caught:
+        check_storage(flag, spec)
+    assert str(caught.value).startswith(where) and "no checkpoint" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("flag", "spec"),
+    [(None, None), ("./runs", None), ("gs://bucket/p", None), ("file:///tmp/r", "memory://x")],
+)
+def test_storage_other_processes_see_is_accepted(flag: str | None, spec: str | None) -> None:
+    check_storage(flag, spec)
 
 
 def test_a_function_trainer_runs_through_the_launcher() -> None:

@@ -133,6 +133,48 @@ def test_the_contract_env_wins_over_user_env_of_the_same_name() -> None:
 
 
 @pytest.mark.parametrize(
+    ("template", "launcher_grace"),
+    [
+        pytest.param(None, "25", id="Kubernetes' default 30 s"),
+        pytest.param({"spec": {}}, "25", id="a template without a grace"),
+        pytest.param({"spec": {"terminationGracePeriodSeconds": 60}}, "55", id="60 s"),
+        pytest.param({"spec": {"terminationGracePeriodSeconds": 10}}, "8", id="10 s"),
+        pytest.param({"spec": {"terminationGracePeriodSeconds": 3}}, "2", id="3 s"),
+        pytest.param({"spec": {"terminationGracePeriodSeconds": 0}}, "0", id="none at all"),
+    ],
+)
+def test_the_launcher_deadline_follows_the_pods_grace_period(
+    template: dict[str, Any] | None, launcher_grace: str
+) -> None:
+    job = make_job(**({"template": template} if template is not None else {}))
+    assert env_of(pod(job))["SPOTRUN_GRACE_SECONDS"] == launcher_grace
+
+
+@pytest.mark.parametrize(
+    ("deadline", "interval"),
+    [
+        pytest.param(None, "10", id="no deadline: every 10 s"),
+        pytest.param(600, "10", id="a long deadline: every 10 s"),
+        pytest.param(9, "3", id="three reports per deadline"),
+        pytest.param(10, "3.33333", id="10 s"),
+        pytest.param(2, "1", id="at most one a second"),
+    ],
+)
+def test_progress_reports_follow_the_hang_deadline(deadline: int | None, interval: str) -> None:
+    policy = {"progressDeadlineSeconds": deadline} if deadline is not None else {}
+    job = make_job(failurePolicy=policy)
+    assert env_of(pod(job))["SPOTRUN_PROGRESS_SECONDS"] == interval
+
+
+def test_user_env_cannot_set_the_timing_the_operator_derives() -> None:
+    job = make_job(template={"spec": {"terminationGracePeriodSeconds": 60}})
+    job["spec"]["trainer"]["env"].append({"name": "SPOTRUN_GRACE_SECONDS", "value": "300"})
+    names = [e["name"] for e in pod(job)["spec"]["containers"][0]["env"]]
+    assert names.count("SPOTRUN_GRACE_SECONDS") == 1
+    assert env_of(pod(job))["SPOTRUN_GRACE_SECONDS"] == "55"
+
+
+@pytest.mark.parametrize(
     ("trainer", "command"),
     [
         ({"function": "pkg.mod:fn"}, ["spotrun", "launch", "--function", "pkg.mod:fn"]),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import textwrap
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,6 +16,7 @@ from spotrun.local.trainjob import (
     apply_defaults,
     load_trainjob,
     mirrored_rules,
+    openapi_schema,
     parse_trainjob,
     rule_message,
     trainjob_from_dict,
@@ -445,3 +449,49 @@ def test_mirrored_rules_read_their_messages_from_the_crd() -> None:
 def test_an_unknown_rule_is_an_error_that_says_what_to_update() -> None:
     with pytest.raises(LookupError, match=r"update spotrun\.local\.trainjob\.MIRRORED_RULES"):
         rule_message(("spec",), "self.replicas < 3")
+
+
+def _integer_fields(
+    schema: Mapping[str, Any], path: tuple[str, ...] = ()
+) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Every integer field of the spec schema that carries an OpenAPI format, and the format."""
+    if schema.get("type") == "integer" and schema.get("format") in ("int32", "int64"):
+        yield path, str(schema["format"])
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from _integer_fields(sub, (*path, name))
+
+
+SPEC_INTEGERS = list(_integer_fields(openapi_schema()["properties"]["spec"], ("spec",)))
+LIMITS = {"int32": 2**31 - 1, "int64": 2**63 - 1}
+
+
+def test_the_spec_has_integer_fields_with_formats() -> None:
+    fields = {".".join(path) for path, _ in SPEC_INTEGERS}
+    assert {"spec.replicas", "spec.failurePolicy.maxFailures"} <= fields
+    assert "spec.template.spec.terminationGracePeriodSeconds" in fields
+
+
+@pytest.mark.parametrize(
+    ("path", "fmt"), SPEC_INTEGERS, ids=[".".join(p) for p, _ in SPEC_INTEGERS]
+)
+def test_integers_past_their_format_are_refused_as_the_api_server_refuses_them(
+    path: tuple[str, ...], fmt: str
+) -> None:
+    obj = parse_trainjob(MINIMAL).manifest
+    body = copy.deepcopy(dict(obj))
+    node = body
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+    node[path[-1]] = LIMITS[fmt] + 1
+    with pytest.raises(TrainJobError) as caught:
+        trainjob_from_dict(body, "job.yaml")
+    field = ".".join(path)
+    assert any(
+        p.field == field and f"must be of type integer with format {fmt}" in p.message
+        for p in caught.value.problems
+    ), str(caught.value)
+
+
+def test_the_largest_int32_is_accepted() -> None:
+    job = parse_trainjob(MINIMAL + "  failurePolicy: {maxFailures: 2147483647}\n")
+    assert job.failure_policy.max_failures == 2**31 - 1

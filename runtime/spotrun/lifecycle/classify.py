@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from spotrun.lifecycle.hang import ProgressWatch
 from spotrun.lifecycle.observation import (
     CONFIG_ERROR_REASONS,
     CRASH_LOOP,
@@ -26,6 +27,9 @@ Kind = Literal["preemption", "failure", "hang"]
 # The runtime's workers exit with this code after honouring a preemption notice (SIGTERM
 # agreed by every rank, final checkpoint written): the same value as
 # spotrun.contract.EXIT_PREEMPTED, repeated so the policy imports nothing outside itself.
+# A replica's code is its launcher's, and the launcher exits 75 only when it vouches for the
+# notice (it forwarded one, or the worker's session said its group agreed on one); user code
+# that exits 75 by itself makes the launcher exit 1. So the code alone is evidence here.
 EXIT_PREEMPTED = 75
 
 PREEMPTED = "Preempted"
@@ -33,7 +37,6 @@ PREEMPTION_NOTICE = "PreemptionNotice"
 VANISHED = "Vanished"
 OOM_KILLED = "OOMKilled"
 ERROR = "Error"
-PROGRESS_DEADLINE_EXCEEDED = "ProgressDeadlineExceeded"
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,7 @@ def classify(
     expected: int,
     was_running: bool,
     now: float,
-    progress_since: float | None = None,
-    progress_deadline: float | None = None,
+    watch: ProgressWatch | None = None,
 ) -> Interruption | None:
     """Classifies the replicas of ONE attempt; None when nothing is wrong.
 
@@ -69,8 +71,7 @@ def classify(
     lost the other ranks die of it, and that is one preemption, not several failures.
     `was_running` says every replica of the attempt was seen running before, so one that
     is now pending or missing was replaced behind our back: it vanished. The hang check
-    runs only when `progress_since` (the later of the group's start and its last progress
-    report) and `progress_deadline` are given, i.e. while the group is running.
+    runs only when a `watch` is given (spotrun.lifecycle.hang), i.e. while the group runs.
     """
     preemption = _preemption(replicas, expected=expected, was_running=was_running)
     if preemption is not None:
@@ -80,16 +81,10 @@ def classify(
         reason = failed[0][1]
         details = "; ".join(_describe_failure(r, why) for r, why in failed)
         return Interruption("failure", reason, details, tuple(r.index for r, _ in failed))
-    if progress_since is not None and progress_deadline is not None:
-        silent = now - progress_since
-        if silent > progress_deadline:
-            return Interruption(
-                "hang",
-                PROGRESS_DEADLINE_EXCEEDED,
-                f"no progress reported for {silent:.0f}s, more than "
-                f"failurePolicy.progressDeadlineSeconds={progress_deadline:g}",
-                tuple(r.index for r in replicas),
-            )
+    hung = watch.hang(now) if watch is not None else None
+    if hung is not None:
+        reason, message = hung
+        return Interruption("hang", reason, message, tuple(r.index for r in replicas))
     return None
 
 

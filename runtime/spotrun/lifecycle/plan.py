@@ -49,6 +49,7 @@ from spotrun.lifecycle.classify import (
     preemption_of,
 )
 from spotrun.lifecycle.group import GroupRecord
+from spotrun.lifecycle.hang import ProgressWatch, progress_watch
 from spotrun.lifecycle.observation import Observation, ReplicaObservation
 from spotrun.lifecycle.spec import JobSpec
 from spotrun.lifecycle.times import format_time, parse_time
@@ -206,8 +207,7 @@ class _Step:
             expected=self.spec.replicas,
             was_running=state == RUNNING,
             now=self.now,
-            progress_since=self._progress_since(st) if state == RUNNING else None,
-            progress_deadline=self.spec.failure_policy.progress_deadline_seconds,
+            watch=self._watch(st) if state == RUNNING else None,
         )
         if interruption is not None:
             return self._interrupt(st, attempt, interruption)
@@ -270,11 +270,10 @@ class _Step:
             "AllReplicasRunning",
             f"attempt {attempt}: {self.spec.replicas}/{self.spec.replicas} replicas running",
         )
-        deadline = self.spec.failure_policy.progress_deadline_seconds
-        since = self._progress_since(st)
-        if deadline is None or since is None:
+        watch = self._watch(st)
+        if watch is None:
             return []
-        return [Wait(since + deadline, "ProgressDeadline")]
+        return [Wait(watch.until, "StartupDeadline" if watch.starting else "ProgressDeadline")]
 
     def _interrupt(
         self, st: dict[str, Any], attempt: int, interruption: Interruption
@@ -506,12 +505,14 @@ class _Step:
         """The replicas of `attempt` that belong to the group (index below spec.replicas)."""
         return tuple(r for r in self.obs.of_attempt(attempt) if 0 <= r.index < self.spec.replicas)
 
-    def _progress_since(self, st: Mapping[str, Any]) -> float | None:
-        """The later of the attempt's start and the runtime's last progress report."""
-        known = [t for t in (self.obs.last_progress_time,) if t is not None]
-        if "attemptStartTime" in st:
-            known.append(parse_time(str(st["attemptStartTime"])))
-        return max(known) if known else None
+    def _watch(self, st: Mapping[str, Any]) -> ProgressWatch | None:
+        """The hang watch on the running attempt: start-up allowance, then progress deadline."""
+        start = st.get("attemptStartTime")
+        return progress_watch(
+            self.spec.failure_policy,
+            attempt_start=parse_time(str(start)) if start else None,
+            last_progress=self.obs.last_progress_time,
+        )
 
     def _all_succeeded(self, attempt: int) -> bool:
         done = {r.index for r in self._group(attempt) if r.phase == "succeeded"}

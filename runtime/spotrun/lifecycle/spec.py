@@ -49,12 +49,14 @@ class FailurePolicy:
     backoff: Backoff = field(default_factory=Backoff)
     circuit_breaker: CircuitBreaker | None = None
     progress_deadline_seconds: float | None = None
+    startup_deadline_seconds: float | None = None
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> FailurePolicy:
         backoff = spec.get("backoff") or {}
         breaker = spec.get("circuitBreaker")
         deadline = spec.get("progressDeadlineSeconds")
+        startup = spec.get("startupDeadlineSeconds")
         return cls(
             max_failures=int(spec.get("maxFailures", DEFAULT_MAX_FAILURES)),
             max_preemptions=int(spec.get("maxPreemptions", UNLIMITED)),
@@ -69,6 +71,7 @@ class FailurePolicy:
                 else None
             ),
             progress_deadline_seconds=None if deadline is None else float(deadline),
+            startup_deadline_seconds=None if startup is None else float(startup),
         )
 
 

@@ -75,7 +75,8 @@ def replica_observation(facts: ReplicaFacts) -> ReplicaObservation:
     """One replica as the policy sees it.
 
     Running until the launcher exits; then succeeded (0) or failed (any other code; 75 is
-    the preemption notice honoured, which `classify` recognises by the code). An injected
+    the preemption notice honoured, which `classify` recognises by the code: the launcher
+    exits 75 only for a notice it vouches for, never for user code exiting 75 on its own). An injected
     fault flags the replica preempted from the moment the signal is sent, so the other
     replicas' crashes that follow are never read as application failures first.
     """

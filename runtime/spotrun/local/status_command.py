@@ -20,10 +20,9 @@ from typing import Any
 
 import yaml
 
-from spotrun.ledger.sink import read_status_file
 from spotrun.lifecycle import parse_time
 from spotrun.local.trainjob import API_VERSION, KIND, TrainJobError, load_trainjob
-from spotrun.store import layout
+from spotrun.store import layout, storage
 
 TRAINJOB_FILE = "trainjob.yaml"
 NONE = "<none>"
@@ -74,6 +73,37 @@ def human_duration(seconds: float) -> str:
     return f"{hours // 24 // 365}y"
 
 
+class StatusFileError(ValueError):
+    """A job's status.json is not a status; the message names the file and what to do."""
+
+
+def read_status(url: str) -> dict[str, Any]:
+    """A job's status.json (empty when there is none yet), or StatusFileError if garbled."""
+    try:
+        raw = storage.read_bytes(url)
+    except FileNotFoundError:
+        return {}
+    try:
+        status = json.loads(raw)
+    except ValueError as err:  # JSONDecodeError, or bytes that are not UTF-8
+        detail = (
+            f"not JSON: {err.msg} at line {err.lineno}, column {err.colno}"
+            if isinstance(err, json.JSONDecodeError)
+            else f"not JSON text: {err}"
+        )
+        raise StatusFileError(_garbled(url, detail)) from None
+    if not isinstance(status, dict):
+        raise StatusFileError(_garbled(url, f"a JSON {type(status).__name__}, not an object"))
+    return status
+
+
+def _garbled(url: str, detail: str) -> str:
+    return (
+        f"{url} is garbled ({detail}); it is the job's status (state, attempt, checkpoints): "
+        "restore it, or move the job folder aside to run the job afresh"
+    )
+
+
 def job_object(folder: str) -> dict[str, Any]:
     """The TrainJob kept in a job folder, with its status: what `kubectl get -o yaml` shows."""
     path = os.path.join(folder, TRAINJOB_FILE)
@@ -89,7 +119,7 @@ def job_object(folder: str) -> dict[str, Any]:
         obj = {"apiVersion": API_VERSION, "kind": KIND, "metadata": {"name": name}}
         if namespace:
             obj["metadata"]["namespace"] = namespace
-    obj["status"] = read_status_file(os.path.join(folder, layout.STATUS_FILE))
+    obj["status"] = read_status(os.path.join(folder, layout.STATUS_FILE))
     return obj
 
 
@@ -223,7 +253,11 @@ def main(args: argparse.Namespace) -> int:
     if not folders:
         print("No resources found", file=sys.stderr)
         return 0
-    objects = [job_object(folder) for folder in folders]
+    try:
+        objects = [job_object(folder) for folder in folders]
+    except StatusFileError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if args.output in ("yaml", "json"):
         document: Any = (
             objects[0]

@@ -68,6 +68,7 @@ from spotrun.local.progress import (
     make_display,
     print_summary,
 )
+from spotrun.local.status_command import StatusFileError, read_status
 from spotrun.local.trainjob import TrainJob, TrainJobError, load_trainjob
 from spotrun.store import layout
 
@@ -79,12 +80,18 @@ POLL_SECONDS = 0.2
 # Replicas of an attempt that was replaced: status.attempt already fences their writes, so
 # a graceful stop would save nothing; they get SIGTERM and this long before SIGKILL.
 STOP_GRACE_SECONDS = 5.0
-# How often rank 0 writes lastMetrics: the live view and the hang check read it.
-PROGRESS_SECONDS = "1"
-# The launcher's own grace when the pod template sets none (spotrun.pod.launcher's default).
-LAUNCHER_GRACE_SECONDS = 25.0
+# How often, at most, rank 0 writes lastMetrics: the live view and the hang check read it
+# (a short progressDeadlineSeconds asks for more, spotrun.contract.timing_env).
+LONGEST_PROGRESS_SECONDS = 1.0
 
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+
+# Local workers per CPU core, at most: beyond that a run only thrashes (or forks until the
+# machine gives up), and the file is meant for a cluster.
+WORKERS_PER_CORE = 4
+# Storage that lives inside one process: replicas, their writers and the supervisor are
+# processes of their own, so nothing written there would survive or be seen.
+PROCESS_LOCAL_STORAGE = ("memory",)
 
 
 class LocalRunError(RuntimeError):
@@ -131,6 +138,41 @@ def storage_url(flag: str | None, spec_storage: str | None) -> str:
     if "://" in chosen:
         return chosen.rstrip("/")
     return os.path.abspath(chosen)
+
+
+def check_storage(flag: str | None, spec_storage: str | None) -> None:
+    """Refuses storage that no other process can see (memory://)."""
+    chosen, where = (flag, "--storage") if flag else (spec_storage, "spec.checkpoint.storage")
+    if not chosen or "://" not in chosen:
+        return
+    protocol = chosen.split("://", 1)[0].lower()
+    if protocol in PROCESS_LOCAL_STORAGE:
+        raise LocalRunError(
+            f"{where} {chosen} is {protocol}:// storage, which lives inside one process; local "
+            "mode runs every replica, its checkpoint writers and the supervisor as processes "
+            "of their own, so no checkpoint and no status would survive: give a folder "
+            "(--storage ./spotrun-runs) or a bucket"
+        )
+
+
+def check_capacity(replicas: int, nproc_per_node: int, cores: int) -> None:
+    """Refuses more local workers than WORKERS_PER_CORE per core of this machine."""
+    workers = replicas * nproc_per_node
+    most = WORKERS_PER_CORE * max(1, cores)
+    if workers > most:
+        raise LocalRunError(
+            f"replicas x nprocPerNode = {replicas} x {nproc_per_node} = {workers} workers, more "
+            f"than this machine can run: it has {cores} CPU core(s), and local mode starts at "
+            f"most {WORKERS_PER_CORE} workers per core ({most}); lower spec.replicas or "
+            "spec.nprocPerNode in a copy of the file to run it here (a cluster runs it as it is)"
+        )
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity, e.g. a container's cpuset)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def launcher_argv(job: TrainJob, *, inject_failure: bool) -> list[str]:
@@ -296,7 +338,7 @@ class LocalRun:
         self.replicas: list[_Replica] = []
         self.memory = _Memory()
         # What an earlier run left (when carrying one on): only news is announced.
-        self.status: dict[str, Any] = read_status_file(self.status_url)
+        self.status: dict[str, Any] = read_status(self.status_url)
         self.holding: str | None = None
         self.interrupted = 0  # SIGINT/SIGTERM received by the supervisor
         self.started = time.time()
@@ -401,8 +443,9 @@ class LocalRun:
                     replica.stop(now, STOP_GRACE_SECONDS)
             elif isinstance(action, Suspend):
                 # SIGTERM is a preemption notice to the group: its final checkpoint is kept.
+                # SIGKILL when the pod's grace ends, as the kubelet would.
                 for replica in self.replicas:
-                    replica.stop(now, self._launcher_grace() + 5)
+                    replica.stop(now, max(self._pod_grace(), self._launcher_grace() + 1))
             # Wait: the loop polls anyway; DeleteJob (ttlSecondsAfterFinished): the local
             # run ends with the job, its folder stays for `spotrun status`.
 
@@ -494,10 +537,9 @@ class LocalRun:
         )
         env["PYTHONUNBUFFERED"] = "1"
         env[contract.RECOVERY] = self.spec.recovery
-        env.setdefault("SPOTRUN_PROGRESS_SECONDS", PROGRESS_SECONDS)
-        grace = _template_grace(job)
-        if grace is not None:
-            env["SPOTRUN_GRACE_SECONDS"] = str(max(1.0, grace - 5))
+        # The rule the operator follows: the launcher's deadline from the pod's grace, the
+        # progress reports from the hang deadline.
+        env.update(contract.timing_env(job.spec, longest_progress=LONGEST_PROGRESS_SECONDS))
         mtbf = mtbf_seconds(self.options)
         if mtbf is not None:
             env.setdefault("SPOTRUN_MTBF_SECONDS", f"{mtbf:g}")
@@ -507,8 +549,10 @@ class LocalRun:
         return env
 
     def _launcher_grace(self) -> float:
-        grace = _template_grace(self.job)
-        return LAUNCHER_GRACE_SECONDS if grace is None else max(1.0, grace - 5)
+        return contract.launcher_grace_seconds(self._pod_grace())
+
+    def _pod_grace(self) -> float:
+        return contract.pod_grace_seconds(self.job.spec)
 
     def _forget_stale(self) -> None:
         """Replicas of older attempts are forgotten once they exited (a deleted pod is gone)."""
@@ -646,12 +690,6 @@ class LocalRun:
 # --- helpers ----------------------------------------------------------------------------
 
 
-def _template_grace(job: TrainJob) -> float | None:
-    pod = (job.template or {}).get("spec") or {}
-    grace = pod.get("terminationGracePeriodSeconds")
-    return None if grace is None else float(grace)
-
-
 def _total_steps(job: TrainJob) -> int | None:
     steps = job.config.get("steps")
     return steps if isinstance(steps, int) and not isinstance(steps, bool) else None
@@ -706,7 +744,7 @@ def prepare_folder(root: str, job: TrainJob, now: float) -> str | None:
     the policy sees the old group gone and restarts it from the latest checkpoint, as the
     operator would after a restart of its own.
     """
-    status = read_status_file(status_file(root))
+    status = read_status(status_file(root))
     note = None
     state = status.get("state")
     if state in FINISHED:
@@ -843,11 +881,12 @@ def main(args: argparse.Namespace) -> int:
     held: ownership.Ownership | None = None
     try:
         _check(job, options)
+        check_storage(options.storage, job.checkpoint.storage)
         storage = storage_url(options.storage, job.checkpoint.storage)
         root = layout.job_root(storage, job.namespace, job.name)
         held = ownership.acquire(root)
         note = prepare_folder(root, job, time.time())
-    except (LocalRunError, ownership.JobOwnedError, OSError) as err:
+    except (LocalRunError, ownership.JobOwnedError, StatusFileError, OSError) as err:
         if held is not None:
             held.release()
         print(f"{LOG_PREFIX} error: {err}", file=sys.stderr)
@@ -882,6 +921,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _check(job: TrainJob, options: Options) -> None:
+    check_capacity(job.replicas, job.nproc_per_node, usable_cores())
     if options.fail_rank is not None and not 0 <= options.fail_rank < job.world_size:
         raise LocalRunError(
             f"--fail-rank {options.fail_rank} is not a rank of this job: ranks run from 0 to "

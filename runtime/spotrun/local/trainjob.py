@@ -335,13 +335,10 @@ def json_schema() -> Mapping[str, Any]:
 def _to_json_schema(node: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in node.items():
-        if key.startswith("x-kubernetes-") or key in (
-            "nullable",
-            "default",
-            "description",
-            "format",
-        ):
+        if key.startswith("x-kubernetes-") or key in ("nullable", "default", "description"):
             continue
+        if key == "format" and value not in INTEGER_FORMATS:
+            continue  # the API server checks int32/int64 ranges; other formats are left out
         if key == "properties":
             out[key] = {name: _to_json_schema(sub) for name, sub in value.items()}
         elif key in ("items", "additionalProperties") and isinstance(value, Mapping):
@@ -395,8 +392,29 @@ def _default(value: Any, schema: Mapping[str, Any]) -> None:
 # -- schema validation -------------------------------------------------------------------
 
 
+# OpenAPI's integer formats, which the API server enforces (`Checked value must be of type
+# integer with format int32`): the inclusive range of each.
+INTEGER_FORMATS: Mapping[str, tuple[int, int]] = {
+    "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1),
+}
+
+
+def _format_checker() -> jsonschema.FormatChecker:
+    checker = jsonschema.FormatChecker(formats=())
+    for name, (low, high) in INTEGER_FORMATS.items():
+
+        def in_range(value: object, low: int = low, high: int = high) -> bool:
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return True  # the type check speaks for values that are not numbers
+            return low <= value <= high
+
+        checker.checks(name)(in_range)
+    return checker
+
+
 def _schema_problems(obj: Mapping[str, Any], lines: _Lines) -> Iterator[Problem]:
-    validator = jsonschema.Draft7Validator(json_schema())
+    validator = jsonschema.Draft7Validator(json_schema(), format_checker=_format_checker())
     errors = sorted(validator.iter_errors(obj), key=lambda e: [str(p) for p in e.absolute_path])
     seen: set[tuple[str, str]] = set()
     for error in errors:
@@ -441,6 +459,12 @@ def _describe(error: jsonschema.ValidationError, lines: _Lines) -> Iterator[Prob
             + ", ".join(json.dumps(v) for v in expected)
         ),
         "pattern": lambda: f"Invalid value: {shown}: should match '{expected}'",
+        "format": lambda: (
+            f"Invalid value: {shown}: must be of type integer with format {expected} "
+            f"(from {INTEGER_FORMATS[expected][0]} to {INTEGER_FORMATS[expected][1]})"
+            if expected in INTEGER_FORMATS
+            else f"Invalid value: {shown}: must have format {expected}"
+        ),
         "minLength": lambda: f"Invalid value: {shown}: should be at least {expected} chars long",
         "maxLength": lambda: f"Too long: may not be more than {expected} characters",
         "minItems": lambda: f"Invalid value: should have at least {expected} items",

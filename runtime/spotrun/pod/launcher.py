@@ -16,6 +16,7 @@ attempt for the GPU or the checkpoint. It imports no torch: it starts in millise
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -42,15 +43,17 @@ from spotrun.store import layout
 
 LOG_PREFIX = "[spotrun launch]"
 
-# Not part of the pod contract: the operator derives it from terminationGracePeriodSeconds
-# when it wants something other than the default, which leaves 5 s of Kubernetes' default
-# 30 s for the launcher itself to exit.
-GRACE_SECONDS_ENV = "SPOTRUN_GRACE_SECONDS"
-DEFAULT_GRACE_SECONDS = 25.0
+# The operator and `spotrun run` derive it from the pod's terminationGracePeriodSeconds
+# (contract.launcher_grace_seconds); without it, the launcher assumes Kubernetes' default.
+GRACE_SECONDS_ENV = contract.GRACE_SECONDS
+DEFAULT_GRACE_SECONDS = contract.launcher_grace_seconds(contract.DEFAULT_POD_GRACE_SECONDS)
 
 # When a worker fails the group is dead (collectives need every rank), but a checkpoint the
 # training reported before the failure is still being written: the others get the grace
 # period to commit it (a worker with nothing in flight exits at once), then SIGKILL.
+
+# A worker's failure code that would read as a preemption (EXIT_PREEMPTED) is reported as this.
+EXIT_FAILURE = 1
 
 FUNCTION_WORKER_MODULE = "spotrun.train._function_worker"
 SCRIPT_WORKER_MODULE = "spotrun.train._script_worker"
@@ -76,12 +79,18 @@ class LaunchError(RuntimeError):
 
 
 def worker_env(
-    base: Mapping[str, str], pod: PodContract, *, local_rank: int, nproc_per_node: int
+    base: Mapping[str, str],
+    pod: PodContract,
+    *,
+    local_rank: int,
+    nproc_per_node: int,
+    notice_fd: int | None = None,
 ) -> dict[str, str]:
     """`base` plus the torchrun-style variables of local worker `local_rank` of this pod.
 
     RANK = node_rank * nproc_per_node + local_rank. SPOTRUN_NPROC_PER_NODE is rewritten
     with the effective value so the worker's PodContract agrees with WORLD_SIZE.
+    `notice_fd` is the notice pipe's write end (contract.NOTICE_FD), when there is one.
     """
     env = dict(base)
     env.update(
@@ -98,6 +107,9 @@ def worker_env(
             contract.MASTER_PORT: str(pod.master_port),
         }
     )
+    env.pop(contract.NOTICE_FD, None)
+    if notice_fd is not None:
+        env[contract.NOTICE_FD] = str(notice_fd)
     if nproc_per_node > 1:
         # As torchrun does: N workers each spinning up one OpenMP thread per core thrash.
         env.setdefault(OMP_NUM_THREADS, "1")
@@ -106,11 +118,16 @@ def worker_env(
 
 @dataclass(frozen=True)
 class WorkerExit:
-    """How one worker ended, and which signals the launcher had sent it."""
+    """How one worker ended, which signals the launcher had sent it, and what it said.
+
+    `notice_honoured`: the worker's session said, on the notice pipe, that it exits
+    EXIT_PREEMPTED because its group agreed on a preemption notice (contract.NOTICE_FD).
+    """
 
     local_rank: int
     returncode: int  # subprocess convention: -N when killed by signal N
     signals_sent: frozenset[int] = frozenset()
+    notice_honoured: bool = False
 
     @property
     def code(self) -> int:
@@ -123,28 +140,63 @@ class WorkerExit:
         return self.returncode < 0 and -self.returncode in self.signals_sent
 
     @property
+    def preempted(self) -> bool:
+        """Exited EXIT_PREEMPTED with a notice behind it.
+
+        Either this launcher forwarded the notice (SIGTERM) to it, or its session honoured
+        a notice the group agreed on (a worker on another node got it). A bare exit 75 is
+        user code's own and earns nothing: counted as a preemption, it would restart a
+        crashing job forever without spending its failure budget.
+        """
+        return self.code == contract.EXIT_PREEMPTED and (
+            signal.SIGTERM in self.signals_sent or self.notice_honoured
+        )
+
+    @property
     def failed(self) -> bool:
-        return self.code not in (0, contract.EXIT_PREEMPTED) and not self.stopped_by_launcher
+        return self.code != 0 and not self.preempted and not self.stopped_by_launcher
+
+    @property
+    def failure_code(self) -> int:
+        """The launcher's exit code for this failed worker: its own, but never EXIT_PREEMPTED."""
+        return EXIT_FAILURE if self.code == contract.EXIT_PREEMPTED else self.code
 
 
 def exit_code(exits: Sequence[WorkerExit], received_signal: int | None = None) -> int:
     """The launcher's exit code from its workers' exits, in the order they were seen.
 
-    - the first worker that failed on its own: its code (128 + N if killed by signal N);
+    - the first worker that failed on its own: its code (128 + N if killed by signal N;
+      1 for an exit 75 without a preemption notice, see `WorkerExit.preempted`);
     - else, if the launcher had to kill workers after a signal it received: 128 + that
       signal (stopped, no final checkpoint from those workers);
-    - else EXIT_PREEMPTED if any worker exited with it (a mix with 0 included);
+    - else EXIT_PREEMPTED if any worker was preempted (a mix with 0 included);
     - else 0.
+
+    So a launcher that exits EXIT_PREEMPTED vouches for it: the supervisors (the operator,
+    `spotrun run`) count that exit as a preemption without asking how it came about.
     """
     for worker in exits:
         if worker.failed:
-            return worker.code
+            return worker.failure_code
     stopped = [w for w in exits if w.stopped_by_launcher]
     if stopped:
         return 128 + (received_signal if received_signal is not None else -stopped[0].returncode)
-    if any(w.code == contract.EXIT_PREEMPTED for w in exits):
+    if any(w.preempted for w in exits):
         return contract.EXIT_PREEMPTED
     return 0
+
+
+def describe_exit(worker: WorkerExit) -> str:
+    """How a worker ended, for the launcher's log."""
+    if worker.returncode < 0:
+        return f"killed by {_signal_name(-worker.returncode)} (code {worker.code})"
+    if worker.code == contract.EXIT_PREEMPTED and not worker.preempted:
+        return (
+            f"exited with code {worker.code} without a preemption notice: a failure, not a "
+            f"preemption (only a worker that got the notice, or whose group agreed on one, "
+            f"is preempted); the launcher reports it as code {EXIT_FAILURE}"
+        )
+    return f"exited with code {worker.code}"
 
 
 def worker_command(
@@ -188,10 +240,40 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _describe(worker: WorkerExit) -> str:
-    if worker.returncode < 0:
-        return f"killed by {_signal_name(-worker.returncode)} (code {worker.code})"
-    return f"exited with code {worker.code}"
+class _NoticePipe:
+    """The launcher's end of the notice pipe: the workers that honoured an agreed notice.
+
+    Each worker's session writes its local rank on it just before it exits EXIT_PREEMPTED
+    (contract.announce_preempted_exit); lines are shorter than PIPE_BUF, so never interleaved.
+    """
+
+    def __init__(self) -> None:
+        self.read_fd, self.write_fd = os.pipe()
+        os.set_blocking(self.read_fd, False)
+        self.honoured: set[int] = set()
+        self._partial = b""
+
+    def drain(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.read_fd, 4096)
+            except (BlockingIOError, OSError):
+                return
+            if not chunk:
+                return
+            *lines, self._partial = (self._partial + chunk).split(b"\n")
+            for line in lines:
+                with contextlib.suppress(ValueError):
+                    self.honoured.add(int(line))
+
+    def close_write_end(self) -> None:
+        if self.write_fd >= 0:
+            os.close(self.write_fd)
+            self.write_fd = -1
+
+    def close(self) -> None:
+        self.close_write_end()
+        os.close(self.read_fd)
 
 
 @dataclass
@@ -215,9 +297,10 @@ class _Worker:
 class _Supervisor:
     """Waits for the workers; forwards received signals; tears the group down on a failure."""
 
-    def __init__(self, workers: list[_Worker], grace_seconds: float) -> None:
+    def __init__(self, workers: list[_Worker], grace_seconds: float, notice: _NoticePipe) -> None:
         self.workers = workers
         self.grace_seconds = grace_seconds
+        self.notice = notice
         self.exits: list[WorkerExit] = []
         self.received: int | None = None
         self._pending_signals: list[int] = []
@@ -276,9 +359,16 @@ class _Supervisor:
             returncode = worker.process.poll()
             if returncode is None:
                 continue
-            worker.exit = WorkerExit(worker.local_rank, returncode, frozenset(worker.signals_sent))
+            # After the exit was seen: what the worker wrote before it exited is there by now.
+            self.notice.drain()
+            worker.exit = WorkerExit(
+                worker.local_rank,
+                returncode,
+                frozenset(worker.signals_sent),
+                notice_honoured=worker.local_rank in self.notice.honoured,
+            )
             self.exits.append(worker.exit)
-            _log(f"worker {worker.local_rank} (rank {worker.rank}) {_describe(worker.exit)}")
+            _log(f"worker {worker.local_rank} (rank {worker.rank}) {describe_exit(worker.exit)}")
             if worker.exit.failed and not self._torn_down:
                 self._tear_down(worker)
 
@@ -353,7 +443,8 @@ def launch(
     _log(f"command: {' '.join(argv)}")
 
     workers: list[_Worker] = []
-    supervisor = _Supervisor(workers, grace)
+    notice = _NoticePipe()
+    supervisor = _Supervisor(workers, grace, notice)
     membership = _Membership(pod, nproc, env) if warm else None
     if membership is not None:
         env = {**env, contract.GROUP_FILE: membership.path}
@@ -371,8 +462,15 @@ def launch(
             try:
                 process = subprocess.Popen(
                     argv,
-                    env=worker_env(env, pod, local_rank=local_rank, nproc_per_node=nproc),
+                    env=worker_env(
+                        env,
+                        pod,
+                        local_rank=local_rank,
+                        nproc_per_node=nproc,
+                        notice_fd=notice.write_fd,
+                    ),
                     preexec_fn=preexec,
+                    pass_fds=(notice.write_fd,),
                 )
             except OSError as err:
                 _log(f"cannot start worker {local_rank}: {err}; stopping the others")
@@ -382,8 +480,10 @@ def launch(
                 return 127 if isinstance(err, FileNotFoundError) else 126
             workers.append(_Worker(local_rank, first + local_rank, process))
             _log(f"worker {local_rank} (rank {first + local_rank}) started, pid {process.pid}")
+        notice.close_write_end()
         code = supervisor.run()
     finally:
+        notice.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         if membership is not None:

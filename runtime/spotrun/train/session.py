@@ -42,7 +42,9 @@ from spotrun.train.writer import WriterClient, WriterConfig
 
 log = logging.getLogger("spotrun")
 
-PROGRESS_INTERVAL_SECONDS = float(os.environ.get("SPOTRUN_PROGRESS_SECONDS", "10"))
+PROGRESS_INTERVAL_SECONDS = float(
+    os.environ.get(pod.PROGRESS_SECONDS, str(pod.LONGEST_PROGRESS_SECONDS))
+)
 
 
 class Stateful(Protocol):
@@ -419,6 +421,7 @@ class Session:
                     )
                     raise regroup.Regroup(f"another member was preempted at step {step}")
                 log.warning("rank %d: preemption notice honoured at step %d; exiting", rank, step)
+                pod.announce_preempted_exit(self.context.local_rank)
                 raise SystemExit(pod.EXIT_PREEMPTED)
 
     def _save(

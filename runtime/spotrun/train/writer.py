@@ -3,8 +3,9 @@
 `report()` copies the state into a shared-memory snapshot buffer and returns; a separate
 process per rank (not a thread: on 2 cores a thread fighting the training loop for the GIL
 cost more than a synchronous save) writes the shard, and rank 0's writer commits. The
-process is started with `python -m spotrun.train.writer`, not multiprocessing's spawn, so the
-user's training script is never re-imported. The snapshot buffer is a memfd handed over
+process is started with `python -m spotrun.train._writer_process` (it arms the parent-death
+signal, then runs `main` here), not multiprocessing's spawn, so the user's training script
+is never re-imported. The snapshot buffer is a memfd handed over
 the control socket, so it is not bound by a small /dev/shm in a container.
 """
 
@@ -271,7 +272,8 @@ class WriterClient:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, SPOTRUN_WRITER_PARENT=str(os.getpid()))
         self._proc = subprocess.Popen(
-            [sys.executable, "-m", "spotrun.train.writer", str(theirs.fileno())],
+            # Through the light entry, which dies with this process before torch is loaded.
+            [sys.executable, "-m", "spotrun.train._writer_process", str(theirs.fileno())],
             pass_fds=[theirs.fileno()],
             env=env,
             stdin=subprocess.DEVNULL,
