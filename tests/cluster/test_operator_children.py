@@ -61,7 +61,8 @@ def test_children_are_created_exactly_as_specified(
 
     role = rbac.read_namespaced_role("gpt-runtime", namespace)
     assert [(r.api_groups, r.resources, r.resource_names, r.verbs) for r in role.rules] == [
-        (["spotrun.dev"], ["trainjobs/status"], ["gpt"], ["patch"])
+        (["spotrun.dev"], ["trainjobs/status"], ["gpt"], ["patch"]),
+        (["spotrun.dev"], ["trainjobs"], ["gpt"], ["get", "list", "watch"]),
     ]
     binding = rbac.read_namespaced_role_binding("gpt-runtime", namespace)
     assert (binding.role_ref.kind, binding.role_ref.name) == ("Role", "gpt-runtime")
@@ -82,7 +83,7 @@ def test_children_are_created_exactly_as_specified(
         assert env["SPOTRUN_STATUS_SINK"] == "kubernetes"
         assert env["SPOTRUN_HOLD_AFTER_SUCCESS"] == "1"
         assert env["MASTER_ADDR"] == f"gpt-0.gpt.{namespace}.svc"
-        assert env["MASTER_PORT"] == "29500"
+        assert env["MASTER_PORT"] == "29501"  # 29500 + attempt 1: a fresh rendezvous per attempt
         assert env["SPOTRUN_NODE_RANK"] == {
             "fieldRef": {
                 "apiVersion": "v1",

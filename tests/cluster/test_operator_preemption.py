@@ -4,14 +4,16 @@ The signals are produced the way the cloud and Kubernetes produce them: a pod de
 pod evicted through the Eviction API (DisruptionTarget=EvictionByEvictionAPI), its node
 deleted, a pod failed by a node shutdown (what the kubelet writes: phase Failed, reason
 Shutdown or NodeShutdown, DisruptionTarget=TerminationByKubelet). Each must bump the
-attempt once, count one preemption and no failure, and every new pod must carry
-SPOTRUN_RESUME_FROM = the latest checkpoint's URI.
+attempt once and count one preemption and no failure. With warm recovery (the default) the
+surviving pod stays (same UID, relabelled to the new attempt) and only the lost one is
+replaced, carrying SPOTRUN_RESUME_FROM = the latest checkpoint's URI; with cold recovery
+every pod is new and carries it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import pytest
@@ -46,14 +48,23 @@ def holds(what: str, check: Callable[[], bool], seconds: float = 6.0) -> None:
         time.sleep(0.5)
 
 
-def assert_one_restart(api: client.ApiClient, namespace: str, uri: str) -> None:
+def assert_one_restart(
+    api: client.ApiClient, namespace: str, uri: str, survivor: Mapping[str, Any]
+) -> None:
+    """One warm restart: `survivor` (the pod not preempted) kept, the lost one replaced."""
     st = wait_running(api, namespace, JOB, attempt=2, replicas=2)
     assert (st["preemptions"], st["failures"]) == (1, 0), st
     [interruption] = st["interruptions"]
-    assert interruption["kind"] == "preemption"
+    assert (interruption["kind"], interruption["recovery"]) == ("preemption", "warm")
+    index = int(survivor["metadata"]["labels"]["apps.kubernetes.io/pod-index"])
+    assert st["group"] == {"attempt": 2, "mode": "warm", "replicas": 2, "kept": [index]}
     live = pods(api, namespace, JOB)
     assert {p["metadata"]["labels"]["spotrun.dev/attempt"] for p in live} == {"2"}
     for pod in live:
+        if pod["metadata"]["name"] == survivor["metadata"]["name"]:
+            # The same pod: its launcher follows status.group, its env stays as created.
+            assert pod["metadata"]["uid"] == survivor["metadata"]["uid"]
+            continue
         assert env_of(pod)["SPOTRUN_RESUME_FROM"] == uri
         assert env_of(pod)["SPOTRUN_ATTEMPT"] == "2"
 
@@ -129,10 +140,11 @@ def test_preemption_signal_restarts_the_group_once_from_the_checkpoint(
     api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator, signal: str
 ) -> None:
     uri = start_with_checkpoint(api, cluster, namespace)
+    survivor = next(p for p in pods(api, namespace, JOB) if p["metadata"]["name"] == f"{JOB}-1")
 
     reason = SIGNALS[signal](client.CoreV1Api(api), namespace)
 
-    assert_one_restart(api, namespace, uri)
+    assert_one_restart(api, namespace, uri, survivor)
     assert status(api, namespace, JOB)["interruptions"][0]["reason"] == reason
     assert not operator.tracebacks(), operator.log()
 
@@ -143,12 +155,15 @@ def test_node_deleted_restarts_the_group_once_from_the_checkpoint(
     with temp_nodes(cluster, namespace[-12:], count=3) as pool:
         template = {"spec": {"nodeSelector": {"cloud.google.com/gke-spot": "true", **pool}}}
         uri = start_with_checkpoint(api, cluster, namespace, template=template)
-        victim = next(p for p in pods(api, namespace, JOB) if p["metadata"]["name"] == f"{JOB}-0")
-        node = victim["spec"]["nodeName"]
+        live = {p["metadata"]["name"]: p for p in pods(api, namespace, JOB)}
+        node = live[f"{JOB}-0"]["spec"]["nodeName"]
+        survivor = live[f"{JOB}-1"]
+        if survivor["spec"]["nodeName"] == node:
+            pytest.skip("both pods were scheduled on one node")
 
         cluster.kubectl("delete", "node", node, "--wait=false")
 
-        assert_one_restart(api, namespace, uri)
+        assert_one_restart(api, namespace, uri, survivor)
         st = status(api, namespace, JOB)
         assert st["interruptions"][0]["reason"] in ("NodeDeleted", "DeletionByPodGC")
         assert all(p["spec"].get("nodeName") != node for p in pods(api, namespace, JOB))
@@ -162,6 +177,7 @@ def test_preemptions_keep_restarting_and_count_each_incident_once(
         cluster,
         namespace,
         failurePolicy={"maxFailures": 0, "backoff": {"initialSeconds": 0.5, "maxSeconds": 1}},
+        recovery="Cold",
     )
     core = client.CoreV1Api(api)
     for incident in (1, 2, 3):
