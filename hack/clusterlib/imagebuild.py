@@ -17,9 +17,10 @@ Every image is cached by content: its key is a sha256 over what a build reads (t
 Dockerfile, the build context after .dockerignore, the target, the key of the image it
 is built FROM, buildah's version), so a second `build` with nothing changed does nothing.
 Images are kept as tags `<name>-<key>` of one OCI layout, $SPOTRUN_CACHE/images/oci, whose
-blobs the images share (the examples image adds a layer to the runtime image's), stored
-uncompressed (no gzip of the several GB of the runtime image on every build; the node
-unpacks them as they are). Only the newest key of each image is kept. See docs/images.md.
+blobs the images share (the examples image adds a layer to the runtime image's), their layers
+zstd-compressed. Only the newest key of each image is kept, and buildah's own storage keeps
+only the base between builds (the runtime image would take its 6 GB twice). See
+docs/images.md.
 """
 
 from __future__ import annotations
@@ -240,6 +241,14 @@ def local_ref(name: str, k: str) -> str:
     return f"{REGISTRY}/{image_name(name)}:{k}"
 
 
+REF_NAME = "org.opencontainers.image.ref.name"
+
+
+def ref_name(descriptor: dict[str, Any]) -> str:
+    """The tag an index entry has in a layout (its ref.name annotation)."""
+    return str((descriptor.get("annotations") or {}).get(REF_NAME, ""))
+
+
 def _read_index(layout: Path) -> dict[str, Any]:
     path = layout / "index.json"
     if not path.exists():
@@ -263,7 +272,7 @@ def manifest_of(tag_name: str, layout: Path | None = None) -> dict[str, Any] | N
     """The descriptor of TAG_NAME in the layout's index (None when it is not there)."""
     layout = layout or layout_dir()
     for m in _read_index(layout)["manifests"]:
-        if (m.get("annotations") or {}).get("org.opencontainers.image.ref.name") == tag_name:
+        if ref_name(m) == tag_name:
             return dict(m)
     return None
 
@@ -371,12 +380,7 @@ def _forget_older(name: str, k: str) -> None:
     index["manifests"] = [
         m
         for m in index["manifests"]
-        if not (
-            (
-                ref := (m.get("annotations") or {}).get("org.opencontainers.image.ref.name", "")
-            ).startswith(f"{image_name(name)}-")
-            and ref != keep
-        )
+        if ref_name(m) == keep or not ref_name(m).startswith(f"{image_name(name)}-")
     ]
     _write_index(layout_dir(), index)
     gc_layout(layout_dir())
@@ -614,7 +618,7 @@ def write_oci_archive(refs: dict[str, str], out: IO[bytes]) -> None:
         desc = manifest_of(tag_name, layout)
         if desc is None:
             raise Failure(f"{tag_name} is not in {layout}; run `hack/images build`")
-        desc["annotations"] = {"org.opencontainers.image.ref.name": ref}
+        desc["annotations"] = {REF_NAME: ref}
         descs.append(desc)
     index = json.dumps({"schemaVersion": 2, "manifests": descs}).encode()
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:

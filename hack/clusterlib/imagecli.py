@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 from collections.abc import Sequence
 
 from .console import PROG, Failure, fmt_secs, say
-from .imagebuild import NAMES, SPECS, ensure, image_info, key, metadata_path, node_ref
+from .imagebuild import NAMES, SPECS, ensure, image_info, key, node_ref
 from .imagecheck import check
 
 HELP = """Builds the Dockerfile's images here, without a Docker engine (buildah), cached by content.
@@ -54,7 +53,10 @@ def main(argv: Sequence[str]) -> int:
         elif args.cmd == "key":
             print(key(args.name))
         elif args.cmd == "list":
-            print(f"{'image':9} {'key':16} {'size':>9} {'layers':>6} {'built in':>9}  digest")
+            print(
+                f"{'image':9} {'key':16} {'unpacked':>9} {'zstd':>9} {'layers':>6} "
+                f"{'built in':>9}  digest"
+            )
             for name in NAMES:
                 k = key(name)
                 try:
@@ -62,10 +64,10 @@ def main(argv: Sequence[str]) -> int:
                 except Failure:
                     print(f"{name:9} {k:16} {'(not built)':>9}")
                     continue
-                meta = metadata_path(name, k)
-                took = json.loads(meta.read_text()).get("build_seconds") if meta.exists() else None
+                took = info["build_seconds"]
                 print(
-                    f"{name:9} {k:16} {info['unpacked'] / 1e9:8.2f}G {info['layers']:6} "
+                    f"{name:9} {k:16} {info['unpacked'] / 1e9:8.2f}G "
+                    f"{info['compressed'] / 1e9:8.2f}G {info['layers']:6} "
                     f"{fmt_secs(took) if took is not None else '-':>9}  {info['digest']}"
                 )
         elif args.cmd == "check":
