@@ -2,8 +2,8 @@
 
 On the real node of `hack/cluster up --real-node` (a kubelet on containerd, see
 docs/cluster.md), a TrainJob of 2 replicas x 1 gloo worker runs
-benchmarks/recovery_workload.py (examples.train_linear's train_func_steps with timestamps)
-under the operator, running as in production in its own process. Each run kills replica 1
+benchmarks/recovery_workload.py (examples.train_linear's train_func_steps with timestamps;
+a ConfigMap in the pods of the node's examples image) under the operator, in its own process. Each run kills replica 1
 and times the way back:
 
   detect              loss -> the operator records the interruption (status.interruptions[].time)
@@ -48,6 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HACK_CLUSTER = ROOT / "hack" / "cluster"
 GROUP, VERSION, PLURAL = "spotrun.dev", "v1alpha1", "trainjobs"
 JOB = "recovery"
+WORKLOAD = ROOT / "benchmarks" / "recovery_workload.py"
+WORKLOAD_CONFIGMAP = "recovery-workload"
 ATTEMPT_LABEL = "spotrun.dev/attempt"
 MARK = re.compile(r"^\[recovery-mark\] (\S+) (\d+\.\d+) (\d+)$", re.M)
 PHASES = (
@@ -125,6 +127,10 @@ class Bench:
             if time.monotonic() > deadline:
                 raise RuntimeError("no default ServiceAccount")
             time.sleep(0.5)
+        self.kubectl(
+            *("create", "configmap", WORKLOAD_CONFIGMAP, "-n", self.namespace),
+            f"--from-file={WORKLOAD.name}={WORKLOAD}",
+        )
         log_path = Path(tempfile.gettempdir()) / f"recovery-operator-{self.namespace}.log"
         with open(log_path, "wb") as out:
             self.operator = subprocess.Popen(
@@ -155,11 +161,29 @@ class Bench:
         spec = body["spec"]
         spec["config"] = {"steps": 10**7, "step_seconds": 0.05, "checkpoint_every": 20, "seed": 0}
         spec["trainer"].pop("function", None)
-        spec["trainer"]["command"] = ["python", str(ROOT / "benchmarks" / "recovery_workload.py")]
-        spec["template"] = {"spec": {"terminationGracePeriodSeconds": self.grace}}
+        # The examples image runs the workload from a ConfigMap (no host path in any pod);
+        # `examples` is imported from the image's /workspace.
+        spec["trainer"]["command"] = ["python", f"/bench/{WORKLOAD.name}"]
+        spec["trainer"]["env"] = [
+            {"name": "PYTHONPATH", "value": "/workspace"},
+        ]
+        spec["template"] = {
+            "spec": {
+                "terminationGracePeriodSeconds": self.grace,
+                "volumes": [{"name": "bench", "configMap": {"name": WORKLOAD_CONFIGMAP}}],
+                "containers": [
+                    {
+                        "name": "trainer",
+                        "volumeMounts": [
+                            {"name": "bench", "mountPath": "/bench", "readOnly": True}
+                        ],
+                    }
+                ],
+            }
+        }
         spec["failurePolicy"]["maxFailures"] = 100
         result: dict[str, Any] = dev_node_job(
-            body, storage=f"gs://spotrun/{self.namespace}", gcs_endpoint=self.gcs, repo=ROOT
+            body, storage=f"gs://spotrun/{self.namespace}", gcs_endpoint=self.gcs
         )
         return result
 

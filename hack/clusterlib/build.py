@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from .console import Failure, fmt_secs, say
@@ -46,6 +47,18 @@ class Group:
     # A main package written into the generated module (its package path is the module's),
     # for binaries assembled from a library, such as CoreDNS with a chosen set of plugins.
     main_source: str = ""
+    # More -X flags, read from the module's own go.mod (as its release Makefile reads them).
+    gomod_ldflags: Callable[[str], tuple[str, ...]] | None = None
+
+    def recipe_digest(self) -> str:
+        """A digest of how the group is built, beyond its version: part of the cache path,
+        so a binary is rebuilt when its flags or generated main change."""
+        recipe = [
+            *self.version_ldflags,
+            self.main_source,
+            self.gomod_ldflags.__qualname__ if self.gomod_ldflags else "",
+        ]
+        return hashlib.sha256("\0".join(recipe).encode()).hexdigest()[:8]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +91,35 @@ KUBERNETES = Group(
 ETCD = Group("etcd", "go.etcd.io/etcd/server/v3", ETCD_VERSION)
 # kwok's own source already carries its version (pkg/consts.Version).
 KWOK = Group("kwok", "sigs.k8s.io/kwok", KWOK_VERSION)
+
+
+def _helm_kube_ldflags(helm_gomod: str) -> tuple[str, ...]:
+    """The Kubernetes version helm renders charts for without a cluster (`helm template`).
+
+    Helm's Makefile sets it from the k8s.io/client-go it builds with (v0.37.x: 1.37);
+    without these flags helm falls back to v1.20, older than any chart's kubeVersion.
+    """
+    m = re.search(r"^\s*k8s\.io/client-go\s+v(\d+)\.(\d+)\.", helm_gomod, re.M)
+    if not m:
+        raise Failure(
+            "helm's go.mod requires no k8s.io/client-go: cannot set its Kubernetes version"
+        )
+    major, minor = str(int(m.group(1)) + 1), m.group(2)
+    flags = []
+    for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        flags += [f"-X {pkg}.k8sVersionMajor={major}", f"-X {pkg}.k8sVersionMinor={minor}"]
+    return tuple(flags)
+
+
 HELM = Group(
     "helm",
     "helm.sh/helm/v3",
     HELM_VERSION,
-    (f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",),
+    (
+        f"-X helm.sh/helm/v3/internal/version.version={HELM_VERSION}",
+        "-X helm.sh/helm/v3/internal/version.gitTreeState=clean",
+    ),
+    gomod_ldflags=_helm_kube_ldflags,
 )
 FAKE_GCS_SERVER = Group(
     "fake-gcs-server", "github.com/fsouza/fake-gcs-server", FAKE_GCS_SERVER_VERSION
@@ -150,8 +187,8 @@ def cache_dir() -> Path:
 
 
 def binary_path(name: str) -> Path:
-    b = BINARIES[name]
-    return cache_dir() / "bin" / f"{name}-{b.group.version}" / name
+    g = BINARIES[name].group
+    return cache_dir() / "bin" / f"{name}-{g.version}-{g.recipe_digest()}" / name
 
 
 def go_env() -> dict[str, str]:
@@ -269,7 +306,12 @@ def build_group(group: Group, names: list[str]) -> None:
         (src / "main.go").write_text(group.main_source)
     pkgs = [BINARIES[n].package for n in names]
     out = Path(tempfile.mkdtemp(prefix="out-", dir=src))
-    ldflags = " ".join(["-s", "-w", *group.version_ldflags])
+    extra = (
+        group.gomod_ldflags(module_gomod(group.module, group.version))
+        if group.gomod_ldflags
+        else ()
+    )
+    ldflags = " ".join(["-s", "-w", *group.version_ldflags, *extra])
     cmd = ["go", "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(out) + "/", *pkgs]
     label = f"{', '.join(names)} ({group.module}@{group.version})"
     say(f"building {label}")
@@ -334,14 +376,14 @@ def build(names: Sequence[str]) -> None:
 
 
 @contextlib.contextmanager
-def build_lock() -> Iterator[None]:
+def build_lock(what: str = "build") -> Iterator[None]:
     """Serialises builds of concurrent callers (parallel test sessions, CI steps)."""
     cache_dir().mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / ".build.lock", "w") as f:
+    with open(cache_dir() / f".{what}.lock", "w") as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            say("another hack/cluster build is running; waiting for it")
+            say(f"another {what} is running (lock {f.name}); waiting for it")
             fcntl.flock(f, fcntl.LOCK_EX)
         yield
 

@@ -1,4 +1,4 @@
-"""What hack/cluster tells its user: progress on stderr, and the error type for the user.
+"""What hack/cluster (and hack/images) tells its user: progress on stderr, and the error type for the user.
 
 Stdout carries only answers (`bin`, `env`, the exports of `up`), so that
 `$(hack/cluster bin helm)` works; everything else goes through `say`.
@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import sys
 
+# The prefix of every message: the command that runs (hack/images sets "images").
+PROG = ["cluster"]
+
 
 def say(msg: str) -> None:
-    print(f"cluster: {msg}", file=sys.stderr, flush=True)
+    print(f"{PROG[0]}: {msg}", file=sys.stderr, flush=True)
 
 
 class Failure(Exception):

@@ -1,7 +1,8 @@
-"""The real node's images: a pause and the dev runtime, built without a registry or Docker.
+"""The real node's sandbox image (pause), built without a registry or Docker.
 
-Each is an OCI archive that umoci builds from a busybox-static rootfs, cached under
-$SPOTRUN_CACHE/images by IMAGE_FORMAT; the node imports them into its containerd.
+An OCI archive that umoci builds from a busybox-static rootfs, cached under
+$SPOTRUN_CACHE/images by IMAGE_FORMAT; the node imports it into its containerd. The images
+the pods run are the Dockerfile's (imagebuild.py).
 """
 
 from __future__ import annotations
@@ -17,12 +18,6 @@ from .console import say
 from .processes import sh
 
 PAUSE_IMAGE = "spotrun.local/pause:3.10"
-# The tag examples/trainjob.yaml names (containerd reads `spotrun-runtime:dev` as this).
-RUNTIME_IMAGE = "docker.io/library/spotrun-runtime:dev"
-
-# The host's Python, which the dev-node runtime image does not carry (the venv is ~6 GB):
-# pods mount these read-only at the same paths. See docs/cluster.md, "Real node".
-HOST_LIBS = "/usr/lib/x86_64-linux-gnu"
 
 PASSWD = """root:x:0:0:root:/root:/bin/sh
 spotrun:x:10001:10001:spotrun:/home/spotrun:/bin/sh
@@ -59,18 +54,6 @@ def _busybox_rootfs(rootfs: Path) -> None:
     os.chown(rootfs / "home" / "spotrun", 10001, 10001)
 
 
-def _runtime_rootfs(rootfs: Path) -> None:
-    _busybox_rootfs(rootfs)
-    # Mount points of the host's shared libraries (for the host Python the pods mount), and
-    # the dynamic loader at the path every x86-64 ELF names.
-    (rootfs / HOST_LIBS.lstrip("/")).mkdir(parents=True, exist_ok=True)
-    (rootfs / "lib").symlink_to("usr/lib")
-    (rootfs / "lib64").symlink_to("usr/lib64")
-    (rootfs / "usr" / "lib64" / "ld-linux-x86-64.so.2").symlink_to(
-        f"{HOST_LIBS}/ld-linux-x86-64.so.2"
-    )
-
-
 # name -> (reference, rootfs builder, umoci config args)
 IMAGES: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
     "pause": (
@@ -82,18 +65,6 @@ IMAGES: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
             "--config.cmd=-c",
             "--config.cmd=trap 'exit 0' TERM INT; while :; do sleep 3600 & wait $!; done",
             "--config.user=65534:65534",
-        ),
-    ),
-    "runtime": (
-        RUNTIME_IMAGE,
-        _runtime_rootfs,
-        (
-            # The Dockerfile's runtime user, and the chart's podSecurityContext.runAsUser.
-            "--config.user=10001:10001",
-            "--config.workingdir=/home/spotrun",
-            "--config.env=HOME=/home/spotrun",
-            "--config.env=PATH=/work/main/.venv/bin:/bin",
-            "--config.entrypoint=/bin/sh",
         ),
     ),
 }

@@ -1,10 +1,11 @@
 """The node tier's cluster: `hack/cluster up --real-node` (a real kubelet on containerd).
 
 The `cluster` fixture of tests/fixtures/cluster.py is overridden here, so `namespace` and
-the operator harness of tests/cluster work unchanged on this cluster. Its API server listens
-on the node bridge's gateway (10.88.0.1), as do CoreDNS and fake-gcs-server (the pods'
-checkpoint storage). Pods run the runtime image `spotrun-runtime:dev` with this machine's
-Python mounted read-only (hack/clusterlib/dev_node_job.py).
+the helpers of tests/cluster work unchanged on this cluster. Its API server listens on the
+node bridge's gateway (10.88.0.1), as do CoreDNS and fake-gcs-server (the pods' checkpoint
+storage). The pods run the Dockerfile's images, which `hack/images` built and `up` imported:
+the chart's operator image, and the training image built FROM the runtime image with the
+examples (hack/clusterlib/dev_node_job.py points a TrainJob at it and at the bucket).
 """
 
 from __future__ import annotations
@@ -58,18 +59,16 @@ class NodeCluster(Cluster):
         )
 
     def job(self, body: dict[str, Any], storage: str) -> dict[str, Any]:
-        """BODY adapted to the dev node: host-Python mounts, storage on fake-gcs-server."""
+        """BODY adapted to the dev node: the examples image, storage on fake-gcs-server."""
         result: dict[str, Any] = dev_node_job.dev_node_job(
-            body, storage=storage, gcs_endpoint=self.gcs_endpoint, repo=REPO
+            body, storage=storage, gcs_endpoint=self.gcs_endpoint
         )
         return result
 
 
 def _node_prerequisites() -> str | None:
     if os.geteuid() != 0:
-        return "the node tier needs root (containerd, runc, network namespaces)"
-    if not (REPO / ".venv" / "pyvenv.cfg").exists():
-        return "the node tier mounts the project's .venv into its pods; run hack/bootstrap"
+        return "the node tier needs root (containerd, runc, network namespaces, buildah)"
     if shutil.which("go") is None and not Path.home().joinpath(".cache/spotrun/bin").exists():
         return "`go` is needed to build kubelet and CoreDNS"
     return None

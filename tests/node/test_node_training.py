@@ -2,8 +2,11 @@
 
 One TrainJob of 2 replicas (1 gloo worker each, CPU) runs examples.train_linear's
 train_func_steps on the kubelet of `hack/cluster up --real-node`, with its checkpoints on
-fake-gcs-server, under the operator running as in production (its own process). It is
-interrupted twice:
+fake-gcs-server, under the operator as a user installs it: the Helm chart, unpatched, with
+the operator image built from the Dockerfile, in a namespace that enforces Pod Security
+"restricted". The training pods run the image built FROM the runtime image that holds the
+examples (examples/Dockerfile), in a restricted namespace too; nothing of this machine is
+mounted into any pod. It is interrupted twice:
 
 1. without notice: the trainer container of one pod is SIGKILLed (every process in it, via
    containerd) and its pod force-deleted (`--grace-period=0 --force`), as when a node
@@ -34,9 +37,15 @@ import yaml
 from kubernetes import client
 
 from spotrun.store import storage
-from tests.cluster.operator_harness import GROUP, PLURAL, VERSION, Operator, install_crd
+from tests.cluster.operator_harness import GROUP, PLURAL, VERSION
+from tests.cluster.test_chart_install import (
+    PSS_RESTRICTED,
+    Release,
+    create_namespace,
+    delete_namespace,
+)
 from tests.fixtures.cluster import wait_until
-from tests.node.conftest import NODE_NAME, REPO, NodeCluster
+from tests.node.conftest import NODE_NAME, REPO, NodeCluster, dev_node_job
 from tests.runtime.helpers import SPOTRUN, Job
 
 pytestmark = pytest.mark.timeout(900)
@@ -45,6 +54,9 @@ STEPS = 240
 EVERY = 20
 CONFIG = {"steps": STEPS, "checkpoint_every": EVERY, "seed": 0, "batch_size": 8, "samples": 64}
 FUNCTION = "examples.train_linear:train_func_steps"
+# The chart's operator image as the node has it (hack/images build, imported by `up`).
+OPERATOR_IMAGE = {"repository": "spotrun.local/spotrun-operator", "tag": "dev"}
+EXAMPLES_IMAGE = dev_node_job.EXAMPLES_IMAGE
 
 
 def the_job(name: str) -> dict[str, Any]:
@@ -142,14 +154,37 @@ def kill_without_notice(cluster: NodeCluster, ns: str, pod: str) -> None:
     cluster.kubectl("delete", "pod", pod, "-n", ns, "--grace-period=0", "--force", "--wait=false")
 
 
+def install_operator(cluster: NodeCluster, tmp_path: Path) -> Release:
+    """The chart, as docs/demo.md installs it: the built image, a restricted namespace."""
+    home = create_namespace(cluster, "spotrun-system", PSS_RESTRICTED)
+    release = Release(cluster, "spotrun", home, tmp_path / "helm")
+    release.install({"image": OPERATOR_IMAGE})
+    cluster.kubectl(
+        *("rollout", "status", f"deployment/{release.fullname}", "-n", home, "--timeout=180s"),
+        timeout=200,
+    )
+    return release
+
+
+def operator_log(release: Release) -> str:
+    proc = release.cluster.kubectl(
+        *("logs", f"deployment/{release.fullname}", "-n", release.namespace, "--tail=80"),
+        check=False,
+    )
+    return proc.stdout + proc.stderr
+
+
 def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run(
     cluster: NodeCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", cluster.gcs_endpoint)
     reference = reference_run(tmp_path)
-    install_crd(cluster)
+    # The training pods are admitted under "restricted" too (no hostPath, non-root).
+    cluster.kubectl(
+        "label", "namespace", namespace, *[f"{k}={v}" for k, v in PSS_RESTRICTED.items()]
+    )
     name = "linear"
-    operator = Operator(cluster, namespace, tmp_path).start()
+    operator = install_operator(cluster, tmp_path)
     try:
         with cluster.api_client() as api:
             body = cluster.job(the_job(name), storage=f"gs://spotrun/{namespace}")
@@ -161,6 +196,12 @@ def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run
                 lambda: progress(job_status(api, namespace, name)) >= 50,
                 timeout=240,
             )
+            for pod in json.loads(
+                cluster.kubectl("get", "pods", "-n", namespace, "-o", "json").stdout
+            )["items"]:
+                (trainer,) = [c for c in pod["spec"]["containers"] if c["name"] == "trainer"]
+                assert trainer["image"] == EXAMPLES_IMAGE, trainer["image"]
+                assert not [v for v in pod["spec"]["volumes"] if "hostPath" in v], pod["spec"]
             before_kill = job_status(api, namespace, name)
             killed_at = time.time()
             kill_without_notice(cluster, namespace, f"{name}-1")
@@ -234,5 +275,6 @@ def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run
             )
     finally:
         cluster.kubectl("uncordon", NODE_NAME, check=False)
-        operator.stop()
-        print(f"operator log:\n{operator.log(80)}")
+        print(f"operator log:\n{operator_log(operator)}")
+        operator.uninstall()
+        delete_namespace(cluster, operator.namespace)

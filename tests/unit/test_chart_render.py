@@ -22,8 +22,9 @@ from tests.fixtures.cluster import hack_cluster
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "spotrun"
-# The chart declares kubeVersion >=1.28 (the pod-index label); `helm template` would assume
-# an old default without it.
+# The chart declares kubeVersion >=1.28 (the pod-index label). The pinned helm renders for
+# Kubernetes 1.37 without it (test_helm_renders_for_the_kubernetes_it_is_built_with); the
+# tests say so anyway, as a user rendering for a given cluster would.
 KUBE_VERSION = "1.37.0"
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
@@ -127,6 +128,17 @@ NON_DEFAULT = {
 def test_chart_passes_helm_lint_strict(values: dict[str, Any]) -> None:
     proc = helm("lint", "--strict", str(CHART), f"--kube-version={KUBE_VERSION}", *set_args(values))
     assert "0 chart(s) failed" in proc.stdout
+
+
+def test_helm_renders_for_the_kubernetes_it_is_built_with() -> None:
+    """`helm template` with no --kube-version renders for k8s.io/client-go's version (1.37),
+    as a released helm does: not for v1.20, which the chart's kubeVersion (>=1.28) refuses."""
+    proc = helm("template", "rel", str(CHART), check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "incompatible with Kubernetes" not in proc.stderr
+    assert [d["kind"] for d in yaml.safe_load_all(proc.stdout) if d].count("Deployment") == 1
+    lint = helm("lint", "--strict", str(CHART))
+    assert "0 chart(s) failed" in lint.stdout
 
 
 # -- what renders ------------------------------------------------------------------------------

