@@ -98,7 +98,13 @@ def await_next_group(session: Session, err: BaseException) -> bool:
         "rank %d: %s; waiting for the next group (attempt > %d)", rank, _first_line(err), attempt
     )
     started = time.monotonic()
-    group = regroup.wait_for_group(attempt)
+    group = regroup.wait_for_group(attempt, stop=lambda: session.noticed)
+    if group is None and session.noticed:
+        # This replica is reclaimed too while it waited: what it reported is committed (or
+        # held by the group), so it goes as a preempted worker.
+        log.warning("rank %d: preemption notice while regrouping; exiting", rank)
+        contract.announce_preempted_exit(session.context.local_rank)
+        raise SystemExit(contract.EXIT_PREEMPTED) from err
     if group is None:
         log.error("rank %d: no next group came; exiting", rank)
         return False

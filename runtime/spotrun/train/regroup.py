@@ -20,7 +20,7 @@ import logging
 import mmap
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,8 +97,13 @@ def is_group_failure(err: BaseException) -> bool:
     )
 
 
-def wait_for_group(attempt: int, timeout: float | None = None) -> GroupFile | None:
-    """The next group (an attempt above `attempt`) once the launcher writes it, else None."""
+def wait_for_group(
+    attempt: int, timeout: float | None = None, stop: Callable[[], bool] = lambda: False
+) -> GroupFile | None:
+    """The next group (an attempt above `attempt`) once the launcher writes it, else None.
+
+    Gives up early when `stop()` turns true (this worker got a preemption notice itself).
+    """
     path = os.environ.get(GROUP_FILE_ENV)
     if not path:
         return None
@@ -109,7 +114,7 @@ def wait_for_group(attempt: int, timeout: float | None = None) -> GroupFile | No
         group = read_group(path)
         if group is not None and group.attempt > attempt:
             return group
-        if time.monotonic() > deadline:
+        if stop() or time.monotonic() > deadline:
             return None
         time.sleep(0.05)
 

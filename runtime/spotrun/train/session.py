@@ -353,6 +353,11 @@ class Session:
             )
         return Checkpoint(committed=self._resume) if self._resume else None
 
+    @property
+    def noticed(self) -> bool:
+        """Whether this process itself received a preemption notice (SIGTERM)."""
+        return self._own_notice
+
     def stateful_count(self, prefix: str) -> int:
         """How many stateful objects named `prefix...` this session holds (the next number)."""
         return sum(1 for name in self._stateful if name.startswith(prefix))
