@@ -81,8 +81,47 @@ def ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
+TRANSFER = re.compile(r"state of step \d+ from rank \d+'s memory in ([0-9.]+)s \((\d+) bytes\)")
+
+# A raw TCP copy of N bytes from pod 0 to pod 1, the baseline of the peer transfer.
+RAW_SERVER = """
+import socket, sys, time
+n = int(sys.argv[1]); s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 29999)); s.listen(1); c, _ = s.accept(); buf = bytearray(8 << 20); left = n
+t = time.monotonic()
+while left:
+    k = c.recv_into(buf, min(left, len(buf)))
+    if not k: break
+    left -= k
+print(f"{time.monotonic() - t:.6f}")
+"""
+RAW_CLIENT = """
+import socket, sys, time
+host, n = sys.argv[1], int(sys.argv[2]); data = bytes(8 << 20)
+for _ in range(100):
+    try:
+        c = socket.create_connection((host, 29999)); break
+    except OSError:
+        time.sleep(0.1)
+left = n
+while left:
+    left -= c.send(memoryview(data)[: min(left, len(data))])
+c.close()
+"""
+
+
 class Bench:
-    def __init__(self, run_dir: Path, namespace: str, notice: bool, grace: int) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        namespace: str,
+        notice: bool,
+        grace: int,
+        recovery: str = "Warm",
+        ballast_mb: int = 0,
+    ) -> None:
+        self.recovery = recovery
+        self.ballast_mb = ballast_mb
         self.run_dir = run_dir
         state = json.loads((run_dir / "state.json").read_text())
         self.kubeconfig = str(run_dir / "kubeconfig")
@@ -159,7 +198,14 @@ class Bench:
         body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "trainjob.yaml").read_text())
         body["metadata"] = {"name": JOB}
         spec = body["spec"]
-        spec["config"] = {"steps": 10**7, "step_seconds": 0.05, "checkpoint_every": 20, "seed": 0}
+        spec["config"] = {
+            "steps": 10**7,
+            "step_seconds": 0.05,
+            "checkpoint_every": 20,
+            "seed": 0,
+            "ballast_mb": self.ballast_mb,
+        }
+        spec["recovery"] = self.recovery
         spec["trainer"].pop("function", None)
         # The examples image runs the workload from a ConfigMap (no host path in any pod);
         # `examples` is imported from the image's /workspace.
@@ -320,8 +366,45 @@ class Bench:
             phases[name] = max(0.0, when - last)
             last = max(last, when)
         phases["total"] = last - t0
+        deadline = time.monotonic() + 30
+        while "stepsLost" not in event and time.monotonic() < deadline:
+            time.sleep(0.5)  # a warm recovery's steps lost come with restoredFrom
+            status = self.status()
+            event = next(i for i in reversed(status["interruptions"]) if i["attempt"] == attempt)
         phases["steps lost"] = float(event.get("stepsLost", -1))
+        phases["from memory"] = (
+            1.0 if (status.get("restoredFrom") or {}).get("tier") == "memory" else 0.0
+        )
+        log_text = self.kubectl("logs", f"{JOB}-1", "-n", self.namespace, check=False)
+        moved = TRANSFER.findall(log_text)
+        if moved:
+            seconds, size = float(moved[-1][0]), int(moved[-1][1])
+            phases["peer MB/s"] = size / max(seconds, 1e-9) / 1e6
+            phases["raw MB/s"] = self.raw_copy(size) if size >= 1 << 20 else 0.0
         return phases
+
+    def raw_copy(self, size: int) -> float:
+        """MB/s of a plain TCP copy of `size` bytes from pod 0 to pod 1, in the same pods."""
+        ip = json.loads(self.kubectl("get", "pod", f"{JOB}-0", "-n", self.namespace, "-o", "json"))[
+            "status"
+        ]["podIP"]
+        server = subprocess.Popen(
+            [
+                self.kubectl_bin,
+                f"--kubeconfig={self.kubeconfig}",
+                *("exec", "-n", self.namespace, f"{JOB}-0", "-c", "trainer", "--"),
+                *("python", "-c", RAW_SERVER, str(size)),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        time.sleep(1.0)
+        self.kubectl(
+            *("exec", "-n", self.namespace, f"{JOB}-1", "-c", "trainer", "--"),
+            *("python", "-c", RAW_CLIENT, ip, str(size)),
+        )
+        out, _ = server.communicate(timeout=120)
+        return size / max(float(out.strip().splitlines()[-1]), 1e-9) / 1e6
 
 
 def main(argv: list[str]) -> int:
@@ -338,6 +421,15 @@ def main(argv: list[str]) -> int:
         "--grace", type=int, default=15, help="the pods' terminationGracePeriodSeconds (15)"
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the runs here")
+    parser.add_argument(
+        "--recovery",
+        choices=("warm", "cold", "both"),
+        default="both",
+        help="spec.recovery of the job; both: a cold arm, then a warm one, in this run",
+    )
+    parser.add_argument(
+        "--ballast-mb", type=int, default=0, help="MiB of extra state in every checkpoint"
+    )
     args = parser.parse_args(argv)
 
     own = args.run_dir is None
@@ -345,29 +437,52 @@ def main(argv: list[str]) -> int:
     if own:
         log(f"starting a cluster with a real node in {run_dir}")
         hack_cluster("up", "--real-node", f"--run-dir={run_dir}")
-    bench = Bench(run_dir, f"recovery-{uuid.uuid4().hex[:6]}", args.notice, args.grace)
-    runs: list[dict[str, float]] = []
+    arms = ["Cold", "Warm"] if args.recovery == "both" else [args.recovery.capitalize()]
+    results: dict[str, list[dict[str, float]]] = {}
     try:
-        bench.start()
-        for i in range(args.runs):
-            phases = bench.run_once()
-            runs.append(phases)
-            log(f"run {i + 1}/{args.runs}: total {phases['total']:.2f}s")
+        for arm in arms:
+            bench = Bench(
+                run_dir,
+                f"recovery-{arm.lower()}-{uuid.uuid4().hex[:6]}",
+                args.notice,
+                args.grace,
+                recovery=arm,
+                ballast_mb=args.ballast_mb,
+            )
+            runs: list[dict[str, float]] = results.setdefault(arm, [])
+            try:
+                bench.start()
+                for i in range(args.runs):
+                    phases = bench.run_once()
+                    runs.append(phases)
+                    log(f"{arm} run {i + 1}/{args.runs}: total {phases['total']:.2f}s")
+            finally:
+                bench.stop()
     finally:
-        bench.stop()
         if own:
             hack_cluster("down", f"--run-dir={run_dir}")
 
     kind = "graceful delete (notice)" if args.notice else "SIGKILL + force delete (no notice)"
-    print(f"recovery of a 2-replica TrainJob on the real node, {kind}, {len(runs)} runs")
-    header = f"{'phase':20}" + "".join(f"{f'run {i + 1}':>9}" for i in range(len(runs)))
-    print(header + f"{'median':>9}")
-    for name in (*PHASES, "total", "steps lost"):
-        values = [r[name] for r in runs]
-        cells = "".join(f"{v:9.2f}" for v in values)
-        print(f"{name:20}{cells}{statistics.median(values):9.2f}")
+    for arm, runs in results.items():
+        print(
+            f"\nrecovery of a 2-replica TrainJob on the real node, {kind}, recovery {arm}, "
+            f"{args.ballast_mb} MiB ballast, {len(runs)} runs"
+        )
+        header = f"{'phase':20}" + "".join(f"{f'run {i + 1}':>9}" for i in range(len(runs)))
+        print(header + f"{'median':>9}")
+        names = [*PHASES, "total", "steps lost", "from memory", "peer MB/s", "raw MB/s"]
+        for name in names:
+            values = [r[name] for r in runs if name in r]
+            if not values:
+                continue
+            cells = "".join(f"{v:9.2f}" for v in values)
+            print(f"{name:20}{cells}{statistics.median(values):9.2f}")
+    if len(results) == 2:
+        cold = statistics.median(r["total"] for r in results["Cold"])
+        warm = statistics.median(r["total"] for r in results["Warm"])
+        print(f"\nmedian total: cold {cold:.2f}s, warm {warm:.2f}s, warm/cold {warm / cold:.3f}")
     if args.json:
-        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0
 
 

@@ -97,6 +97,10 @@ def train_func_steps(config: dict[str, Any]) -> None:
         seed=seed,
     )
 
+    # Extra state for benchmarks (`ballast_mb`): a checkpoint of that many more MiB.
+    ballast_mb = int(config.get("ballast_mb", 0))
+    ballast = saved["ballast"] if saved is not None and ballast_mb else torch.zeros(ballast_mb << 18)
+
     step = start
     epoch = loader.epoch
     while step < steps:
@@ -111,13 +115,14 @@ def train_func_steps(config: dict[str, Any]) -> None:
             due = (step + 1) % every == 0 or step + 1 == steps
             # Every rank computes `due` alike, so all of them take part in this collective.
             if due or spotrun.should_checkpoint():
-                checkpoint = Checkpoint.from_dict(
-                    dict(
-                        step=step,
-                        model_weights=net.state_dict(),
-                        optimizer_state=optimizer.state_dict(),
-                    )
+                state = dict(
+                    step=step,
+                    model_weights=net.state_dict(),
+                    optimizer_state=optimizer.state_dict(),
                 )
+                if ballast_mb:
+                    state["ballast"] = ballast
+                checkpoint = Checkpoint.from_dict(state)
             else:
                 checkpoint = None
             spotrun.report({"step": step, "loss": loss.item()}, checkpoint=checkpoint)
