@@ -212,9 +212,11 @@ def _buildah_cmd() -> list[str]:
     ]
 
 
-def buildah(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def buildah(
+    *args: str, check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     cmd = [*_buildah_cmd(), *args]
-    proc = subprocess.run(cmd, text=True, capture_output=True, check=False)
+    proc = subprocess.run(cmd, text=True, capture_output=True, check=False, cwd=cwd)
     if check and proc.returncode != 0:
         raise Failure(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr or ''}")
     return proc
@@ -341,7 +343,10 @@ def _load(name: str, k: str) -> None:
     """Puts image NAME (KEY) into buildah's storage from the layout, if it is not there."""
     ref = local_ref(name, k)
     if not _in_storage(ref):
-        buildah("pull", "--quiet", f"oci:{layout_dir()}:{tag(name, k)}")
+        # Relative to the layout's parent: buildah 1.28 misreads `oci:` references whose
+        # path has a dotted component (~/.cache) as registry names ("invalid reference").
+        layout = layout_dir()
+        buildah("pull", "--quiet", f"oci:{layout.name}:{tag(name, k)}", cwd=layout.parent)
         buildah("tag", _pulled_id(tag(name, k)), ref)
 
 
