@@ -223,3 +223,33 @@ def test_last_metrics_are_the_last_report_when_the_job_ends(tmp_path: Path) -> N
     code, out = job.run(config, nproc=1, extra_env={"SPOTRUN_PROGRESS_SECONDS": "3600"})
     assert code == 0, out
     assert job.status()["lastMetrics"]["step"] == 6
+
+
+def test_resume_from_another_jobs_checkpoint_starts_there_and_records_its_own(
+    tmp_path: Path,
+) -> None:
+    source = Job(str(tmp_path / "runs"), name="source")
+    code, out = source.run({"steps": 3, "use_cadence": False}, nproc=1)
+    assert code == 0, out
+    origin = source.latest_uri()
+
+    job = Job(str(tmp_path / "runs"), name="finetune")
+    code, out = job.run({"steps": 6, "use_cadence": False}, nproc=1, resume_from=origin)
+    assert code == 0, out
+    assert "resumed at step 3" in out
+    latest = job.status()["latestCheckpoint"]
+    # Its own checkpoints, under its own folder; the source's are left as they were.
+    assert latest["uri"].startswith(job.root + "/") and latest["step"] == 5
+    assert committed_seqs(source) == [0, 1, 2]
+    assert source.latest_uri() == origin
+
+
+def test_should_checkpoint_asks_for_checkpoints_on_its_own_in_a_real_run(tmp_path: Path) -> None:
+    job = Job(str(tmp_path / "runs"))
+    # Every 1000 steps by the code's own rule (only step 0 here); a failure every second on
+    # average makes the Young/Daly interval short, so should_checkpoint() says yes often.
+    config = {"steps": 40, "checkpoint_every": 1000, "step_seconds": 0.05}
+    code, out = job.run(config, nproc=2, extra_env={"SPOTRUN_MTBF_SECONDS": "1"})
+    assert code == 0, out
+    steps = [manifest_step(job, seq) for seq in committed_seqs(job)]
+    assert steps[0] == 0 and len(steps) >= 3, steps
