@@ -59,6 +59,7 @@ from spotrun.lifecycle import (
     format_time,
     plan,
 )
+from spotrun.lifecycle.conditions import find as find_condition
 from spotrun.local import _fault_worker, faults, ownership
 from spotrun.local.observe import ReplicaFacts, describe_exit, observe
 from spotrun.local.progress import (
@@ -631,7 +632,8 @@ class LocalRun:
         if status.get("state") != before.get("state"):
             self.display.event(now, f"state {status.get('state')}{_state_reason(status)}")
         for type_, label in LEDGER_CONDITIONS.items():
-            new, old = _find_condition(status, type_), _find_condition(before, type_)
+            new = find_condition(status.get("conditions") or [], type_) or {}
+            old = find_condition(before.get("conditions") or [], type_) or {}
             if new.get("status") == "True" and new.get("message") != old.get("message"):
                 self.display.event(now, f"{label}: {new.get('message')}")
 
@@ -703,14 +705,6 @@ def _latest_uri(status: Mapping[str, Any]) -> str | None:
 def _short(uri: str | None) -> str:
     """The checkpoint's folder name (ckpt-000012) for messages; the whole URI is in status."""
     return (uri or "").rstrip("/").rsplit("/", 1)[-1]
-
-
-def _find_condition(status: Mapping[str, Any], type_: str) -> Mapping[str, Any]:
-    for cond in status.get("conditions") or []:
-        if cond.get("type") == type_:
-            found: Mapping[str, Any] = cond
-            return found
-    return {}
 
 
 def _state_reason(status: Mapping[str, Any]) -> str:
