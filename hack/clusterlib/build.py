@@ -371,8 +371,23 @@ def build(names: Sequence[str]) -> None:
             todo = [n for n in group_names if not binary_path(n).exists()]
             if todo:
                 build_group(group, todo)
+        if missing and all(binary_path(n).exists() for n in BINARIES):
+            _trim_go_cache()
     took = fmt_secs(time.monotonic() - start)
     say(f"{len(wanted)} binaries ready ({len(missing)} built) in {took} under {cache_dir()}/bin")
+
+
+def _trim_go_cache() -> None:
+    """Go's build and module caches (8 GB for the Kubernetes binaries), once every pinned
+    binary is built: nothing reads them until a pin moves, and then the module proxy serves
+    the modules again. The disk they would hold is what the runtime image's build needs."""
+
+    for sub in ("build", "mod"):
+        root = cache_dir() / "go" / sub
+        for dirpath, _dirs, _files in os.walk(root):
+            os.chmod(dirpath, 0o700)  # the module cache's folders are read-only
+        shutil.rmtree(root, ignore_errors=True)
+    say(f"trimmed Go's caches under {cache_dir() / 'go'}: every binary is built")
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -58,6 +59,7 @@ TOOLS = {
 REGISTRY = "spotrun.local"
 # Bump when how images are built or stored changes: every key changes with it.
 FORMAT = "1"
+GB = 1e9
 
 # Where buildah keeps its images and containers. Outside $SPOTRUN_CACHE on purpose: overlay
 # layers (whiteouts, xattrs) do not survive a CI cache's tar, and the OCI layout in the
@@ -113,15 +115,56 @@ class Spec:
     target: str | None
     parent: str  # "base" or another Spec's key in SPECS
     parent_arg: str  # the ARG its FROM reads
+    # Other images its stages are built FROM: ARG -> image ("base" or a key of SPECS).
+    also: tuple[tuple[str, str], ...] = ()
+    # What of the context its key reads: None for all of it, else a function of the
+    # context's root to the bytes the build's output depends on.
+    inputs: Callable[[Path], bytes] | None = None
+    # Whether it is an image pods run (checked by imagecheck), not only one built FROM.
+    runs: bool = True
+    # Disk a build of it takes at its peak (buildah's storage and TMPDIR), in GB.
+    scratch_gb: float = 3.0
+
+
+SCRATCH_DEPS_GB = 23.0  # measured: 21 GB at the peak of its commit
+
+
+def _dependencies(context: Path) -> bytes:
+    """pyproject.toml's [build-system] and [project] tables: all runtime-deps reads of it
+    (the tools' settings there do not change what pip installs)."""
+    data = tomllib.loads((context / "pyproject.toml").read_text())
+    wanted = {k: data.get(k) for k in ("build-system", "project")}
+    return json.dumps(wanted, sort_keys=True).encode()
 
 
 SPECS: dict[str, Spec] = {
     "operator": Spec("spotrun-operator", "Dockerfile", ".", "operator", "base", "PYTHON_IMAGE"),
-    "runtime": Spec("spotrun-runtime", "Dockerfile", ".", "runtime", "base", "PYTHON_IMAGE"),
+    # torch and the rest of the `runtime` extra, a layer that changes only with them.
+    "runtime-deps": Spec(
+        "spotrun-deps",
+        "Dockerfile",
+        ".",
+        "runtime-deps",
+        "base",
+        "PYTHON_IMAGE",
+        inputs=_dependencies,
+        scratch_gb=SCRATCH_DEPS_GB,
+        runs=False,
+    ),
+    "runtime": Spec(
+        "spotrun-runtime",
+        "Dockerfile",
+        ".",
+        "runtime",
+        "runtime-deps",
+        "RUNTIME_DEPS_IMAGE",
+        also=(("PYTHON_IMAGE", "base"),),
+    ),
     "examples": Spec(
         "spotrun-examples", "examples/Dockerfile", "examples", None, "runtime", "RUNTIME_IMAGE"
     ),
 }
+RUN_NAMES = tuple(n for n, spec in SPECS.items() if spec.runs)
 BASE_NAME = "python"
 NAMES = ("base", *SPECS)
 
@@ -164,7 +207,12 @@ def key(name: str, repo: Path = REPO) -> str:
         "dockerfile": (repo / spec.dockerfile).read_text(),
         "target": spec.target,
         "parent": key(spec.parent, repo),
-        "context": context_digest(context),
+        "also": {arg: key(image, repo) for arg, image in spec.also},
+        "context": (
+            hashlib.sha256(spec.inputs(context)).hexdigest()
+            if spec.inputs
+            else context_digest(context)
+        ),
     }
     return _digest(inputs)[:16]
 
@@ -212,11 +260,21 @@ def _buildah_cmd() -> list[str]:
     ]
 
 
+def _buildah_env() -> dict[str, str]:
+    """buildah's environment: its temporary files beside its storage. A commit copies the
+    new layer twice into TMPDIR (/var/tmp by default), which may be a smaller filesystem."""
+    tmp = BUILDAH_ROOT / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    return {**os.environ, "TMPDIR": str(tmp)}
+
+
 def buildah(
     *args: str, check: bool = True, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     cmd = [*_buildah_cmd(), *args]
-    proc = subprocess.run(cmd, text=True, capture_output=True, check=False, cwd=cwd)
+    proc = subprocess.run(
+        cmd, text=True, capture_output=True, check=False, cwd=cwd, env=_buildah_env()
+    )
     if check and proc.returncode != 0:
         raise Failure(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr or ''}")
     return proc
@@ -385,12 +443,15 @@ def _forget_older(name: str, k: str) -> None:
     index["manifests"] = [
         m
         for m in index["manifests"]
-        if ref_name(m) == keep or not ref_name(m).startswith(f"{image_name(name)}-")
+        if ref_name(m) == keep
+        or not re.fullmatch(f"{image_name(name)}-[0-9a-f]{{16}}", ref_name(m))
     ]
     _write_index(layout_dir(), index)
     gc_layout(layout_dir())
     for old in (cache_dir() / "images").glob(f"{image_name(name)}-*.json"):
-        if old.name != f"{keep}.json":
+        if old.name != f"{keep}.json" and re.fullmatch(
+            f"{image_name(name)}-[0-9a-f]{{16}}", old.stem
+        ):
             old.unlink()
 
 
@@ -433,18 +494,20 @@ def _build_base(k: str) -> None:
 
 def _build_spec(name: str, k: str, repo: Path) -> None:
     spec = SPECS[name]
-    parent_key = key(spec.parent, repo)
-    _load(spec.parent, parent_key)
     args = [
         "build",
         "--pull=never",
         "--isolation=chroot",
         "--format=oci",
         "--layers=false",
+        "--force-rm",  # no working container left behind by a failed build (GBs each)
         f"--file={repo / spec.dockerfile}",
-        f"--build-arg={spec.parent_arg}={local_ref(spec.parent, parent_key)}",
         f"--tag={local_ref(name, k)}",
     ]
+    for arg, image in ((spec.parent_arg, spec.parent), *spec.also):
+        image_key = key(image, repo)
+        _load(image, image_key)
+        args.append(f"--build-arg={arg}={local_ref(image, image_key)}")
     if spec.target:
         args.append(f"--target={spec.target}")
     ca = _ca_bundle()
@@ -454,7 +517,9 @@ def _build_spec(name: str, k: str, repo: Path) -> None:
     cmd = [*_buildah_cmd(), *args, str(repo / spec.context)]
     step = [""]
     with log.open("w") as out, Ticker(lambda: f"building image {name} ({step[0]})"):
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_buildah_env()
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             out.write(line)
@@ -468,6 +533,7 @@ def _build_spec(name: str, k: str, repo: Path) -> None:
             + (f", --target {spec.target}" if spec.target else "")
             + f") failed (exit {rc}); the build's output is in {log}:\n"
             + "\n".join(tail)
+            + f"\n{disk_report()}"
         )
     log.unlink()
 
@@ -521,6 +587,7 @@ def ensure(names: Sequence[str], repo: Path = REPO, rebuild: Sequence[str] = ())
     ensure_tools()
     (cache_dir() / "images").mkdir(parents=True, exist_ok=True)
     with build_lock("images"):
+        _clear_leftovers()
         for n in wanted:
             k = keys[n]
             if n not in rebuild and cached(n, k):
@@ -532,6 +599,7 @@ def ensure(names: Sequence[str], repo: Path = REPO, rebuild: Sequence[str] = ())
                 with Ticker("building image base (mmdebstrap)"):
                     _build_base(k)
             else:
+                _check_disk(n)
                 _build_spec(n, k, repo)
             with Ticker(f"storing image {n} in {layout_dir()} (zstd)"):
                 _push(n, k)
@@ -541,6 +609,50 @@ def ensure(names: Sequence[str], repo: Path = REPO, rebuild: Sequence[str] = ())
             say(f"built image {label} in {fmt_secs(took)}")
         _prune_storage(keep=local_ref("base", keys["base"]))
     return keys
+
+
+def _clear_leftovers() -> None:
+    """What a build killed midway leaves in buildah's storage and TMPDIR: working containers
+    and layer copies, several GB each with the runtime's dependencies. No build runs beside
+    this one (the images lock), so none of it is in use."""
+    buildah("rm", "--all", check=False)
+    tmp = BUILDAH_ROOT / "tmp"
+    if tmp.is_dir():
+        for entry in tmp.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+
+
+def disk_report() -> str:
+    """Free space where a build writes: buildah's storage and TMPDIR, and the layout."""
+    lines = []
+    for what, path in (("buildah's storage", BUILDAH_ROOT), ("the image cache", layout_dir())):
+        probe = path
+        while not probe.exists():
+            probe = probe.parent
+        usage = shutil.disk_usage(probe)
+        lines.append(
+            f"  {what} ({path}): {usage.free / GB:.1f} GB free of {usage.total / GB:.1f} GB"
+        )
+    return "disk:\n" + "\n".join(lines)
+
+
+def _check_disk(name: str) -> None:
+    """Fails before a build that the disk cannot hold, rather than in buildah's commit with
+    "io: read/write on closed pipe" (its message for a full disk)."""
+    need = SPECS[name].scratch_gb
+    probe = BUILDAH_ROOT
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free / GB
+    if free < need:
+        raise Failure(
+            f"building image {name} needs about {need:.0f} GB free where buildah works "
+            f"({BUILDAH_ROOT}, SPOTRUN_BUILDAH_ROOT), and {free:.1f} GB is free there.\n"
+            f"{disk_report()}\nFree some space, or point SPOTRUN_BUILDAH_ROOT at a larger disk."
+        )
 
 
 def _prune_storage(keep: str) -> None:

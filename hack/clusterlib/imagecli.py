@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from .console import PROG, Failure, fmt_secs, say
-from .imagebuild import NAMES, SPECS, ensure, image_info, key, node_ref
+from .imagebuild import NAMES, RUN_NAMES, ensure, image_info, key, node_ref
 from .imagecheck import check
 
 HELP = """Builds the Dockerfile's images here, without a Docker engine (buildah), cached by content.
@@ -40,7 +40,7 @@ def main(argv: Sequence[str]) -> int:
     )
     sub.add_parser("list", help="the cached images")
     p = sub.add_parser("check", help="check what each image holds")
-    p.add_argument("names", nargs="*", metavar="NAME", help=", ".join(SPECS))
+    p.add_argument("names", nargs="*", metavar="NAME", help=", ".join(RUN_NAMES))
     p = sub.add_parser("key", help="print an image's content key")
     p.add_argument("name", metavar="NAME", choices=NAMES)
     args = parser.parse_args(argv)
@@ -49,12 +49,12 @@ def main(argv: Sequence[str]) -> int:
         if args.cmd == "build":
             keys = ensure(args.names, rebuild=args.rebuild)
             for name, k in keys.items():
-                print(f"{name:9} {k}  {node_ref(name) if name in SPECS else ''}".rstrip())
+                print(f"{name:12} {k}  {node_ref(name) if name in RUN_NAMES else ''}".rstrip())
         elif args.cmd == "key":
             print(key(args.name))
         elif args.cmd == "list":
             print(
-                f"{'image':9} {'key':16} {'unpacked':>9} {'zstd':>9} {'layers':>6} "
+                f"{'image':12} {'key':16} {'unpacked':>9} {'zstd':>9} {'layers':>6} "
                 f"{'built in':>9}  digest"
             )
             for name in NAMES:
@@ -62,16 +62,16 @@ def main(argv: Sequence[str]) -> int:
                 try:
                     info = image_info(name, k)
                 except Failure:
-                    print(f"{name:9} {k:16} {'(not built)':>9}")
+                    print(f"{name:12} {k:16} {'(not built)':>9}")
                     continue
                 took = info["build_seconds"]
                 print(
-                    f"{name:9} {k:16} {info['unpacked'] / 1e9:8.2f}G "
+                    f"{name:12} {k:16} {info['unpacked'] / 1e9:8.2f}G "
                     f"{info['compressed'] / 1e9:8.2f}G {info['layers']:6} "
                     f"{fmt_secs(took) if took is not None else '-':>9}  {info['digest']}"
                 )
         elif args.cmd == "check":
-            problems = check(args.names or list(SPECS))
+            problems = check(args.names or list(RUN_NAMES))
             for line in problems:
                 print(line)
             return 1 if problems else 0

@@ -74,11 +74,18 @@ def dockerfile() -> tuple[dict[str, str], dict[str, Stage]]:
     return parse(DOCKERFILE.read_text())
 
 
-def lineage(stages: dict[str, Stage], name: str) -> list[Stage]:
+def base_stage(global_args: dict[str, str], stage: Stage) -> str:
+    """What STAGE is built FROM, a `${ARG}` read as its default."""
+    m = re.fullmatch(r"\$\{(\w+)\}", stage.base)
+    return global_args[m.group(1)] if m else stage.base
+
+
+def lineage(dockerfile: tuple[dict[str, str], dict[str, Stage]], name: str) -> list[Stage]:
     """The stage and the stages it is built FROM, nearest first."""
+    global_args, stages = dockerfile
     chain = [stages[name]]
-    while chain[-1].base in stages:
-        chain.append(stages[chain[-1].base])
+    while base_stage(global_args, chain[-1]) in stages:
+        chain.append(stages[base_stage(global_args, chain[-1])])
     return chain
 
 
@@ -108,7 +115,11 @@ def test_every_stage_starts_from_the_base_pinned_by_digest(
         r"python:3\.11-slim-bookworm@sha256:[0-9a-f]{64}", global_args["PYTHON_IMAGE"]
     )
     for stage in stages.values():
-        assert stage.base == "${PYTHON_IMAGE}" or stage.base in stages, stage.name
+        assert stage.base == "${PYTHON_IMAGE}" or base_stage(global_args, stage) in stages
+    # The runtime target is built FROM its dependencies' stage (hack/images passes a cached
+    # build of that stage as RUNTIME_DEPS_IMAGE).
+    assert stages["runtime"].base == "${RUNTIME_DEPS_IMAGE}"
+    assert global_args["RUNTIME_DEPS_IMAGE"] == "runtime-deps"
 
 
 def test_the_targets_install_their_extra_and_the_operator_runs_its_module(
@@ -117,12 +128,18 @@ def test_the_targets_install_their_extra_and_the_operator_runs_its_module(
     _, stages = dockerfile
     assert {"operator", "runtime"} <= set(stages)
     assert any('"/src[operator]"' in run for run in stages["build-operator"].args("RUN"))
-    assert any('"/src[runtime]"' in run for run in stages["build-runtime"].args("RUN"))
     assert stages["operator"].args("COPY") == ["--from=build-operator /opt/spotrun /opt/spotrun"]
-    assert stages["runtime"].args("COPY") == ["--from=build-runtime /opt/spotrun /opt/spotrun"]
+    # The runtime: its extra's dependencies in one stage, then spotrun's own wheel, no deps.
+    (deps_run,) = stages["runtime-deps"].args("RUN")
+    assert '"/tmp/deps[runtime]"' in deps_run and "pip uninstall --yes spotrun" in deps_run
+    assert stages["runtime-deps"].args("COPY") == ["pyproject.toml /tmp/deps/"]
+    assert any("--no-deps --wheel-dir /wheels /src" in r for r in stages["wheel"].args("RUN"))
+    assert stages["runtime"].args("COPY") == ["--from=wheel /wheels /tmp/wheels"]
+    (install,) = stages["runtime"].args("RUN")
+    assert "--no-deps /tmp/wheels/*.whl" in install and "rm -rf /tmp/wheels" in install
     assert stages["operator"].args("ENTRYPOINT") == ['["python", "-m", "spotrun_operator"]']
     # The runtime image puts `spotrun` (the launcher the operator runs in each pod) on PATH.
-    env = " ".join(s for st in lineage(stages, "runtime") for s in st.args("ENV"))
+    env = " ".join(s for st in lineage(dockerfile, "runtime") for s in st.args("ENV"))
     assert "PATH=/opt/spotrun/bin:$PATH" in env
 
 
@@ -145,12 +162,15 @@ def test_no_build_tools_reach_the_final_stages(
 ) -> None:
     _, stages = dockerfile
     for target in ("operator", "runtime"):
-        for stage in lineage(stages, target):
+        for stage in lineage(dockerfile, target):
             for run in stage.args("RUN"):
                 assert not BUILD_TOOLS.search(run), (stage.name, run)
-            # Only the finished virtualenv comes from the build stages, no sources.
+            # Only built things come from the build stages (a virtualenv, spotrun's wheel),
+            # no sources; the dependencies' stage reads pyproject.toml, and removes it.
             for copy in stage.args("COPY"):
-                assert copy.startswith("--from=build-"), (stage.name, copy)
+                assert copy.startswith(("--from=build-", "--from=wheel ")) or (
+                    stage.name == "runtime-deps" and copy == "pyproject.toml /tmp/deps/"
+                ), (stage.name, copy)
     # The operator image keeps no pip at all.
     assert any(
         "pip uninstall" in run and "pip setuptools wheel" in run

@@ -111,6 +111,25 @@ def test_an_image_key_changes_with_what_its_build_reads_and_nothing_else(tmp_pat
     assert keys(repo)["examples"] != third["examples"]
 
 
+def test_the_runtimes_dependencies_are_rebuilt_only_when_they_change(tmp_path: Path) -> None:
+    repo = mini_repo(tmp_path)
+    pyproject = repo / "pyproject.toml"
+    first = keys(repo)
+
+    # The tools' settings in pyproject.toml: spotrun's images, not its dependencies' layer.
+    pyproject.write_text(pyproject.read_text() + "\n[tool.example]\nsetting = 1\n")
+    second = keys(repo)
+    assert {n for n in first if first[n] != second[n]} == {"operator", "runtime", "examples"}
+
+    # A dependency: the dependencies' layer and every image above it.
+    text = pyproject.read_text()
+    assert '"numpy>=1.24"' in text
+    pyproject.write_text(text.replace('"numpy>=1.24"', '"numpy>=2"'))
+    third = keys(repo)
+    changed = {n for n in second if second[n] != third[n]}
+    assert changed == {"operator", "runtime-deps", "runtime", "examples"}
+
+
 # -- the OCI layout -------------------------------------------------------------------------------
 
 
