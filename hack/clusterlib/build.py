@@ -371,23 +371,35 @@ def build(names: Sequence[str]) -> None:
             todo = [n for n in group_names if not binary_path(n).exists()]
             if todo:
                 build_group(group, todo)
-        if missing and all(binary_path(n).exists() for n in BINARIES):
+        if missing and all(binary_path(n).exists() for n in BINARIES) and _disk_short():
             _trim_go_cache()
     took = fmt_secs(time.monotonic() - start)
     say(f"{len(wanted)} binaries ready ({len(missing)} built) in {took} under {cache_dir()}/bin")
 
 
+# Below this much free disk beside the cache, Go's caches go once every binary is built.
+GO_CACHE_MIN_FREE_GB = 40.0
+
+
+def _disk_short() -> bool:
+    return shutil.disk_usage(cache_dir()).free / 1e9 < GO_CACHE_MIN_FREE_GB
+
+
 def _trim_go_cache() -> None:
-    """Go's build and module caches (8 GB for the Kubernetes binaries), once every pinned
-    binary is built: nothing reads them until a pin moves, and then the module proxy serves
-    the modules again. The disk they would hold is what the runtime image's build needs."""
+    """Go's build and module caches (8 GB for the Kubernetes binaries), kept between runs so
+    that a moved pin rebuilds fast, but deleted once every pinned binary is built when the
+    disk is short (under GO_CACHE_MIN_FREE_GB free): nothing reads them until a pin moves,
+    and the runtime image's build needs about 23 GB (hack/clusterlib/imagebuild.py)."""
 
     for sub in ("build", "mod"):
         root = cache_dir() / "go" / sub
         for dirpath, _dirs, _files in os.walk(root):
             os.chmod(dirpath, 0o700)  # the module cache's folders are read-only
         shutil.rmtree(root, ignore_errors=True)
-    say(f"trimmed Go's caches under {cache_dir() / 'go'}: every binary is built")
+    say(
+        f"deleted Go's caches under {cache_dir() / 'go'}: every binary is built, and under "
+        f"{GO_CACHE_MIN_FREE_GB:.0f} GB of disk is free"
+    )
 
 
 @contextlib.contextmanager
