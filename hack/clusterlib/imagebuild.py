@@ -430,6 +430,11 @@ def _push(name: str, k: str) -> None:
     )
 
 
+def _is_tag_of(name: str, text: str) -> bool:
+    """Whether TEXT is a tag of image NAME (spotrun-runtime-<key>, not spotrun-runtime-x-...)."""
+    return re.fullmatch(f"{re.escape(image_name(name))}-[0-9a-f]{{16}}", text) is not None
+
+
 def _forget_older(name: str, k: str) -> None:
     """Older keys of NAME: out of buildah's storage and the layout, once the new one is in."""
     out = buildah("images", "--format={{.Name}}:{{.Tag}}", check=False).stdout.split()
@@ -441,17 +446,12 @@ def _forget_older(name: str, k: str) -> None:
     index = _read_index(layout_dir())
     keep = tag(name, k)
     index["manifests"] = [
-        m
-        for m in index["manifests"]
-        if ref_name(m) == keep
-        or not re.fullmatch(f"{image_name(name)}-[0-9a-f]{{16}}", ref_name(m))
+        m for m in index["manifests"] if ref_name(m) == keep or not _is_tag_of(name, ref_name(m))
     ]
     _write_index(layout_dir(), index)
     gc_layout(layout_dir())
     for old in (cache_dir() / "images").glob(f"{image_name(name)}-*.json"):
-        if old.name != f"{keep}.json" and re.fullmatch(
-            f"{image_name(name)}-[0-9a-f]{{16}}", old.stem
-        ):
+        if old.name != f"{keep}.json" and _is_tag_of(name, old.stem):
             old.unlink()
 
 
@@ -625,14 +625,18 @@ def _clear_leftovers() -> None:
                 entry.unlink(missing_ok=True)
 
 
+def _disk_usage(path: Path) -> Any:
+    """shutil.disk_usage of PATH's filesystem (PATH's nearest existing folder)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path)
+
+
 def disk_report() -> str:
     """Free space where a build writes: buildah's storage and TMPDIR, and the layout."""
     lines = []
     for what, path in (("buildah's storage", BUILDAH_ROOT), ("the image cache", layout_dir())):
-        probe = path
-        while not probe.exists():
-            probe = probe.parent
-        usage = shutil.disk_usage(probe)
+        usage = _disk_usage(path)
         lines.append(
             f"  {what} ({path}): {usage.free / GB:.1f} GB free of {usage.total / GB:.1f} GB"
         )
@@ -643,10 +647,7 @@ def _check_disk(name: str) -> None:
     """Fails before a build that the disk cannot hold, rather than in buildah's commit with
     "io: read/write on closed pipe" (its message for a full disk)."""
     need = SPECS[name].scratch_gb
-    probe = BUILDAH_ROOT
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free / GB
+    free = _disk_usage(BUILDAH_ROOT).free / GB
     if free < need:
         raise Failure(
             f"building image {name} needs about {need:.0f} GB free where buildah works "
