@@ -69,6 +69,23 @@ def test_a_failure_restarts_the_whole_group_after_its_backoff_even_in_warm_recov
     assert isinstance(action, RestartGroup) and action.keep == ()
 
 
+def test_pods_of_a_newer_attempt_than_the_status_are_fenced_out_not_joined() -> None:
+    # The status was rolled back to attempt 1 while pods of attempt 2 exist, one of them
+    # preempted. The restart that follows the preemption (no backoff) must not take their
+    # number: they would join an attempt they were never started for, and their
+    # preemption would be counted again in the same pass (found by hypothesis in CI).
+    spec = JobSpec(replicas=2)
+    status = started(spec)
+    decision = plan(spec, status, Observation(T0 + 50, (running(0, 2), lost(1, 2))))
+    assert decision.status["attempt"] == 3
+    assert decision.status["preemptions"] == 1 and decision.status["failures"] == 0
+    (action,) = decision.actions
+    assert isinstance(action, RestartGroup) and action.attempt == 3 and action.keep == ()
+    assert plan(spec, decision.status, Observation(T0 + 50, (running(0, 2), lost(1, 2)))) == (
+        decision
+    )
+
+
 def test_steps_lost_of_a_warm_recovery_come_from_where_the_state_was_restored() -> None:
     spec = JobSpec(replicas=2)
     status = started(spec)

@@ -16,6 +16,9 @@ The states (status.state) and what moves them:
     any but Succeeded, Failed --spec.suspend-->                     Suspended
     Suspended --spec.suspend cleared-->                             Pending (attempt + 1)
     any but Succeeded, Failed --training function returned-->       Succeeded
+
+The next attempt is above every attempt a replica carries, not only the status's: after a
+rolled-back status, pods of a newer attempt are fenced out instead of joined.
 """
 
 from __future__ import annotations
@@ -182,7 +185,7 @@ class _Step:
             # Budgets are checked whenever a new attempt would start: a failure seen just
             # before a suspend must not be forgotten by the resume.
             return self._fail(st, verdict)
-        attempt = int(st["attempt"]) + 1
+        attempt = self._next_attempt(st)
         if st["state"] == SUSPENDED:
             self._condition(
                 st,
@@ -349,7 +352,9 @@ class _Step:
         verdict = self._exhausted(st)
         if self.now < until:
             then = (
-                f"failing ({verdict.reason})" if verdict else f"restarting as attempt {attempt + 1}"
+                f"failing ({verdict.reason})"
+                if verdict
+                else f"restarting as attempt {self._next_attempt(st)}"
             )
             self._condition(
                 st, cond.RUNNING, False, reason, f"{message}; {then} at {format_time(until)}"
@@ -360,7 +365,11 @@ class _Step:
 
         latest = st.get("latestCheckpoint") or {}
         resume_step = latest.get("step", None if self.spec.resume_from else 0)
-        keep = self._survivors(replicas) if entry["kind"] == "preemption" else ()
+        following = self._next_attempt(st)
+        # Survivors are relabelled from `attempt` to the next one; a skipped number (pods of
+        # a newer attempt exist, the status was rolled back) restarts cold.
+        warm = entry["kind"] == "preemption" and following == attempt + 1
+        keep = self._survivors(replicas) if warm else ()
         st["interruptions"] = ledger_.mark_restarted(
             entries,
             index,
@@ -371,12 +380,22 @@ class _Step:
             resume_step=None if keep or resume_step is None else int(resume_step),
             recovery="warm" if keep else "cold",
         )
-        st["attempt"] = attempt + 1
+        st["attempt"] = following
         st["group"] = GroupRecord(
-            attempt + 1, "warm" if keep else "cold", self.spec.replicas, keep
+            following, "warm" if keep else "cold", self.spec.replicas, keep
         ).to_status()
         st.pop("restartNotBefore")
-        return [RestartGroup(attempt + 1, resume_point(self.spec, st), reason, self.now, keep)]
+        return [RestartGroup(following, resume_point(self.spec, st), reason, self.now, keep)]
+
+    def _next_attempt(self, st: Mapping[str, Any]) -> int:
+        """The fencing token of the next attempt: above the status's and every replica's.
+
+        Replicas of an attempt newer than the status's exist only if the status was rolled
+        back (restored, edited); reusing their number would make them members of an attempt
+        they were never started for, and count their interruptions against it.
+        """
+        seen = [r.attempt for r in self.obs.replicas if r.attempt is not None]
+        return max([int(st["attempt"]), *seen]) + 1
 
     def _survivors(self, replicas: Sequence[ReplicaObservation]) -> tuple[int, ...]:
         """The replicas a warm recovery keeps: running, not preempted, not replacements.
