@@ -6,6 +6,8 @@ replicas x 1 worker) through `spotrun run` several ways, side by side:
   fault-free     no injected fault: the baseline
   warm           a seeded fault (a preemption with notice, or a kill without) every
                  --every seconds of training on average, spec.recovery: Warm
+  spare          the warm arm with --spares K warm spares (started, imports done, waiting):
+                 a lost replica's place is taken by a spare, which a new one then replaces
   cold           the same seeded faults, spec.recovery: Cold (the whole group restarts)
 
 Goodput is the fault-free wall time divided by the faulted wall time (1.0: faults cost
@@ -94,6 +96,7 @@ def main() -> int:
         default="mixed",
         help="preemptions with notice, kills without, or both (each at twice the interval)",
     )
+    parser.add_argument("--spares", type=int, default=1, help="warm spares of the spare arm")
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
 
@@ -102,20 +105,22 @@ def main() -> int:
     else:
         every = [f"--{args.faults}-every={args.every:g}s"]
 
-    results: dict[str, list[dict[str, Any]]] = {"fault-free": [], "warm": [], "cold": []}
+    arms = ("fault-free", "warm", "spare", "cold")
+    results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="spotrun-goodput-") as tmp:
         folder = Path(tmp)
         jobs = {
             "warm": job_file(folder, "Warm", args.steps),
             "cold": job_file(folder, "Cold", args.steps),
         }
+        jobs["spare"] = jobs["warm"]
         for rep in range(args.repeat):
-            order = (
-                ["fault-free", "warm", "cold"] if rep % 2 == 0 else ["cold", "warm", "fault-free"]
-            )
+            order = list(arms) if rep % 2 == 0 else list(reversed(arms))
             for arm in order:
                 storage = folder / f"{arm}-{rep}"
                 faults = [] if arm == "fault-free" else [*every, "--seed", str(1000 + rep)]
+                if arm == "spare":
+                    faults += ["--spares", str(args.spares)]
                 job = jobs["warm" if arm == "fault-free" else arm]
                 result = run_once(job, storage, faults, args.timeout)
                 results[arm].append(result)
@@ -135,7 +140,7 @@ def main() -> int:
     print(
         f"{'arm':>10}  {'wall':>8}  {'goodput':>8}  {'interruptions':>13}  {'recovery (median)':>17}"
     )
-    for arm in ("fault-free", "warm", "cold"):
+    for arm in arms:
         wall = statistics.median(r["wall"] for r in results[arm])
         recover = [s for r in results[arm] for s in r["recover_seconds"]]
         interrupted = statistics.median(r["interruptions"] for r in results[arm])
@@ -144,9 +149,12 @@ def main() -> int:
             + (f"{statistics.median(recover):16.2f}s" if recover else f"{'-':>17}")
         )
     warm = statistics.median(r["wall"] for r in results["warm"])
+    spare = statistics.median(r["wall"] for r in results["spare"])
     cold = statistics.median(r["wall"] for r in results["cold"])
     print(
-        f"\nwarm goodput {base / warm:.3f} vs cold {base / cold:.3f}: warm/cold wall ratio {warm / cold:.3f}"
+        f"\nwarm goodput {base / warm:.3f}, with {args.spares} spare(s) {base / spare:.3f}, "
+        f"cold {base / cold:.3f}: warm/cold wall ratio {warm / cold:.3f}, "
+        f"spare/warm {spare / warm:.3f}"
     )
     return 0
 

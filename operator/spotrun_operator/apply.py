@@ -224,15 +224,18 @@ class Api:
             if err.status != 404:
                 raise
 
-    async def delete_pod(self, namespace: str, name: str, uid: str, *, force: bool) -> None:
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, *, force: bool, grace: int | None = None
+    ) -> None:
         """Deletes pod `name` if it is still the one with `uid`.
 
         `force` (grace period 0) is for pods whose node is gone: no kubelet will ever
         confirm their end, and the StatefulSet cannot recreate the name until they are.
+        `grace` overrides the pod's own terminationGracePeriodSeconds otherwise.
         """
         options = client.V1DeleteOptions(
             preconditions=client.V1Preconditions(uid=uid),
-            grace_period_seconds=0 if force else None,
+            grace_period_seconds=0 if force else grace,
         )
         try:
             await self._call(self.core.delete_namespaced_pod, name, namespace, body=options)

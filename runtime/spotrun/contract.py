@@ -33,6 +33,9 @@ HOLD_AFTER_SUCCESS = "SPOTRUN_HOLD_AFTER_SUCCESS"
 RECOVERY = "SPOTRUN_RECOVERY"
 # Set by the launcher for its workers: the file it writes the next group into (warm only).
 GROUP_FILE = "SPOTRUN_GROUP_FILE"
+# Set on a warm spare's launcher and workers (its slot): they start, import, and wait for a
+# group that promotes the slot (status.group.promoted) instead of joining one.
+SPARE = "SPOTRUN_SPARE"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 

@@ -143,3 +143,56 @@ def test_a_script_trainer_runs_again_in_the_surviving_process(
 
 def test_the_reference_run_is_not_interrupted(reference: dict[str, object]) -> None:
     assert reference["step"] == CONFIG["steps"] - 1
+
+
+def spare_log(storage: Path, slot: int, started: int) -> Path:
+    return storage / JOB_FOLDER / "logs" / "spares" / f"spare-{slot}-{started}.log"
+
+
+@pytest.mark.parametrize("kind", ["function", "script"])
+def test_a_warm_spare_takes_the_lost_replicas_place(
+    tmp_path: Path, reference: dict[str, object], kind: str
+) -> None:
+    storage = tmp_path / "runs"
+    trainer = None
+    if kind == "script":
+        script = tmp_path / "train.py"
+        script.write_text(
+            "import spotrun\n"
+            "from examples.train_linear import train_func_steps\n\n"
+            "if __name__ == '__main__':\n"
+            "    train_func_steps(dict(spotrun.get_context().config))\n"
+        )
+        trainer = {"image": "spotrun-runtime:dev", "command": ["python", str(script)]}
+    job = trainjob(tmp_path, trainer=trainer) if trainer else trainjob(tmp_path)
+    code, out = run(
+        "run",
+        str(job),
+        "--storage",
+        str(storage),
+        "--spares",
+        "1",
+        "--kill-every",
+        "3s",
+        "--max-injections",
+        "1",
+        "--seed",
+        "2",
+    )
+    assert code == 0, out
+    status = status_of(storage)
+    assert status["state"] == "Succeeded"
+    (kept,) = status["group"]["kept"]
+    lost = 1 - kept
+    assert status["group"]["promoted"] == [{"spare": 0, "nodeRank": lost}], status["group"]
+    pids = worker_pids(storage)
+    # No replica process was started for attempt 2: the spare's workers, started before
+    # the loss, trained as the lost replica.
+    assert (2, lost) not in pids and (2, kept) not in pids, pids
+    log = spare_log(storage, 0, 1).read_text()
+    assert f"spare 0 promoted to node {lost}" in log, log
+    assert "from rank" in log and "memory" in log, log
+    assert status["restoredFrom"]["tier"] == "memory"
+    # A new spare took the promoted one's place (started after the loss, stopped at the end).
+    assert "warm spare 0" in spare_log(storage, 0, 2).read_text()
+    assert_bitwise_equal(final_state(storage), reference)

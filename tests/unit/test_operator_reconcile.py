@@ -32,6 +32,7 @@ class RecordingApi:
     def __init__(self, job: dict[str, Any]) -> None:
         self.job = job
         self.calls: list[tuple[str, Any]] = []
+        self.graces: list[int | None] = []
         self.conflict_next = False
 
     async def read_job(self, namespace: str, name: str) -> dict[str, Any]:
@@ -62,8 +63,11 @@ class RecordingApi:
     async def scale_statefulset(self, namespace: str, name: str, replicas: int) -> None:
         self.calls.append(("scale_statefulset", replicas))
 
-    async def delete_pod(self, namespace: str, name: str, uid: str, *, force: bool) -> None:
+    async def delete_pod(
+        self, namespace: str, name: str, uid: str, *, force: bool, grace: int | None = None
+    ) -> None:
         self.calls.append(("delete_pod", (name, uid, force)))
+        self.graces.append(grace)
 
     async def label_pod(self, namespace: str, name: str, uid: str, key: str, value: str) -> None:
         self.calls.append(("label_pod", (name, uid, key, value)))
@@ -222,6 +226,8 @@ def test_a_preemption_writes_the_new_attempt_before_touching_the_statefulset() -
     assert [c for c in h.api.calls if c[0] == "delete_pod"] == [
         ("delete_pod", (f"{NAME}-1", "b", False))
     ]
+    # Fenced out by the new attempt: a short grace, so its name is free for the new pod.
+    assert h.api.graces == [1]
 
 
 def test_a_warm_recovery_keeps_the_surviving_pod_and_relabels_it() -> None:

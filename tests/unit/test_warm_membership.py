@@ -107,6 +107,8 @@ def test_steps_lost_of_a_warm_recovery_come_from_where_the_state_was_restored() 
         {"mode": "warm"},
         {"attempt": "x", "replicas": 2},
         {"attempt": 1, "replicas": 2, "kept": ["a"]},
+        {"attempt": 1, "replicas": 2, "promoted": ["0"]},
+        {"attempt": 1, "replicas": 2, "promoted": [{"spare": 0}]},
     ],
 )
 def test_a_bad_group_record_reads_as_none(raw: object) -> None:
@@ -122,6 +124,15 @@ def test_a_group_record_keeps_only_in_warm_mode() -> None:
     assert rendezvous_port(29500, 515) == 29503  # wraps around its span
 
 
+def test_a_group_record_names_the_spares_it_promotes() -> None:
+    record = GroupRecord(4, "warm", 3, (0, 2), master_port=40000, promoted=((1, 1),))
+    raw = record.to_status()
+    assert raw["promoted"] == [{"spare": 1, "nodeRank": 1}]
+    assert GroupRecord.from_status({"group": raw}) == record
+    assert record.promotes(1) == 1 and record.promotes(0) is None
+    assert "promoted" not in GroupRecord(4, "warm", 3, (0, 2)).to_status()
+
+
 def test_the_group_file_gives_each_worker_its_rank_in_the_next_group() -> None:
     group = GroupFile(
         attempt=5,
@@ -133,6 +144,9 @@ def test_the_group_file_gives_each_worker_its_rank_in_the_next_group() -> None:
     )
     again = GroupFile.from_bytes(group.to_bytes())
     assert again == group
+    # A promoted spare learns its node rank here too (it was started as nobody's).
+    env = group.worker_env(1)
+    assert (env["RANK"], env["SPOTRUN_NODE_RANK"], env["GROUP_RANK"]) == ("3", "1", "1")
     env = again.worker_env(local_rank=1)
     assert (env["RANK"], env["WORLD_SIZE"], env["SPOTRUN_ATTEMPT"]) == ("3", "6", "5")
     assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("job-0.job.ns.svc", "29505")

@@ -339,7 +339,8 @@ async def _run_attempt(
                 meta["namespace"], meta["name"], str(meta["uid"]), names.ATTEMPT_LABEL, str(attempt)
             )
             continue
-        await _remove_pod(shared, memory, pod, facts)
+        # Fenced out: nothing it writes can be committed any more, and its name is wanted.
+        await _remove_pod(shared, memory, pod, facts, grace=FENCED_POD_GRACE_SECONDS)
 
 
 def _index(pod: Mapping[str, Any]) -> int | None:
@@ -352,6 +353,12 @@ def _index(pod: Mapping[str, Any]) -> int | None:
 
 # How long a StatefulSet write may take to show in the watch before it is sent again.
 RESEND_AFTER_SECONDS = 15.0
+# The grace of a pod of an older attempt when a new attempt replaces it. The ledger refuses
+# whatever it would still commit (its attempt is fenced), and its StatefulSet name is what
+# the new attempt's pod waits for: a pod's full grace (30 s by default) would only delay
+# the replacement. A preemption's final checkpoint is not cut short by it: the policy
+# restarts only once the preempted replicas finished writing it.
+FENCED_POD_GRACE_SECONDS = 1
 
 
 def _recently_sent(memory: JobMemory, spec_hash: str, replicas: int) -> bool:
@@ -385,7 +392,11 @@ async def _stop_group(
 
 
 async def _remove_pod(
-    shared: Shared, memory: JobMemory, pod: Mapping[str, Any], facts: Mapping[str, NodeFacts]
+    shared: Shared,
+    memory: JobMemory,
+    pod: Mapping[str, Any],
+    facts: Mapping[str, NodeFacts],
+    grace: int | None = None,
 ) -> None:
     meta = pod["metadata"]
     force = _node_gone(pod, facts)
@@ -393,7 +404,9 @@ async def _remove_pod(
         return  # already going; its kubelet confirms the end
     if (str(meta["uid"]), force) in memory.deleted:
         return  # asked already; the watch has not shown it yet
-    await shared.api.delete_pod(meta["namespace"], meta["name"], str(meta["uid"]), force=force)
+    await shared.api.delete_pod(
+        meta["namespace"], meta["name"], str(meta["uid"]), force=force, grace=grace
+    )
     memory.deleted.add((str(meta["uid"]), force))
 
 

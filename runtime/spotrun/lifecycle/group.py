@@ -2,9 +2,11 @@
 
 It names the attempt it belongs to, how the group was formed (`warm`: the survivors of the
 previous attempt re-form in place with replacements; `cold`: every replica is new), the
-replica indices kept from the previous attempt, and the rendezvous port when the
-supervisor chose one (local mode). Each pod's launcher watches for it
-(spotrun.membership.watch) and hands a kept replica's workers their next group.
+replica indices kept from the previous attempt, the rendezvous port when the
+supervisor chose one (local mode), and the warm spares promoted into the group (local
+mode's `--spares`: a spare slot takes a lost node rank). Each pod's launcher watches for it
+(spotrun.membership.watch) and hands a kept replica's or a promoted spare's workers their
+next group.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ class GroupRecord:
     replicas: int
     kept: tuple[int, ...] = ()
     master_port: int | None = None
+    # (spare slot, node rank): spares whose waiting workers take a lost replica's place.
+    promoted: tuple[tuple[int, int], ...] = ()
 
     def to_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -40,6 +44,8 @@ class GroupRecord:
         }
         if self.master_port is not None:
             out["masterPort"] = self.master_port
+        if self.promoted:
+            out["promoted"] = [{"spare": slot, "nodeRank": rank} for slot, rank in self.promoted]
         return out
 
     @classmethod
@@ -57,12 +63,19 @@ class GroupRecord:
                 replicas=int(raw["replicas"]),
                 kept=tuple(int(i) for i in raw.get("kept") or ()),
                 master_port=None if port is None else int(port),
+                promoted=tuple(
+                    (int(p["spare"]), int(p["nodeRank"])) for p in raw.get("promoted") or ()
+                ),
             )
         except (KeyError, TypeError, ValueError):
             return None
 
     def keeps(self, node_rank: int) -> bool:
         return self.mode == "warm" and node_rank in self.kept
+
+    def promotes(self, spare: int) -> int | None:
+        """The node rank spare slot `spare` takes in this group, or None."""
+        return next((rank for slot, rank in self.promoted if slot == spare), None)
 
 
 def rendezvous_port(base: int, attempt: int) -> int:

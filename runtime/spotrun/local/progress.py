@@ -48,6 +48,7 @@ class Snapshot:
     total_steps: int | None = None
     next_faults: Mapping[str, float | None] = field(default_factory=dict)
     holding: str | None = None
+    spares: int = 0  # warm spares waiting (--spares)
 
 
 class Display(Protocol):
@@ -202,6 +203,7 @@ class LiveDisplay:
                 f"[{_colour(state)}]{state}[/]  attempt {status.get('attempt', 0)}  "
                 f"{len(snapshot.running)}/{snapshot.replicas} replicas running"
                 + (f" (pids {pids})" if pids else "")
+                + (f", {snapshot.spares} spare(s) waiting" if snapshot.spares else "")
                 + f"  elapsed {human_duration(snapshot.now - snapshot.started)}",
             )
             step = (status.get("lastMetrics") or {}).get("step")

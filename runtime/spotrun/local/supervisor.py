@@ -58,6 +58,7 @@ from spotrun.lifecycle import (
     Wait,
     format_time,
     plan,
+    resume_point,
 )
 from spotrun.lifecycle.conditions import find as find_condition
 from spotrun.local import _fault_worker, faults, ownership
@@ -71,6 +72,7 @@ from spotrun.local.progress import (
 )
 from spotrun.local.status_command import StatusFileError, read_status
 from spotrun.local.trainjob import TrainJob, TrainJobError, load_trainjob
+from spotrun.pod.launcher import worker_command
 from spotrun.store import layout
 
 LOG_PREFIX = "[spotrun run]"
@@ -111,6 +113,7 @@ class Options:
     max_injections: int | None = None
     seed: int | None = None
     live: bool = True
+    spares: int = 0
 
 
 # --- pure helpers -----------------------------------------------------------------------
@@ -300,6 +303,10 @@ class _Memory:
     progress_at_start: dict[int, Any] = field(default_factory=dict)
     training_since: dict[int, float] = field(default_factory=dict)
     exits: list[ReplicaFacts] = field(default_factory=list)
+    # Per attempt, the spares promoted into it: node rank -> spare slot.
+    promoted: dict[int, dict[int, int]] = field(default_factory=dict)
+    # How many spares each slot started (their logs are numbered).
+    spares_started: dict[int, int] = field(default_factory=dict)
 
 
 class LocalRun:
@@ -337,6 +344,9 @@ class LocalRun:
             else None
         )
         self.replicas: list[_Replica] = []
+        # Warm spares (--spares): launchers whose workers imported and wait for a group that
+        # promotes them; `index` is the spare's slot, `attempt` the one it was started in.
+        self.spares: list[_Replica] = []
         self.memory = _Memory()
         # What an earlier run left (when carrying one on): only news is announced.
         self.status: dict[str, Any] = read_status(self.status_url)
@@ -358,9 +368,9 @@ class LocalRun:
             while not self.step():
                 time.sleep(POLL_SECONDS)
         finally:
-            for replica in self.replicas:
+            for replica in [*self.replicas, *self.spares]:
                 replica.kill()
-            for replica in self.replicas:
+            for replica in [*self.replicas, *self.spares]:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     replica.process.wait(timeout=10)
             for signum, handler in previous.items():
@@ -381,6 +391,7 @@ class LocalRun:
             replica.enforce(now)
             if replica.poll():
                 self._exited(replica)
+        self._reap_spares(now)
         status = read_status_file(self.status_url)
         facts = [r.facts() for r in self.replicas]
         observation = observe(facts, status, now=now, suspended=self.interrupted > 0)
@@ -400,6 +411,7 @@ class LocalRun:
         self._notice_changes(status, now)
         self.status = status
         self._apply(actions, now)
+        self._keep_spares(now)
         self._forget_stale()
         self._inject(elapsed, now)
         self.display.update(self._snapshot(now))
@@ -407,7 +419,10 @@ class LocalRun:
         done = state in FINISHED or (state == SUSPENDED and self.interrupted > 0)
         if self.job.suspend and state == SUSPENDED:
             done = True
-        return done and not any(r.running for r in self.replicas)
+        if done:
+            for spare in self.spares:
+                spare.stop(now, STOP_GRACE_SECONDS)
+        return done and not any(r.running for r in [*self.replicas, *self.spares])
 
     def _write(self, observation: Any) -> Plan:
         """Plans again under the status file's lock and writes the policy's fields."""
@@ -422,6 +437,7 @@ class LocalRun:
                 # so that kept replicas (warm recovery) join the same one as new ones.
                 port = self.memory.ports.setdefault(int(group["attempt"]), free_port())
                 group["masterPort"] = port
+                self._promote(group)
                 decision.status["group"] = copy.deepcopy(group)
             decided.append(decision)
 
@@ -477,10 +493,24 @@ class LocalRun:
             step = (self.status.get("latestCheckpoint") or {}).get("step")
             if resume_from and step is not None and resume_from == _latest_uri(self.status):
                 where += f" (step {step})"
-            fresh = self.spec.replicas - len(keep)
+            promoted = len(self.memory.promoted.get(attempt, {}))
+            fresh = self.spec.replicas - len(keep) - promoted
             kept = f", keeping {len(keep)} (warm)" if keep else ""
+            spares = f", promoting {promoted} spare(s)" if promoted else ""
             self.display.event(
-                now, f"attempt {attempt}: starting {fresh} replica(s) {where}{kept}"
+                now, f"attempt {attempt}: starting {fresh} replica(s) {where}{kept}{spares}"
+            )
+        for index, slot in self.memory.promoted.pop(attempt, {}).items():
+            spare = next((s for s in self.spares if s.index == slot and s.running), None)
+            if spare is None:
+                continue  # it exited meanwhile: a new replica is started below instead
+            self.spares.remove(spare)
+            spare.index, spare.attempt = index, attempt
+            self.replicas.append(spare)
+            self.display.event(
+                now,
+                f"attempt {attempt}: spare {slot} (pid {spare.process.pid}) promoted to "
+                f"replica {index}",
             )
         for index in range(self.spec.replicas):
             if any(r.index == index and r.attempt == attempt for r in self.replicas):
@@ -489,11 +519,73 @@ class LocalRun:
                 continue  # as a StatefulSet does: the old pod goes before the new one comes
             self.replicas.append(self._start(index, attempt, resume_from))
 
+    # -- warm spares ------------------------------------------------------------------
+
+    def _promote(self, group: dict[str, Any]) -> None:
+        """Under the status lock, as a warm group is recorded: spares take the lost ranks.
+
+        The policy decided who stays (`kept`); which process fills a lost rank is this
+        executor's choice, as a scheduler's: a waiting spare, else a new replica. The
+        promotion goes into status.group with the membership, so the spare's launcher and
+        the survivors' learn of the group in the same write.
+        """
+        if group.get("mode") != "warm" or not group.get("kept"):
+            return
+        attempt = int(group["attempt"])
+        kept = {int(i) for i in group.get("kept") or ()}
+        lost = [i for i in range(int(group["replicas"])) if i not in kept]
+        ready = sorted(s.index for s in self.spares if s.running and not s.stopping)
+        pairs = list(zip(ready, lost, strict=False))
+        if not pairs:
+            return
+        group["promoted"] = [{"spare": slot, "nodeRank": rank} for slot, rank in pairs]
+        self.memory.promoted[attempt] = {rank: slot for slot, rank in pairs}
+
+    def _keep_spares(self, now: float) -> None:
+        """Starts the spares that are missing while the job runs (a promoted one's slot too)."""
+        wanted = self.options.spares
+        state = self.status.get("state")
+        if not wanted or state in FINISHED or state == SUSPENDED or self.interrupted:
+            return
+        if not int(self.status.get("attempt") or 0):
+            return
+        for slot in range(wanted):
+            if not any(s.index == slot for s in self.spares):
+                self.spares.append(self._start_spare(slot))
+
+    def _reap_spares(self, now: float) -> None:
+        for spare in list(self.spares):
+            spare.enforce(now)
+            if spare.poll():
+                assert spare.returncode is not None
+                self.spares.remove(spare)
+                if not spare.stopping:
+                    self.display.event(
+                        now,
+                        f"spare {spare.index}: launcher {describe_exit(spare.returncode)}; "
+                        f"log: {spare.log}",
+                    )
+
+    def _start_spare(self, slot: int) -> _Replica:
+        attempt = int(self.status.get("attempt") or 0)
+        resume_from = resume_point(self.spec, self.status)
+        # Node 0's environment until promoted: the group file then gives the real one.
+        env = self._env(0, attempt, resume_from)
+        env[contract.SPARE] = str(slot)
+        started = self.memory.spares_started[slot] = self.memory.spares_started.get(slot, 0) + 1
+        folder = os.path.join(self.logs, "spares")
+        return self._spawn(folder, f"spare-{slot}-{started}.log", env, slot, attempt)
+
     def _start(self, index: int, attempt: int, resume_from: str | None) -> _Replica:
-        folder = os.path.join(self.logs, f"attempt-{attempt:03d}")
-        os.makedirs(folder, exist_ok=True)
-        log_path = os.path.join(folder, f"replica-{index}.log")
         env = self._env(index, attempt, resume_from)
+        folder = os.path.join(self.logs, f"attempt-{attempt:03d}")
+        return self._spawn(folder, f"replica-{index}.log", env, index, attempt)
+
+    def _spawn(
+        self, folder: str, name: str, env: dict[str, str], index: int, attempt: int
+    ) -> _Replica:
+        os.makedirs(folder, exist_ok=True)
+        log_path = os.path.join(folder, name)
         with open(log_path, "ab") as log:
             process = subprocess.Popen(
                 self._argv,
@@ -658,6 +750,7 @@ class LocalRun:
             if schedule is not None
             else {},
             holding=self.holding,
+            spares=sum(1 for s in self.spares if s.running and not s.stopping),
         )
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
@@ -848,6 +941,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, metavar="N", help="seed of the fault and backoff draws, to replay a run"
     )
     parser.add_argument(
+        "--spares",
+        type=int,
+        default=0,
+        metavar="K",
+        help=(
+            "keep K warm spares (replicas started, imports done, waiting): a preemption "
+            "promotes one at once, and a new spare takes its place (warm recovery only)"
+        ),
+    )
+    parser.add_argument(
         "--no-live",
         dest="live",
         action="store_false",
@@ -871,6 +974,7 @@ def main(args: argparse.Namespace) -> int:
         max_injections=args.max_injections,
         seed=args.seed,
         live=args.live,
+        spares=args.spares,
     )
     held: ownership.Ownership | None = None
     try:
@@ -925,6 +1029,8 @@ def _check(job: TrainJob, options: Options) -> None:
         raise LocalRunError(f"--fail-after must be >= 1, got {options.fail_after}")
     if options.max_injections is not None and options.max_injections < 0:
         raise LocalRunError(f"--max-injections must be >= 0, got {options.max_injections}")
+    if options.spares:
+        check_spares(job, options)
     sourced = [e.name for e in job.trainer.env if e.value_from is not None]
     if sourced:
         raise LocalRunError(
@@ -932,6 +1038,37 @@ def _check(job: TrainJob, options: Options) -> None:
             "only a cluster can resolve: give them a value in a copy of the file to run locally"
         )
     launcher_argv(job, inject_failure=options.fail_rank is not None)
+
+
+def check_spares(job: TrainJob, options: Options) -> None:
+    """--spares needs what a spare joins through: warm recovery, a re-entrant trainer."""
+    if options.spares < 0:
+        raise LocalRunError(f"--spares must be >= 0, got {options.spares}")
+    spec = job.job_spec()
+    if spec.recovery != "warm":
+        raise LocalRunError(
+            "--spares needs spec.recovery: Warm (a spare joins the group in a warm recovery); "
+            "this job asks for Cold"
+        )
+    if job.replicas < 2:
+        raise LocalRunError(
+            "--spares needs replicas >= 2: a warm recovery keeps the survivors of a group, "
+            "and a group of one has none"
+        )
+    command = [*(job.trainer.command or ()), *job.trainer.args]
+    argv = worker_command(command, job.trainer.function, warm=True)
+    if options.fail_rank is None and not job.trainer.function and argv == command:
+        raise LocalRunError(
+            "--spares needs a trainer.function, or a trainer.command of the form "
+            "[python, script.py, ...] or [python, -m, module, ...] (run in a worker that "
+            f"can wait to be promoted); this job's command is {command}"
+        )
+    cores = usable_cores()
+    if options.spares * job.nproc_per_node > cores:
+        raise LocalRunError(
+            f"--spares {options.spares} x {job.nproc_per_node} worker(s) is more processes "
+            f"than this machine's {cores} core(s) should wait with; use fewer spares"
+        )
 
 
 def _banner(job: TrainJob, options: Options, run: LocalRun) -> str:
@@ -944,7 +1081,8 @@ def _banner(job: TrainJob, options: Options, run: LocalRun) -> str:
     if options.fail_rank is not None:
         injected.append(f"rank {options.fail_rank} fails at its report {options.fail_after}")
     faults_text = "; faults: " + ", ".join(injected) if injected else ""
+    spares = f" + {options.spares} warm spare(s)" if options.spares else ""
     return (
-        f"{job.namespace}/{job.name}: {job.replicas} replica(s) x {job.nproc_per_node} worker(s) "
-        f"running {trainer}; checkpoints in {run.root}; logs in {run.logs}{faults_text}"
+        f"{job.namespace}/{job.name}: {job.replicas} replica(s) x {job.nproc_per_node} worker(s)"
+        f"{spares} running {trainer}; checkpoints in {run.root}; logs in {run.logs}{faults_text}"
     )

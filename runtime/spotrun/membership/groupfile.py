@@ -56,10 +56,12 @@ class GroupFile:
         return {
             **self.env,
             "SPOTRUN_ATTEMPT": str(self.attempt),
+            "SPOTRUN_NODE_RANK": str(self.node_rank),
             "MASTER_ADDR": self.master_addr,
             "MASTER_PORT": str(self.master_port),
             "RANK": str(self.node_rank * self.nproc_per_node + local_rank),
             "WORLD_SIZE": str(self.replicas * self.nproc_per_node),
+            "GROUP_RANK": str(self.node_rank),
             "GROUP_WORLD_SIZE": str(self.replicas),
             "SPOTRUN_REPLICAS": str(self.replicas),
         }

@@ -431,21 +431,33 @@ def launch(
         )
     grace = _grace_seconds(env) if grace_seconds is None else grace_seconds
     warm = env.get(contract.RECOVERY) == "warm"
+    spare = _spare_slot(env)
+    if spare is not None and not warm:
+        raise LaunchError(
+            f"{contract.SPARE} is set but {contract.RECOVERY} is not warm: a spare joins a "
+            "group only through a warm recovery"
+        )
     argv = worker_command(command, function if function is not None else pod.function, warm=warm)
 
     world = pod.replicas * nproc
     first = pod.node_rank * nproc
-    _log(
-        f"job {pod.namespace}/{pod.job} attempt {pod.attempt}: node {pod.node_rank} of "
-        f"{pod.replicas}, {nproc} worker(s), world size {world}, "
-        f"ranks {first}-{first + nproc - 1}, master {pod.master_addr}:{pod.master_port}"
-    )
+    if spare is None:
+        _log(
+            f"job {pod.namespace}/{pod.job} attempt {pod.attempt}: node {pod.node_rank} of "
+            f"{pod.replicas}, {nproc} worker(s), world size {world}, "
+            f"ranks {first}-{first + nproc - 1}, master {pod.master_addr}:{pod.master_port}"
+        )
+    else:
+        _log(
+            f"job {pod.namespace}/{pod.job}: warm spare {spare}, {nproc} worker(s); they "
+            "import and wait until a group promotes this spare"
+        )
     _log(f"command: {' '.join(argv)}")
 
     workers: list[_Worker] = []
     notice = _NoticePipe()
     supervisor = _Supervisor(workers, grace, notice)
-    membership = _Membership(pod, nproc, env) if warm else None
+    membership = _Membership(pod, nproc, env, spare=spare) if warm else None
     if membership is not None:
         env = {**env, contract.GROUP_FILE: membership.path}
         membership.start()
@@ -479,7 +491,8 @@ def launch(
                     worker.process.wait()
                 return 127 if isinstance(err, FileNotFoundError) else 126
             workers.append(_Worker(local_rank, first + local_rank, process))
-            _log(f"worker {local_rank} (rank {first + local_rank}) started, pid {process.pid}")
+            rank = "spare" if spare is not None else f"rank {first + local_rank}"
+            _log(f"worker {local_rank} ({rank}) started, pid {process.pid}")
         notice.close_write_end()
         code = supervisor.run()
     finally:
@@ -489,7 +502,7 @@ def launch(
         if membership is not None:
             membership.stop()
     if membership is not None:
-        pod = dataclasses.replace(pod, attempt=membership.attempt)
+        pod = dataclasses.replace(pod, attempt=membership.attempt, node_rank=membership.node_rank)
     # Node 0 knows the training finished once its workers all exited 0. With warm recovery
     # every node knows: its workers passed the group's finishing barrier (Session.finish),
     # so whichever replica survives records it.
@@ -510,10 +523,15 @@ class _Membership:
     the new one in the same processes.
     """
 
-    def __init__(self, pod: PodContract, nproc: int, env: Mapping[str, str]) -> None:
+    def __init__(
+        self, pod: PodContract, nproc: int, env: Mapping[str, str], spare: int | None = None
+    ) -> None:
         self.pod = pod
         self.nproc = nproc
         self.attempt = pod.attempt
+        self.node_rank = pod.node_rank
+        # A warm spare's slot until a group promotes it; then it is the member of node_rank.
+        self.spare = spare
         self.folder = tempfile.mkdtemp(prefix="spotrun-group-")
         self.path = os.path.join(self.folder, "group.json")
         root = layout.job_root(pod.storage, pod.namespace, pod.job)
@@ -534,7 +552,22 @@ class _Membership:
 
     def on_status(self, status: Mapping[str, Any]) -> None:
         record = GroupRecord.from_status(status)
-        if record is None or record.attempt <= self.attempt or not record.keeps(self.pod.node_rank):
+        if record is None or record.attempt <= self.attempt:
+            return
+        env: dict[str, str] = {}
+        if self.spare is not None:
+            rank = record.promotes(self.spare)
+            if rank is None:
+                return
+            # Spawned long before: the bucket fallback is the checkpoint that is latest now.
+            latest = (status.get("latestCheckpoint") or {}).get("uri")
+            if latest:
+                env[contract.RESUME_FROM] = str(latest)
+            promoted = f"spare {self.spare} promoted to node {rank}"
+            self.spare, self.node_rank = None, rank
+        elif record.keeps(self.node_rank):
+            promoted = ""
+        else:
             return
         port = record.master_port or rendezvous_port(contract.DEFAULT_MASTER_PORT, record.attempt)
         group = GroupFile(
@@ -543,21 +576,36 @@ class _Membership:
             master_port=port,
             replicas=record.replicas,
             nproc_per_node=self.nproc,
-            node_rank=self.pod.node_rank,
+            node_rank=self.node_rank,
+            env=env,
         )
         tmp = f"{self.path}.tmp"
         with open(tmp, "wb") as handle:
             handle.write(group.to_bytes())
         os.replace(tmp, self.path)
         self.attempt = record.attempt
+        what = promoted or "this replica is kept (warm recovery)"
         _log(
-            f"attempt {record.attempt}: this replica is kept (warm recovery); its workers "
+            f"attempt {record.attempt}: {what}; its workers "
             f"re-form the group at {group.master_addr}:{port}"
         )
 
     def stop(self) -> None:
         self._stop.set()
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _spare_slot(env: Mapping[str, str]) -> int | None:
+    raw = env.get(contract.SPARE)
+    if not raw:
+        return None
+    try:
+        slot = int(raw)
+    except ValueError:
+        raise LaunchError(f"{contract.SPARE} must be a spare slot number, got {raw!r}") from None
+    if slot < 0:
+        raise LaunchError(f"{contract.SPARE} must be >= 0, got {slot}")
+    return slot
 
 
 def _record_completion(pod: PodContract) -> None:

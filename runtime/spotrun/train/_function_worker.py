@@ -11,13 +11,14 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from spotrun import contract
-from spotrun.train import regroup
+from spotrun.train import regroup, writer
 from spotrun.train.session import Session, get_session, regroup_session
 
 log = logging.getLogger("spotrun")
@@ -71,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not target:
         raise FunctionNotFound(f"no function to call: pass module:fn or set {contract.FUNCTION}")
     fn = resolve(target)
+    await_promotion()
     while True:
         session = get_session()
         try:
@@ -81,6 +83,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         session.finish()
         return 0
+
+
+def await_promotion() -> None:
+    """A warm spare's worker, imports done: wait until a group promotes this spare, join it.
+
+    Returns at once in a worker that is not a spare. The state then comes as it does for
+    any replacement: from a surviving peer's memory, else from the bucket.
+    """
+    if not regroup.is_spare():
+        return
+    slot = os.environ.get(contract.SPARE)
+    if contract.PodContract.from_env().checkpoint.async_save:
+        writer.prepare_standby()  # the first session's writer, imported while this waits
+    log.info("spare %s: ready, waiting to be promoted into a group", slot)
+    started = time.monotonic()
+    group = regroup.wait_for_promotion()
+    assert group is not None  # no stop condition: it waits for as long as the spare lives
+    log.warning(
+        "spare %s: promoted to node %d of attempt %d after %.1fs waiting",
+        slot,
+        group.node_rank,
+        group.attempt,
+        time.monotonic() - started,
+    )
+    regroup_session(group)
 
 
 def await_next_group(session: Session, err: BaseException) -> bool:

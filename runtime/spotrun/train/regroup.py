@@ -144,7 +144,23 @@ def rejoin(group: GroupFile) -> None:
             log.warning("could not tear down the old process group cleanly: %s", err)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     os.environ.update(group.worker_env(local_rank))
+    os.environ.pop(contract.SPARE, None)  # a promoted spare is a member now
     acknowledge(group, local_rank)
+
+
+def wait_for_promotion(stop: Callable[[], bool] = lambda: False) -> GroupFile | None:
+    """A warm spare's workers: the group that promotes their slot, once the launcher writes it.
+
+    Waits without a deadline (a spare may wait the whole job); None only when `stop()`.
+    """
+    attempt = int(os.environ.get(contract.ATTEMPT, "0"))
+    return wait_for_group(attempt, timeout=float("inf"), stop=stop)
+
+
+def is_spare(env: Mapping[str, str] | None = None) -> bool:
+    """This process belongs to a warm spare (it waits to be promoted into a group)."""
+    env = os.environ if env is None else env
+    return bool(env.get(contract.SPARE)) and warm_enabled(env)
 
 
 # --- the state kept in memory ---------------------------------------------------------------

@@ -169,6 +169,7 @@ class Session:
                 ),
             ),
             background=self.settings.async_save,
+            standby=self.warm,
         )
         if rank == 0 and choice is not None and (choice.corrupt or choice.rediscovered):
             self._repair_ledger(choice)

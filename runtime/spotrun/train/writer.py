@@ -245,9 +245,13 @@ class WriterError(RuntimeError):
 class WriterClient:
     """The training process's handle on its writer: snapshot, submit, wait."""
 
-    def __init__(self, config: WriterConfig, *, background: bool = True) -> None:
+    def __init__(
+        self, config: WriterConfig, *, background: bool = True, standby: bool = False
+    ) -> None:
         self.config = config
         self.background = background
+        # Keep a writer process started ahead of need for the next session (warm recovery).
+        self.standby = standby
         self._inline = Worker(config)
         self._next_id = 0
         self._results: dict[int, tuple[bool, Any]] = {}
@@ -269,21 +273,14 @@ class WriterClient:
     # --- process management ----------------------------------------------------------------
 
     def _start(self) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ, SPOTRUN_WRITER_PARENT=str(os.getpid()))
-        self._proc = subprocess.Popen(
-            # Through the light entry, which dies with this process before torch is loaded.
-            [sys.executable, "-m", "spotrun.train._writer_process", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()],
-            env=env,
-            stdin=subprocess.DEVNULL,
-        )
-        theirs.close()
+        self._proc, ours = _take_standby() or _spawn_writer()
         self._sock = ours
         _send_frame(ours, pickle.dumps(self.config))
         threading.Thread(
             target=self._read_results, name="spotrun-writer-results", daemon=True
         ).start()
+        if self.standby:
+            prepare_standby()
 
     def _read_results(self) -> None:
         assert self._sock is not None
@@ -448,6 +445,51 @@ class WriterClient:
             proc.wait()
         if self._sock is not None:
             self._sock.close()
+
+
+# --- a writer process started ahead of need ------------------------------------------------
+
+# A writer process imports torch (seconds) before it serves; it reads its configuration only
+# after. A warm recovery's next session (a survivor's, a promoted spare's) takes the one
+# started ahead, so its first progress report and its second save do not wait for that import.
+_standby: tuple[subprocess.Popen[bytes], socket.socket] | None = None
+_standby_lock = threading.Lock()
+
+
+def _spawn_writer() -> tuple[subprocess.Popen[bytes], socket.socket]:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    env = dict(os.environ, SPOTRUN_WRITER_PARENT=str(os.getpid()))
+    proc = subprocess.Popen(
+        # Through the light entry, which dies with this process before torch is loaded.
+        [sys.executable, "-m", "spotrun.train._writer_process", str(theirs.fileno())],
+        pass_fds=[theirs.fileno()],
+        env=env,
+        stdin=subprocess.DEVNULL,
+    )
+    theirs.close()
+    return proc, ours
+
+
+def prepare_standby() -> None:
+    """Starts a writer process for the next WriterClient of this process, if none waits.
+
+    It imports, then waits for its configuration; closing this process (or its socket)
+    ends it. Its environment is this one's: the configuration carries what changes.
+    """
+    global _standby
+    with _standby_lock:
+        if _standby is None or _standby[0].poll() is not None:
+            _standby = _spawn_writer()
+
+
+def _take_standby() -> tuple[subprocess.Popen[bytes], socket.socket] | None:
+    global _standby
+    with _standby_lock:
+        taken, _standby = _standby, None
+    if taken is not None and taken[0].poll() is not None:
+        taken[1].close()
+        return None
+    return taken
 
 
 # The snapshot is the training loop's whole stall, so it copies on every core: large

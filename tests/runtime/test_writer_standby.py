@@ -1,0 +1,61 @@
+"""A warm worker's next checkpoint writer is started ahead, so a regroup does not wait for it.
+
+A writer process imports torch (seconds) before it serves; the next session of a survivor
+or a promoted spare takes the writer started ahead instead of starting one (issue #13).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from spotrun.ledger.sink import read_status_file, status_file, update_status_file
+from spotrun.train import writer
+from spotrun.train.writer import WriterClient, WriterConfig
+
+
+def test_the_next_writer_of_a_warm_worker_was_started_ahead(tmp_path: Path) -> None:
+    root = str(tmp_path / "default" / "job")
+    config = WriterConfig(root=root, rank=0, attempt=1, world_size=2, job="job", namespace="default")
+    first = WriterClient(config, standby=True)
+    try:
+        assert writer._standby is not None
+        ahead = writer._standby[0]
+        first.wait(first.submit("progress", metrics={"loss": 1.0}, step=1, time=time.time()))
+    finally:
+        first.close()
+    assert ahead.poll() is None  # the first writer's close leaves the one started ahead
+    update_status_file(status_file(root), lambda status: status.update(attempt=2))  # regroup
+
+    second = WriterClient(dataclasses.replace(config, attempt=2))
+    try:
+        assert second._proc is ahead
+        assert writer._standby is None  # not warm: nothing started ahead of this one
+        second.wait(second.submit("progress", metrics={"loss": 0.5}, step=2, time=time.time()))
+    finally:
+        second.close()
+    assert ahead.poll() is not None
+    assert read_status_file(status_file(root))["lastMetrics"]["step"] == 2
+
+
+def test_a_writer_started_ahead_that_died_is_replaced(tmp_path: Path) -> None:
+    writer.prepare_standby()
+    assert writer._standby is not None
+    dead = writer._standby[0]
+    dead.kill()
+    dead.wait()
+    config = WriterConfig(
+        root=str(tmp_path / "default" / "job"),
+        rank=0,
+        attempt=1,
+        world_size=2,
+        job="job",
+        namespace="default",
+    )
+    client = WriterClient(config)
+    try:
+        assert client._proc is not dead and client._proc is not None
+        client.wait(client.submit("progress", metrics={"loss": 1.0}, step=1, time=time.time()))
+    finally:
+        client.close()
