@@ -42,6 +42,18 @@ def replica_log(storage: Path, attempt: int, index: int) -> str:
     ).read_text()
 
 
+def script_trainer(folder: Path) -> dict[str, object]:
+    """A `python train.py` trainer running the demo's training function."""
+    script = folder / "train.py"
+    script.write_text(
+        "import spotrun\n"
+        "from examples.train_linear import train_func_steps\n\n"
+        "if __name__ == '__main__':\n"
+        "    train_func_steps(dict(spotrun.get_context().config))\n"
+    )
+    return {"image": "spotrun-runtime:dev", "command": ["python", str(script)]}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("reference")
@@ -118,16 +130,7 @@ def test_a_script_trainer_runs_again_in_the_surviving_process(
     tmp_path: Path, reference: dict[str, object]
 ) -> None:
     storage = tmp_path / "runs"
-    script = tmp_path / "train.py"
-    script.write_text(
-        "import spotrun\n"
-        "from examples.train_linear import train_func_steps\n\n"
-        "if __name__ == '__main__':\n"
-        "    train_func_steps(dict(spotrun.get_context().config))\n"
-    )
-    job = trainjob(
-        tmp_path, trainer={"image": "spotrun-runtime:dev", "command": ["python", str(script)]}
-    )
+    job = trainjob(tmp_path, trainer=script_trainer(tmp_path))
     code, out = run(
         "run", str(job), "--storage", str(storage), "--kill-every", "3s", "--max-injections", "1"
     )
@@ -154,17 +157,11 @@ def test_a_warm_spare_takes_the_lost_replicas_place(
     tmp_path: Path, reference: dict[str, object], kind: str
 ) -> None:
     storage = tmp_path / "runs"
-    trainer = None
-    if kind == "script":
-        script = tmp_path / "train.py"
-        script.write_text(
-            "import spotrun\n"
-            "from examples.train_linear import train_func_steps\n\n"
-            "if __name__ == '__main__':\n"
-            "    train_func_steps(dict(spotrun.get_context().config))\n"
-        )
-        trainer = {"image": "spotrun-runtime:dev", "command": ["python", str(script)]}
-    job = trainjob(tmp_path, trainer=trainer) if trainer else trainjob(tmp_path)
+    job = (
+        trainjob(tmp_path, trainer=script_trainer(tmp_path))
+        if kind == "script"
+        else trainjob(tmp_path)
+    )
     code, out = run(
         "run",
         str(job),

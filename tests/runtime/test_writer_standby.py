@@ -17,7 +17,9 @@ from spotrun.train.writer import WriterClient, WriterConfig
 
 def test_the_next_writer_of_a_warm_worker_was_started_ahead(tmp_path: Path) -> None:
     root = str(tmp_path / "default" / "job")
-    config = WriterConfig(root=root, rank=0, attempt=1, world_size=2, job="job", namespace="default")
+    config = WriterConfig(
+        root=root, rank=0, attempt=1, world_size=2, job="job", namespace="default"
+    )
     first = WriterClient(config, standby=True)
     try:
         assert writer._standby is not None

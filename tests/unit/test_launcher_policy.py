@@ -17,6 +17,7 @@ from spotrun.pod.launcher import (
     WorkerExit,
     describe_exit,
     exit_code,
+    launch,
     worker_command,
     worker_env,
 )
@@ -146,3 +147,20 @@ def test_launch_imports_neither_the_trainjob_validator_nor_the_terminal_ui() -> 
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({contract.SPARE: "x", contract.RECOVERY: "warm"}, "SPOTRUN_SPARE must be a spare slot"),
+        ({contract.SPARE: "-1", contract.RECOVERY: "warm"}, "SPOTRUN_SPARE must be >= 0"),
+        ({contract.SPARE: "0", contract.RECOVERY: "cold"}, "is not warm"),
+        ({"SPOTRUN_GRACE_SECONDS": "soon"}, "must be a number of seconds"),
+        ({"SPOTRUN_GRACE_SECONDS": "-2"}, "must be >= 0, got -2"),
+    ],
+)
+def test_a_launcher_with_a_bad_spare_or_grace_starts_nothing(
+    extra: dict[str, str], message: str
+) -> None:
+    with pytest.raises(LaunchError, match=message):
+        launch(["true"], env={contract.JOB: "job", **extra})

@@ -27,10 +27,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from spotrun import contract
 from spotrun._orphans import die_with_parent
@@ -58,6 +58,7 @@ EXIT_FAILURE = 1
 FUNCTION_WORKER_MODULE = "spotrun.train._function_worker"
 SCRIPT_WORKER_MODULE = "spotrun.train._script_worker"
 _PYTHON = re.compile(r"^python(\d+(\.\d+)?)?$")
+_N = TypeVar("_N", int, float)
 
 # torchrun's environment for each worker; consumers: spotrun.train.group, torch's env:// rendezvous.
 RANK = "RANK"
@@ -596,16 +597,7 @@ class _Membership:
 
 
 def _spare_slot(env: Mapping[str, str]) -> int | None:
-    raw = env.get(contract.SPARE)
-    if not raw:
-        return None
-    try:
-        slot = int(raw)
-    except ValueError:
-        raise LaunchError(f"{contract.SPARE} must be a spare slot number, got {raw!r}") from None
-    if slot < 0:
-        raise LaunchError(f"{contract.SPARE} must be >= 0, got {slot}")
-    return slot
+    return _env_number(env, contract.SPARE, int, "a spare slot number")
 
 
 def _record_completion(pod: PodContract) -> None:
@@ -631,15 +623,23 @@ def _hold_until_signal() -> None:
 
 
 def _grace_seconds(env: Mapping[str, str]) -> float:
-    raw = env.get(GRACE_SECONDS_ENV)
+    value = _env_number(env, GRACE_SECONDS_ENV, float, "a number of seconds")
+    return DEFAULT_GRACE_SECONDS if value is None else value
+
+
+def _env_number(
+    env: Mapping[str, str], name: str, parse: Callable[[str], _N], what: str
+) -> _N | None:
+    """The non-negative number in `env[name]`, None when unset; a LaunchError names it."""
+    raw = env.get(name)
     if not raw:
-        return DEFAULT_GRACE_SECONDS
+        return None
     try:
-        value = float(raw)
+        value = parse(raw)
     except ValueError:
-        raise LaunchError(f"{GRACE_SECONDS_ENV} must be a number of seconds, got {raw!r}") from None
+        raise LaunchError(f"{name} must be {what}, got {raw!r}") from None
     if value < 0:
-        raise LaunchError(f"{GRACE_SECONDS_ENV} must be >= 0, got {value:g}")
+        raise LaunchError(f"{name} must be >= 0, got {value:g}")
     return value
 
 
