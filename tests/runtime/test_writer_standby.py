@@ -7,23 +7,36 @@ or a promoted spare takes the writer started ahead instead of starting one (issu
 from __future__ import annotations
 
 import dataclasses
+import subprocess
 import time
 from pathlib import Path
+
+import pytest
 
 from spotrun.ledger.sink import read_status_file, status_file, update_status_file
 from spotrun.train import writer
 from spotrun.train.writer import WriterClient, WriterConfig
 
 
-def test_the_next_writer_of_a_warm_worker_was_started_ahead(tmp_path: Path) -> None:
+def started_ahead(timeout: float = 10.0) -> subprocess.Popen[bytes]:
+    deadline = time.monotonic() + timeout
+    while writer._standby is None:
+        assert time.monotonic() < deadline, "no writer was started ahead"
+        time.sleep(0.01)
+    return writer._standby[0]
+
+
+def test_the_next_writer_of_a_warm_worker_was_started_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(writer, "STANDBY_DELAY_SECONDS", 0.0)
     root = str(tmp_path / "default" / "job")
     config = WriterConfig(
         root=root, rank=0, attempt=1, world_size=2, job="job", namespace="default"
     )
     first = WriterClient(config, standby=True)
     try:
-        assert writer._standby is not None
-        ahead = writer._standby[0]
+        ahead = started_ahead()
         first.wait(first.submit("progress", metrics={"loss": 1.0}, step=1, time=time.time()))
     finally:
         first.close()

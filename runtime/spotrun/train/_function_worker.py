@@ -71,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     target = args[0] if args else contract.PodContract.from_env().function
     if not target:
         raise FunctionNotFound(f"no function to call: pass module:fn or set {contract.FUNCTION}")
+    start_writer_early()
     fn = resolve(target)
     await_promotion()
     while True:
@@ -85,6 +86,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
 
+def start_writer_early() -> None:
+    """Starts the first session's checkpoint writer now, so its import overlaps this one's.
+
+    A writer process imports torch before it serves (seconds); started here, that import
+    runs beside the user code's imports and the rendezvous instead of after them, and the
+    first progress report and second save of the session do not wait for it.
+    """
+    try:
+        background = contract.PodContract.from_env().checkpoint.async_save
+    except contract.ContractError:
+        return  # no pod contract: the session will say so
+    if background:
+        writer.prepare_standby()
+
+
 def await_promotion() -> None:
     """A warm spare's worker, imports done: wait until a group promotes this spare, join it.
 
@@ -94,8 +110,6 @@ def await_promotion() -> None:
     if not regroup.is_spare():
         return
     slot = os.environ.get(contract.SPARE)
-    if contract.PodContract.from_env().checkpoint.async_save:
-        writer.prepare_standby()  # the first session's writer, imported while this waits
     log.info("spare %s: ready, waiting to be promoted into a group", slot)
     started = time.monotonic()
     group = regroup.wait_for_promotion()

@@ -15,7 +15,11 @@ import sys
 from collections.abc import Sequence
 
 from spotrun.train import session as sessions
-from spotrun.train._function_worker import await_next_group, await_promotion
+from spotrun.train._function_worker import (
+    await_next_group,
+    await_promotion,
+    start_writer_early,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if module and len(args) < 2:
         raise SystemExit("spotrun.train._script_worker: -m needs a module name")
     target, rest = (args[1], args[2:]) if module else (args[0], args[1:])
+    start_writer_early()
     await_promotion()
     while True:
         sys.argv = [target, *rest]

@@ -280,7 +280,10 @@ class WriterClient:
             target=self._read_results, name="spotrun-writer-results", daemon=True
         ).start()
         if self.standby:
-            prepare_standby()
+            # Not at once: the recovery that started this session is what needs the CPU now.
+            timer = threading.Timer(STANDBY_DELAY_SECONDS, prepare_standby)
+            timer.daemon = True
+            timer.start()
 
     def _read_results(self) -> None:
         assert self._sock is not None
@@ -454,6 +457,8 @@ class WriterClient:
 # started ahead, so its first progress report and its second save do not wait for that import.
 _standby: tuple[subprocess.Popen[bytes], socket.socket] | None = None
 _standby_lock = threading.Lock()
+# How long after a warm session's start its successor's writer is started.
+STANDBY_DELAY_SECONDS = 5.0
 
 
 def _spawn_writer() -> tuple[subprocess.Popen[bytes], socket.socket]:
