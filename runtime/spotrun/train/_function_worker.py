@@ -8,6 +8,7 @@ Run as `python -m spotrun.train._function_worker module:fn`; the launcher does t
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
@@ -22,6 +23,11 @@ from spotrun.train import regroup, writer
 from spotrun.train.session import Session, get_session, regroup_session
 
 log = logging.getLogger("spotrun")
+
+
+# Imported by a spare before it waits: DDP's constructor imports torch._dynamo on first use
+# (1.4 s measured), which the group would otherwise wait for in its first collective.
+SPARE_PRELOADS = ("torch.nn.parallel", "torch._dynamo")
 
 
 class FunctionNotFound(LookupError):
@@ -110,6 +116,10 @@ def await_promotion() -> None:
     if not regroup.is_spare():
         return
     slot = os.environ.get(contract.SPARE)
+    for module in SPARE_PRELOADS:
+        # What the first session imports lazily, imported while nobody waits for this spare.
+        with contextlib.suppress(ImportError):
+            importlib.import_module(module)
     log.info("spare %s: ready, waiting to be promoted into a group", slot)
     started = time.monotonic()
     group = regroup.wait_for_promotion()
