@@ -476,7 +476,11 @@ class LocalRun:
         """
         for replica in self.replicas:
             if replica.attempt != attempt and replica.running:
-                if replica.index in keep and replica.attempt == attempt - 1 and not replica.stopping:
+                if (
+                    replica.index in keep
+                    and replica.attempt == attempt - 1
+                    and not replica.stopping
+                ):
                     replica.attempt = attempt
                     self.display.event(
                         now,
