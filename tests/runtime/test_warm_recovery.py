@@ -193,3 +193,23 @@ def test_a_warm_spare_takes_the_lost_replicas_place(
     # A new spare took the promoted one's place (started after the loss, stopped at the end).
     assert "warm spare 0" in spare_log(storage, 0, 2).read_text()
     assert_bitwise_equal(final_state(storage), reference)
+
+
+def test_a_spare_that_keeps_failing_is_retried_after_a_growing_pause(tmp_path: Path) -> None:
+    storage = tmp_path / "runs"
+    job = trainjob(
+        tmp_path,
+        trainer={
+            "image": "spotrun-runtime:dev",
+            "function": "tests.runtime.workloads.spare_fails:train_func_steps",
+        },
+        config={**CONFIG, "steps": 400},  # 20 s of training: long enough for a few retries
+    )
+    code, out = run("run", str(job), "--storage", str(storage), "--spares", "1", "--no-live")
+    assert code == 0, out  # the group trained on: a spare's failure is not the job's
+    assert "spare 0: launcher exited with code 1" in out, out
+    assert "a new spare in 5s" in out and "a new spare in 10s" in out, out
+    logs = sorted((storage / JOB_FOLDER / "logs" / "spares").glob("spare-0-*.log"))
+    assert "spare_fails: this module refuses to load in a spare" in logs[0].read_text()
+    # 5 s, 10 s, 20 s... between attempts: a handful in a run of this length, not one per pass.
+    assert 2 <= len(logs) <= 6, [p.name for p in logs]

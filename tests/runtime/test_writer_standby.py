@@ -36,8 +36,9 @@ def test_the_next_writer_of_a_warm_worker_was_started_ahead(
     )
     first = WriterClient(config, standby=True)
     try:
-        ahead = started_ahead()
+        # Started by the first submit once the delay has passed (here: at once).
         first.wait(first.submit("progress", metrics={"loss": 1.0}, step=1, time=time.time()))
+        ahead = started_ahead()
     finally:
         first.close()
     assert ahead.poll() is None  # the first writer's close leaves the one started ahead

@@ -43,3 +43,8 @@ def test_a_spare_that_could_never_join_is_refused_with_the_reason(
 ) -> None:
     with pytest.raises(LocalRunError, match=message):
         check_spares(job(**spec), Options(spares=spares))
+
+
+def test_spares_and_an_injected_application_failure_do_not_mix() -> None:
+    with pytest.raises(LocalRunError, match="cannot be combined with --fail-rank"):
+        check_spares(job(), Options(spares=1, fail_rank=0))

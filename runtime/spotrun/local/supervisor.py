@@ -83,6 +83,9 @@ POLL_SECONDS = 0.2
 # Replicas of an attempt that was replaced: status.attempt already fences their writes, so
 # a graceful stop would save nothing; they get SIGTERM and this long before SIGKILL.
 STOP_GRACE_SECONDS = 5.0
+# A spare that exits on its own is started again after this pause, doubled each time in a row.
+SPARE_RETRY_SECONDS = 5.0
+SPARE_RETRY_MAX_SECONDS = 300.0
 # How often, at most, rank 0 writes lastMetrics: the live view and the hang check read it
 # (a short progressDeadlineSeconds asks for more, spotrun.contract.timing_env).
 LONGEST_PROGRESS_SECONDS = 1.0
@@ -307,6 +310,8 @@ class _Memory:
     promoted: dict[int, dict[int, int]] = field(default_factory=dict)
     # How many spares each slot started (their logs are numbered).
     spares_started: dict[int, int] = field(default_factory=dict)
+    # Per slot, spares that exited on their own: (how many in a row, when to start the next).
+    spare_failures: dict[int, tuple[int, float]] = field(default_factory=dict)
 
 
 class LocalRun:
@@ -509,6 +514,7 @@ class LocalRun:
             if spare is None:
                 continue  # it exited meanwhile: a new replica is started below instead
             self.spares.remove(spare)
+            self.memory.spare_failures.pop(slot, None)
             spare.index, spare.attempt = index, attempt
             self.replicas.append(spare)
             self.display.event(
@@ -554,8 +560,12 @@ class LocalRun:
         if not int(self.status.get("attempt") or 0):
             return
         for slot in range(wanted):
-            if not any(s.index == slot for s in self.spares):
-                self.spares.append(self._start_spare(slot))
+            if any(s.index == slot for s in self.spares):
+                continue
+            failed = self.memory.spare_failures.get(slot)
+            if failed is not None and now < failed[1]:
+                continue  # a spare that keeps failing is retried after a growing pause
+            self.spares.append(self._start_spare(slot))
 
     def _reap_spares(self, now: float) -> None:
         for spare in list(self.spares):
@@ -564,10 +574,13 @@ class LocalRun:
                 assert spare.returncode is not None
                 self.spares.remove(spare)
                 if not spare.stopping:
+                    count = self.memory.spare_failures.get(spare.index, (0, now))[0] + 1
+                    pause = min(SPARE_RETRY_MAX_SECONDS, SPARE_RETRY_SECONDS * 2 ** (count - 1))
+                    self.memory.spare_failures[spare.index] = (count, now + pause)
                     self.display.event(
                         now,
                         f"spare {spare.index}: launcher {describe_exit(spare.returncode)}; "
-                        f"log: {spare.log}",
+                        f"log: {spare.log}; a new spare in {pause:g}s",
                     )
 
     def _start_spare(self, slot: int) -> _Replica:
@@ -1059,9 +1072,15 @@ def check_spares(job: TrainJob, options: Options) -> None:
             "--spares needs replicas >= 2: a warm recovery keeps the survivors of a group, "
             "and a group of one has none"
         )
+    if options.fail_rank is not None:
+        raise LocalRunError(
+            "--spares cannot be combined with --fail-rank: an application failure restarts "
+            "the whole group (no spare is used), and the failing worker cannot wait to be "
+            "promoted"
+        )
     command = [*(job.trainer.command or ()), *job.trainer.args]
     argv = worker_command(command, job.trainer.function, warm=True)
-    if options.fail_rank is None and not job.trainer.function and argv == command:
+    if not job.trainer.function and argv == command:
         raise LocalRunError(
             "--spares needs a trainer.function, or a trainer.command of the form "
             "[python, script.py, ...] or [python, -m, module, ...] (run in a worker that "

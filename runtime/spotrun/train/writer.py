@@ -267,6 +267,7 @@ class WriterClient:
         self._send_lock = threading.Lock()
         self._dead: str | None = None
         self._detached: set[int] = set()
+        self._standby_at: float | None = None
         if background:
             self._start()
 
@@ -279,11 +280,11 @@ class WriterClient:
         threading.Thread(
             target=self._read_results, name="spotrun-writer-results", daemon=True
         ).start()
-        if self.standby:
-            # Not at once: the recovery that started this session is what needs the CPU now.
-            timer = threading.Timer(STANDBY_DELAY_SECONDS, prepare_standby)
-            timer.daemon = True
-            timer.start()
+        # The successor's writer, not at once: the recovery that started this session is
+        # what needs the CPU now. Started by a later submit, from the training thread: a
+        # child's parent death signal follows the thread that started it, so a short-lived
+        # thread must not.
+        self._standby_at = time.monotonic() + STANDBY_DELAY_SECONDS if self.standby else None
 
     def _read_results(self) -> None:
         assert self._sock is not None
@@ -312,6 +313,9 @@ class WriterClient:
         """Queues a job; a detached job's result is only logged, never waited for."""
         job_id = self._next_id
         self._next_id += 1
+        if self._standby_at is not None and time.monotonic() >= self._standby_at:
+            self._standby_at = None
+            prepare_standby()
         if not self.background:
             try:
                 self._results[job_id] = (True, self._inline.handle(op, args))
@@ -479,7 +483,9 @@ def prepare_standby() -> None:
     """Starts a writer process for the next WriterClient of this process, if none waits.
 
     It imports, then waits for its configuration; closing this process (or its socket)
-    ends it. Its environment is this one's: the configuration carries what changes.
+    ends it. Its environment is this one's: the configuration carries what changes. Call it
+    from a thread that lives as long as the process (the training thread): the writer's
+    parent death signal is tied to the thread that started it.
     """
     global _standby
     with _standby_lock:

@@ -73,6 +73,11 @@ for step in range(start, int(cfg["steps"])):
     if step == cfg.get("raise_after_step"):
         raise RuntimeError(f"the training code failed after step {step}")
     if step == cfg.get("kill_before_upload_step") and ctx.world_rank == cfg.get("kill_rank", 1):
+        # The node dies: its checkpoint writer with it, not the few ms later its parent
+        # death signal would take (in which a fast disk finishes a small shard).
+        writer = get_session().writer._proc
+        if writer is not None:
+            os.kill(writer.pid, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     if step == cfg.get("kill_after_step"):
         get_session().flush()
