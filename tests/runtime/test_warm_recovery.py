@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -54,6 +55,18 @@ def script_trainer(folder: Path) -> dict[str, object]:
     return {"image": "spotrun-runtime:dev", "command": ["python", str(script)]}
 
 
+def run_one_fault(job: Path, storage: Path, fault: str, *flags: str) -> dict[str, Any]:
+    """`spotrun run` with one seeded fault after 3 s of training; the status of its success."""
+    code, out = run(
+        "run", str(job), "--storage", str(storage), fault, "3s", "--max-injections", "1",
+        "--seed", "2", *flags,
+    )  # fmt: skip
+    assert code == 0, out
+    status = status_of(storage)
+    assert status["state"] == "Succeeded", status
+    return status
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("reference")
@@ -71,21 +84,7 @@ def test_a_lost_replica_is_replaced_and_the_survivor_keeps_its_process(
 ) -> None:
     storage = tmp_path / "runs"
     job = trainjob(tmp_path)
-    code, out = run(
-        "run",
-        str(job),
-        "--storage",
-        str(storage),
-        fault,
-        "3s",
-        "--max-injections",
-        "1",
-        "--seed",
-        "2",
-    )
-    assert code == 0, out
-    status = status_of(storage)
-    assert status["state"] == "Succeeded"
+    status = run_one_fault(job, storage, fault)
     (entry,) = status["interruptions"]
     assert (entry["reason"], entry["recovery"]) == (reason, "warm"), entry
     assert status["group"]["mode"] == "warm" and status["attempt"] == 2
@@ -162,23 +161,7 @@ def test_a_warm_spare_takes_the_lost_replicas_place(
         if kind == "script"
         else trainjob(tmp_path)
     )
-    code, out = run(
-        "run",
-        str(job),
-        "--storage",
-        str(storage),
-        "--spares",
-        "1",
-        "--kill-every",
-        "3s",
-        "--max-injections",
-        "1",
-        "--seed",
-        "2",
-    )
-    assert code == 0, out
-    status = status_of(storage)
-    assert status["state"] == "Succeeded"
+    status = run_one_fault(job, storage, "--kill-every", "--spares", "1")
     (kept,) = status["group"]["kept"]
     lost = 1 - kept
     assert status["group"]["promoted"] == [{"spare": 0, "nodeRank": lost}], status["group"]
