@@ -109,6 +109,8 @@ def test_steps_lost_of_a_warm_recovery_come_from_where_the_state_was_restored() 
         {"attempt": 1, "replicas": 2, "kept": ["a"]},
         {"attempt": 1, "replicas": 2, "promoted": ["0"]},
         {"attempt": 1, "replicas": 2, "promoted": [{"spare": 0}]},
+        {"attempt": 1, "replicas": 2, "promoted": [{"spare": 0, "nodeRank": 2}]},
+        {"attempt": 1, "replicas": 2, "promoted": [{"spare": -1, "nodeRank": 0}]},
     ],
 )
 def test_a_bad_group_record_reads_as_none(raw: object) -> None:

@@ -55,20 +55,20 @@ class GroupRecord:
         if not isinstance(raw, Mapping):
             return None
         try:
-            mode = str(raw.get("mode", "cold"))
+            mode: Mode = "warm" if str(raw.get("mode", "cold")) == "warm" else "cold"
             port = raw.get("masterPort")
-            return cls(
-                attempt=int(raw["attempt"]),
-                mode="warm" if mode == "warm" else "cold",
-                replicas=int(raw["replicas"]),
-                kept=tuple(int(i) for i in raw.get("kept") or ()),
-                master_port=None if port is None else int(port),
-                promoted=tuple(
-                    (int(p["spare"]), int(p["nodeRank"])) for p in raw.get("promoted") or ()
-                ),
+            attempt = int(raw["attempt"])
+            replicas = int(raw["replicas"])
+            kept = tuple(int(i) for i in raw.get("kept") or ())
+            master_port = None if port is None else int(port)
+            promoted = tuple(
+                (int(p["spare"]), int(p["nodeRank"])) for p in raw.get("promoted") or ()
             )
         except (KeyError, TypeError, ValueError):
             return None
+        if any(not 0 <= rank < replicas or slot < 0 for slot, rank in promoted):
+            return None  # a promotion to a rank the group does not have: not ours to follow
+        return cls(attempt, mode, replicas, kept, master_port, promoted)
 
     def keeps(self, node_rank: int) -> bool:
         return self.mode == "warm" and node_rank in self.kept
