@@ -36,6 +36,11 @@ GROUP_FILE = "SPOTRUN_GROUP_FILE"
 # Set on a warm spare's launcher and workers (its slot): they start, import, and wait for a
 # group that promotes the slot (status.group.promoted) instead of joining one.
 SPARE = "SPOTRUN_SPARE"
+# Set from spec.elastic.batch on elastic jobs ("global" or "perReplica"; unset otherwise):
+# what the data loader keeps when the group runs below spec.replicas.
+ELASTIC_BATCH = "SPOTRUN_ELASTIC_BATCH"
+# spec.replicas, the group's target size; SPOTRUN_REPLICAS is the size of the current group.
+TARGET_REPLICAS = "SPOTRUN_TARGET_REPLICAS"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 Recovery = Literal["warm", "cold"]
+Batch = Literal["global", "perReplica"]
 
 DEFAULT_MAX_FAILURES = 3
 UNLIMITED = -1
@@ -75,6 +76,32 @@ class FailurePolicy:
         )
 
 
+DEFAULT_ELASTIC_WAIT = 60.0
+
+
+@dataclass(frozen=True)
+class Elastic:
+    """`spec.elastic`: the group may run below `spec.replicas`, down to `min_replicas`.
+
+    A replacement that cannot be scheduled for `wait_seconds` is given up: the survivors
+    re-form without it. When it runs again the group grows back at a checkpoint boundary.
+    `batch` says what a resize keeps: the global batch (`global`: each rank's share grows
+    as the group shrinks) or each replica's batch (`perReplica`).
+    """
+
+    min_replicas: int = 1
+    wait_seconds: float = DEFAULT_ELASTIC_WAIT
+    batch: Batch = "global"
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any]) -> Elastic:
+        return cls(
+            min_replicas=int(spec.get("minReplicas", 1)),
+            wait_seconds=float(spec.get("waitSeconds", DEFAULT_ELASTIC_WAIT)),
+            batch="perReplica" if str(spec.get("batch", "global")) == "perReplica" else "global",
+        )
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """What the policy needs of `spec`: group size, resume point, budgets, TTL."""
@@ -87,6 +114,8 @@ class JobSpec:
     # warm: a preemption keeps the surviving replicas (their processes, torch, the state in
     # memory) and replaces only the lost ones; cold: every preemption restarts the group.
     recovery: Recovery = "warm"
+    # None: the group always runs at `replicas` (a lost replica is waited for).
+    elastic: Elastic | None = None
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> JobSpec:
@@ -101,4 +130,5 @@ class JobSpec:
             ttl_seconds_after_finished=None if ttl is None else float(ttl),
             grace_seconds=DEFAULT_GRACE_SECONDS if grace is None else float(grace),
             recovery="cold" if str(spec.get("recovery", "Warm")).lower() == "cold" else "warm",
+            elastic=None if spec.get("elastic") is None else Elastic.from_spec(spec["elastic"]),
         )
