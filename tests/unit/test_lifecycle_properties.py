@@ -15,15 +15,17 @@ from spotrun.lifecycle import (
     RestartGroup,
     plan,
 )
+from spotrun.lifecycle.group import GroupRecord
 from spotrun.lifecycle.ledger import LEDGER_SIZE
-from spotrun.lifecycle.spec import Backoff, CircuitBreaker, FailurePolicy
+from spotrun.lifecycle.spec import Backoff, CircuitBreaker, Elastic, FailurePolicy
 
 T0 = 1_700_000_000.0
 STATES = {"Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"}
 
 specs = st.builds(
-    lambda replicas, max_failures, max_preemptions, breaker, deadline: JobSpec(
+    lambda replicas, max_failures, max_preemptions, breaker, deadline, elastic: JobSpec(
         replicas=replicas,
+        elastic=None if elastic is None else Elastic(min(elastic[0], replicas), elastic[1]),
         failure_policy=FailurePolicy(
             max_failures=max_failures,
             max_preemptions=max_preemptions,
@@ -38,6 +40,7 @@ specs = st.builds(
     breaker=st.none()
     | st.builds(CircuitBreaker, st.integers(1, 5), st.sampled_from([60.0, 3600.0])),
     deadline=st.none() | st.sampled_from([30.0, 300.0]),
+    elastic=st.none() | st.tuples(st.integers(1, 3), st.sampled_from([0.0, 10.0, 60.0])),
 )
 
 
@@ -140,6 +143,15 @@ def test_budgets_counts_and_attempts_stay_consistent(
         assert len(status.get("interruptions", [])) <= LEDGER_SIZE
         restarts = [a for a in result.actions if isinstance(a, RestartGroup)]
         assert all(a.attempt == status["attempt"] for a in restarts)
+        # The group's membership stays a group of this job: elastic never below its floor.
+        record = GroupRecord.from_status(status)
+        if status.get("attempt"):
+            assert record is not None and record.attempt == status["attempt"]
+            assert set(record.indices) <= set(range(spec.replicas))
+            assert set(record.kept) <= set(record.indices)
+            floor = spec.elastic.min_replicas if spec.elastic else spec.replicas
+            assert floor <= record.replicas <= spec.replicas
+            assert status["size"] == f"{record.replicas}/{spec.replicas}"
 
         again = plan(spec, status, observation, jitter=0.99)
         assert again.status == status

@@ -39,12 +39,13 @@ def consecutive(interruptions: Sequence[Mapping[str, Any]]) -> int:
 
     Two failures are in a row when the second came less than RESET_AFTER_SECONDS after the
     group recovered from the first (or the first never recovered). Preemptions are not a
-    crash loop: they are skipped, neither counted nor breaking a run of failures.
+    crash loop: they are skipped, neither counted nor breaking a run of failures, and so are
+    elastic resizes.
     """
     count = 0
     later: float | None = None
     for entry in reversed(interruptions):
-        if entry.get("kind") == "preemption":
+        if entry.get("kind") in ("preemption", "resize"):
             continue
         if later is not None:
             recovered = entry.get("secondsToRecover")

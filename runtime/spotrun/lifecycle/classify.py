@@ -60,7 +60,7 @@ class Blocker:
 def classify(
     replicas: Sequence[ReplicaObservation],
     *,
-    expected: int,
+    expected: int | Sequence[int],
     was_running: bool,
     now: float,
     watch: ProgressWatch | None = None,
@@ -72,6 +72,7 @@ def classify(
     `was_running` says every replica of the attempt was seen running before, so one that
     is now pending or missing was replaced behind our back: it vanished. The hang check
     runs only when a `watch` is given (spotrun.lifecycle.hang), i.e. while the group runs.
+    `expected` is the group: its size (replicas 0 to n - 1) or its replica indices.
     """
     preemption = _preemption(replicas, expected=expected, was_running=was_running)
     if preemption is not None:
@@ -111,7 +112,7 @@ def blocker(replicas: Sequence[ReplicaObservation]) -> Blocker | None:
 
 
 def _preemption(
-    replicas: Sequence[ReplicaObservation], *, expected: int, was_running: bool
+    replicas: Sequence[ReplicaObservation], *, expected: int | Sequence[int], was_running: bool
 ) -> Interruption | None:
     lost: list[tuple[int, str]] = []
     for r in replicas:
@@ -124,7 +125,9 @@ def _preemption(
     if was_running:
         seen = {r.index for r in replicas if r.phase != "missing"}
         lost.extend(
-            (i, VANISHED) for i in range(expected) if i not in seen and (i, VANISHED) not in lost
+            (i, VANISHED)
+            for i in (range(expected) if isinstance(expected, int) else expected)
+            if i not in seen and (i, VANISHED) not in lost
         )
     if not lost:
         return None

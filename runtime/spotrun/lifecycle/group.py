@@ -7,6 +7,12 @@ supervisor chose one (local mode), and the warm spares promoted into the group (
 mode's `--spares`: a spare slot takes a lost node rank). Each pod's launcher watches for it
 (spotrun.membership.watch) and hands a kept replica's or a promoted spare's workers their
 next group.
+
+An elastic group (spec.elastic) may run below spec.replicas: `members` then lists the
+replica indices (pod ordinals) that form it, in node-rank order, and `replicas` is their
+number. Without `members` the group is replicas 0 to replicas - 1, node rank = index. A
+replica of the attempt that is not a member waits (its launcher's workers import and wait)
+until a later group names it.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class GroupRecord:
     master_port: int | None = None
     # (spare slot, node rank): spares whose waiting workers take a lost replica's place.
     promoted: tuple[tuple[int, int], ...] = ()
+    # The replica indices of an elastic group, in node-rank order; () means 0..replicas-1.
+    members: tuple[int, ...] = ()
 
     def to_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -46,6 +54,8 @@ class GroupRecord:
             out["masterPort"] = self.master_port
         if self.promoted:
             out["promoted"] = [{"spare": slot, "nodeRank": rank} for slot, rank in self.promoted]
+        if self.members:
+            out["members"] = list(self.members)
         return out
 
     @classmethod
@@ -64,14 +74,32 @@ class GroupRecord:
             promoted = tuple(
                 (int(p["spare"]), int(p["nodeRank"])) for p in raw.get("promoted") or ()
             )
+            members = tuple(int(i) for i in raw.get("members") or ())
         except (KeyError, TypeError, ValueError):
             return None
         if any(not 0 <= rank < replicas or slot < 0 for slot, rank in promoted):
             return None  # a promotion to a rank the group does not have: not ours to follow
-        return cls(attempt, mode, replicas, kept, master_port, promoted)
+        if members and (
+            len(members) != replicas or len(set(members)) != replicas or min(members) < 0
+        ):
+            return None  # members that do not make a group of `replicas` ranks
+        if members and not set(kept) <= set(members):
+            return None  # a kept replica outside the group
+        return cls(attempt, mode, replicas, kept, master_port, promoted, members)
 
-    def keeps(self, node_rank: int) -> bool:
-        return self.mode == "warm" and node_rank in self.kept
+    def keeps(self, index: int) -> bool:
+        """Whether replica `index` of the previous attempt stays, in place, in this one."""
+        return self.mode == "warm" and index in self.kept
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        """The replica indices of the group, in node-rank order."""
+        return self.members or tuple(range(self.replicas))
+
+    def node_rank_of(self, index: int) -> int | None:
+        """Replica `index`'s node rank in this group, or None when it is not a member."""
+        indices = self.indices
+        return indices.index(index) if index in indices else None
 
     def promotes(self, spare: int) -> int | None:
         """The node rank spare slot `spare` takes in this group, or None."""

@@ -42,6 +42,38 @@ def record(
     return [*(dict(e) for e in ledger), entry][-LEDGER_SIZE:]
 
 
+def record_resize(
+    ledger: Sequence[Mapping[str, Any]],
+    *,
+    attempt: int,
+    now: float,
+    reason: str,
+    message: str,
+    replicas: tuple[int, int],
+    step: int | None,
+) -> list[dict[str, Any]]:
+    """The ledger with an elastic resize of `attempt`'s group: `replicas` is (from, to).
+
+    A resize is no interruption of the budgets' kind (neither preemption nor failure): it
+    is recorded for its cost, restarts at once, and is closed like the others when the
+    resized group trains (`secondsToRecover`).
+    """
+    entry: dict[str, Any] = {
+        "time": format_time(now),
+        "attempt": attempt,
+        "kind": "resize",
+        "reason": reason,
+        "message": message,
+        "fromReplicas": replicas[0],
+        "toReplicas": replicas[1],
+        "restartTime": format_time(now),
+        "recovery": "warm",
+    }
+    if step is not None:
+        entry["step"] = step
+    return [*(dict(e) for e in ledger), entry][-LEDGER_SIZE:]
+
+
 def open_entry(ledger: Sequence[Mapping[str, Any]], attempt: int) -> int | None:
     """Index of the entry for an interruption of `attempt` not yet recovered from, if any."""
     for i in range(len(ledger) - 1, -1, -1):
@@ -99,6 +131,20 @@ def mark_recovered(
     """Entry `index` with the seconds from the interruption until the group ran again."""
     since = parse_time(str(ledger[index]["time"]))
     return update(ledger, index, secondsToRecover=round(max(0.0, now - since), 3))
+
+
+def open_tail(ledger: Sequence[Mapping[str, Any]]) -> list[int]:
+    """Indexes of the entries at the end of the ledger not yet recovered from (newest last).
+
+    Usually one; a preemption followed by an elastic resize of the group that waited for
+    its replacement leaves two, and the group training again recovers from both.
+    """
+    out: list[int] = []
+    for i in range(len(ledger) - 1, -1, -1):
+        if "secondsToRecover" in ledger[i]:
+            break
+        out.append(i)
+    return out[::-1]
 
 
 def failure_times(ledger: Sequence[Mapping[str, Any]]) -> list[float]:

@@ -53,7 +53,7 @@ from spotrun.lifecycle.classify import (
 )
 from spotrun.lifecycle.group import GroupRecord
 from spotrun.lifecycle.hang import ProgressWatch, progress_watch
-from spotrun.lifecycle.observation import Observation, ReplicaObservation
+from spotrun.lifecycle.observation import UNSCHEDULABLE, Observation, ReplicaObservation
 from spotrun.lifecycle.spec import JobSpec
 from spotrun.lifecycle.times import format_time, parse_time
 
@@ -64,6 +64,10 @@ SUSPENDED: Final = "Suspended"
 SUCCEEDED: Final = "Succeeded"
 FAILED: Final = "Failed"
 FINISHED = (SUCCEEDED, FAILED)
+
+# Why an elastic group was resized (the reasons of its `resize` ledger entries).
+CAPACITY_UNAVAILABLE: Final = "CapacityUnavailable"
+CAPACITY_RETURNED: Final = "CapacityReturned"
 
 # The status fields this policy writes. Every other field (latestCheckpoint, checkpoints,
 # bestCheckpoints, lastMetrics, completion) belongs to the runtime and is only read here;
@@ -82,6 +86,7 @@ OWNED_FIELDS = (
     "restartNotBefore",
     "attemptStartTime",
     "group",
+    "size",
 )
 
 # Each transition moves a job strictly along the state diagram, so a handful of steps
@@ -142,6 +147,7 @@ class _Step:
         self.now = observation.now
         self.jitter = jitter
         self._draw: float | None = None
+        self._record: GroupRecord | None = None
 
     def draw(self) -> float:
         """The jitter draw, taken from a Random only when a backoff is computed, at most once."""
@@ -158,7 +164,9 @@ class _Step:
         st.setdefault("attempt", 0)
         st.setdefault("preemptions", 0)
         st.setdefault("failures", 0)
+        self._record = GroupRecord.from_status(st)
         actions = self._transition(st)
+        self._record = GroupRecord.from_status(st)
         self._report_replicas(st)
         return st, actions
 
@@ -205,9 +213,10 @@ class _Step:
         """Pending, Running or Restarting after the restart went out: watch the attempt."""
         state, attempt = st["state"], int(st["attempt"])
         current = self._group(attempt)
+        members = self._members(attempt)
         interruption = classify(
             current,
-            expected=self.spec.replicas,
+            expected=members,
             was_running=state == RUNNING,
             now=self.now,
             watch=self._watch(st) if state == RUNNING else None,
@@ -216,9 +225,10 @@ class _Step:
             return self._interrupt(st, attempt, interruption)
 
         up = {r.index for r in current if r.phase in ("running", "succeeded")}
-        replicas = self.spec.replicas
+        replicas = len(members)
         if len(up) >= replicas:
-            return self._running(st, attempt)
+            grow = self._grow(st, attempt) if state == RUNNING else None
+            return grow if grow is not None else self._running(st, attempt)
         incomplete = (
             bool(self.obs.stale(attempt)) or sum(1 for r in current if r.present) < replicas
         )
@@ -236,7 +246,10 @@ class _Step:
             resume = resume_point(self.spec, st)
             record = GroupRecord.from_status(st)
             keep = record.kept if record is not None and record.attempt == attempt else ()
-            return [RestartGroup(attempt, resume, reason, not_before, keep)] if incomplete else []
+            restart: list[Action] = (
+                [RestartGroup(attempt, resume, reason, not_before, keep)] if incomplete else []
+            )
+            return self._shrink(st, attempt, current, restart) or restart
         st["state"] = PENDING
         self._condition(st, cond.RUNNING, False, "Starting", f"starting: {progress}")
         return [StartGroup(attempt, resume_point(self.spec, st))] if incomplete else []
@@ -261,9 +274,9 @@ class _Step:
         if st["state"] != RUNNING:
             if st["state"] == RESTARTING:
                 entries = st.get("interruptions") or []
-                index = _last_open_index(entries)
-                if index is not None:
-                    st["interruptions"] = ledger_.mark_recovered(entries, index, now=self.now)
+                for index in ledger_.open_tail(entries):
+                    entries = ledger_.mark_recovered(entries, index, now=self.now)
+                st["interruptions"] = entries
             st["state"] = RUNNING
             st["attemptStartTime"] = format_time(self.now)
         self._condition(
@@ -271,7 +284,7 @@ class _Step:
             cond.RUNNING,
             True,
             "AllReplicasRunning",
-            f"attempt {attempt}: {self.spec.replicas}/{self.spec.replicas} replicas running",
+            f"attempt {attempt}: {self._size(attempt)}/{self.spec.replicas} replicas running",
         )
         watch = self._watch(st)
         if watch is None:
@@ -369,7 +382,7 @@ class _Step:
         # Survivors are relabelled from `attempt` to the next one; a skipped number (pods of
         # a newer attempt exist, the status was rolled back) restarts cold.
         warm = entry["kind"] == "preemption" and following == attempt + 1
-        keep = self._survivors(replicas) if warm else ()
+        keep = self._survivors(replicas, attempt) if warm else ()
         st["interruptions"] = ledger_.mark_restarted(
             entries,
             index,
@@ -381,11 +394,128 @@ class _Step:
             recovery="warm" if keep else "cold",
         )
         st["attempt"] = following
+        # A warm recovery re-forms the same members (a replacement takes the lost one's
+        # place); a cold restart brings every replica back, at the target size.
+        members = self._members(attempt) if keep else ()
+        members = members if len(members) < self.spec.replicas else ()
         st["group"] = GroupRecord(
-            following, "warm" if keep else "cold", self.spec.replicas, keep
+            following,
+            "warm" if keep else "cold",
+            len(members) or self.spec.replicas,
+            keep,
+            members=members,
         ).to_status()
         st.pop("restartNotBefore")
         return [RestartGroup(following, resume_point(self.spec, st), reason, self.now, keep)]
+
+    def _shrink(
+        self,
+        st: dict[str, Any],
+        attempt: int,
+        current: Sequence[ReplicaObservation],
+        restart: list[Action],
+    ) -> list[Action] | None:
+        """Elastic: the group goes on without replacements that cannot be scheduled.
+
+        While a warm restart waits for a replacement that the scheduler cannot place
+        (Unschedulable, or no pod at all), the group waits spec.elastic.waitSeconds from
+        the restart; then the survivors re-form alone as a new attempt, if they are at
+        least minReplicas. None when this does not apply (and the restart goes on).
+        """
+        elastic = self.spec.elastic
+        entry = _last_open(st.get("interruptions") or [])
+        if elastic is None or entry is None or self.spec.recovery != "warm":
+            return None
+        members = self._members(attempt)
+        seen = {r.index: r for r in current}
+        alive = tuple(i for i in members if _runs(seen.get(i)))
+        missing = [i for i in members if i not in alive]
+        if not missing or len(alive) < elastic.min_replicas:
+            return None
+        if not all(_unplaceable(seen.get(i)) for i in missing):
+            return None  # scheduled and starting (pulling, creating): not a lack of capacity
+        since = parse_time(str(entry.get("restartTime") or entry["time"]))
+        deadline = since + elastic.wait_seconds
+        lost = ", ".join(str(i) for i in missing)
+        if self.now < deadline:
+            self._condition(
+                st,
+                cond.RUNNING,
+                False,
+                "WaitingForCapacity",
+                f"replica {lost} cannot be scheduled; the group goes on with {len(alive)} of "
+                f"{self.spec.replicas} replicas at {format_time(deadline)} "
+                "(spec.elastic.waitSeconds)",
+            )
+            return [*restart, Wait(deadline, "ElasticWait")]
+        following = self._next_attempt(st)
+        if following != attempt + 1:
+            return None  # pods of a newer attempt exist: the restart sorts that out first
+        message = (
+            f"replica {lost} could not be scheduled for {elastic.wait_seconds:g}s: the group "
+            f"goes on with {len(alive)} of {self.spec.replicas} replicas"
+        )
+        st["interruptions"] = ledger_.record_resize(
+            st.get("interruptions") or [],
+            attempt=attempt,
+            now=self.now,
+            reason=CAPACITY_UNAVAILABLE,
+            message=message,
+            replicas=(len(members), len(alive)),
+            step=_progress_step(st),
+        )
+        self._resized(st, following, alive)
+        self._condition(st, cond.RUNNING, False, CAPACITY_UNAVAILABLE, message)
+        return [
+            RestartGroup(
+                following, resume_point(self.spec, st), CAPACITY_UNAVAILABLE, self.now, alive
+            )
+        ]
+
+    def _grow(self, st: dict[str, Any], attempt: int) -> list[Action] | None:
+        """Elastic, below its target: replicas that run again outside the group join it.
+
+        A new, warm attempt keeps every member and the joiners; the members stop at their
+        next checkpoint (the runtime's side), so the joiners get that state from memory.
+        """
+        elastic = self.spec.elastic
+        members = self._members(attempt)
+        if elastic is None or len(members) >= self.spec.replicas:
+            return None
+        joiners = self._joiners(attempt)
+        following = self._next_attempt(st)
+        if not joiners or following != attempt + 1:
+            return None
+        grown = tuple(sorted({*members, *joiners}))[: self.spec.replicas]
+        message = (
+            f"replica {', '.join(str(i) for i in joiners)} runs again: the group grows from "
+            f"{len(members)} to {len(grown)} of {self.spec.replicas} replicas at its next "
+            "checkpoint"
+        )
+        st["interruptions"] = ledger_.record_resize(
+            st.get("interruptions") or [],
+            attempt=attempt,
+            now=self.now,
+            reason=CAPACITY_RETURNED,
+            message=message,
+            replicas=(len(members), len(grown)),
+            step=_progress_step(st),
+        )
+        st["state"] = RESTARTING
+        st.pop("attemptStartTime", None)
+        self._resized(st, following, grown)
+        self._condition(st, cond.RUNNING, False, CAPACITY_RETURNED, message)
+        return [
+            RestartGroup(following, resume_point(self.spec, st), CAPACITY_RETURNED, self.now, grown)
+        ]
+
+    def _resized(self, st: dict[str, Any], following: int, members: tuple[int, ...]) -> None:
+        """Records the resized group as attempt `following`: warm, every member kept."""
+        st["attempt"] = following
+        partial = members if len(members) < self.spec.replicas else ()
+        st["group"] = GroupRecord(
+            following, "warm", len(members), members, members=partial
+        ).to_status()
 
     def _next_attempt(self, st: Mapping[str, Any]) -> int:
         """The fencing token of the next attempt: above the status's and every replica's.
@@ -397,7 +527,7 @@ class _Step:
         seen = [r.attempt for r in self.obs.replicas if r.attempt is not None]
         return max([int(st["attempt"]), *seen]) + 1
 
-    def _survivors(self, replicas: Sequence[ReplicaObservation]) -> tuple[int, ...]:
+    def _survivors(self, replicas: Sequence[ReplicaObservation], attempt: int) -> tuple[int, ...]:
         """The replicas a warm recovery keeps: running, not preempted, not replacements.
 
         Empty when the job asks for cold recovery, or when nobody survived (then every
@@ -410,7 +540,7 @@ class _Step:
             for r in replicas
             if r.phase == "running" and not r.preempted and not r.replaced and r.present
         }
-        return tuple(sorted(alive)) if len(alive) < self.spec.replicas else ()
+        return tuple(sorted(alive)) if len(alive) < self._size(attempt) else ()
 
     def _fill_steps_lost(self, st: dict[str, Any], attempt: int) -> None:
         """A warm recovery's steps lost, once the runtime said where the state came from.
@@ -476,8 +606,11 @@ class _Step:
 
     def _report_replicas(self, st: dict[str, Any]) -> None:
         """readyReplicas and PodsReady, from the replicas of the attempt now in status."""
-        attempt, replicas = int(st["attempt"]), self.spec.replicas
+        attempt = int(st["attempt"])
+        replicas = self._size(attempt) if attempt else self.spec.replicas
         current = self._group(attempt) if attempt else ()
+        if attempt:
+            st["size"] = f"{replicas}/{self.spec.replicas}"
         ready = len({r.index for r in current if r.ready and r.present})
         st["readyReplicas"] = ready
         if ready >= replicas:
@@ -520,9 +653,34 @@ class _Step:
             failure_times=ledger_.failure_times(st.get("interruptions") or []),
         )
 
+    def _members(self, attempt: int) -> tuple[int, ...]:
+        """The replica indices of `attempt`'s group: status.group's members, else all."""
+        record = self._record
+        if record is not None and record.attempt == attempt and record.members:
+            return tuple(i for i in record.members if 0 <= i < self.spec.replicas)
+        return tuple(range(self.spec.replicas))
+
+    def _size(self, attempt: int) -> int:
+        return len(self._members(attempt))
+
     def _group(self, attempt: int) -> tuple[ReplicaObservation, ...]:
-        """The replicas of `attempt` that belong to the group (index below spec.replicas)."""
-        return tuple(r for r in self.obs.of_attempt(attempt) if 0 <= r.index < self.spec.replicas)
+        """The replicas of `attempt` that belong to its group (status.group's members)."""
+        members = set(self._members(attempt))
+        return tuple(r for r in self.obs.of_attempt(attempt) if r.index in members)
+
+    def _joiners(self, attempt: int) -> tuple[int, ...]:
+        """Replicas of `attempt` outside its elastic group that run and wait to join it."""
+        members = set(self._members(attempt))
+        return tuple(
+            r.index
+            for r in self.obs.of_attempt(attempt)
+            if r.index not in members
+            and 0 <= r.index < self.spec.replicas
+            and r.phase == "running"
+            and r.present
+            and not r.preempted
+            and not r.replaced
+        )
 
     def _watch(self, st: Mapping[str, Any]) -> ProgressWatch | None:
         """The hang watch on the running attempt: start-up allowance, then progress deadline."""
@@ -535,7 +693,18 @@ class _Step:
 
     def _all_succeeded(self, attempt: int) -> bool:
         done = {r.index for r in self._group(attempt) if r.phase == "succeeded"}
-        return len(done) >= self.spec.replicas
+        return len(done) >= self._size(attempt)
+
+
+def _runs(replica: ReplicaObservation | None) -> bool:
+    return replica is not None and replica.phase == "running" and replica.present
+
+
+def _unplaceable(replica: ReplicaObservation | None) -> bool:
+    """No pod, or one the scheduler cannot place: what elastic.waitSeconds gives up on."""
+    if replica is None or not replica.present:
+        return True
+    return replica.phase == "pending" and replica.waiting_reason == UNSCHEDULABLE
 
 
 def _progress_step(status: Mapping[str, Any]) -> int | None:
