@@ -41,6 +41,9 @@ SPARE = "SPOTRUN_SPARE"
 ELASTIC_BATCH = "SPOTRUN_ELASTIC_BATCH"
 # spec.replicas, the group's target size; SPOTRUN_REPLICAS is the size of the current group.
 TARGET_REPLICAS = "SPOTRUN_TARGET_REPLICAS"
+# Set by the operator on elastic jobs: replica {index}'s address (a template with the
+# literal "{index}"). When an elastic group re-forms without replica 0, rank 0 moves.
+MEMBER_ADDR = "SPOTRUN_MEMBER_ADDR"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 

@@ -22,8 +22,10 @@ from spotrun.lifecycle import (
     Observation,
     Phase,
     ReplicaObservation,
+    format_time,
     parse_time,
 )
+from spotrun.lifecycle.observation import UNSCHEDULABLE
 from spotrun.local.faults import REASONS, FaultKind
 
 # Kubernetes' reasons for a terminated container, reused so that status reads the same.
@@ -116,15 +118,32 @@ def observe(
     *,
     now: float,
     suspended: bool = False,
+    held: Mapping[int, float] | None = None,
 ) -> Observation:
     """The Observation of a local job from its replica processes and its status.json.
 
     Replicas of older attempts are included only while they still run: once one has
     exited it is gone, as a deleted pod is. Progress and completion come from the fields
     rank 0 wrote into the status (lastMetrics.time; completion of the current attempt).
+    `held` maps the replicas `--unavailable-for` keeps back to when their capacity
+    returns: with no process of the current attempt, each is seen as a pod the scheduler
+    cannot place.
     """
     attempt = int(status.get("attempt") or 0)
+    replicas = list(replicas)
     seen = tuple(replica_observation(r) for r in replicas if r.attempt == attempt or r.running)
+    present = {r.index for r in replicas if r.attempt == attempt}
+    seen += tuple(
+        ReplicaObservation(
+            index=index,
+            attempt=attempt,
+            phase="pending",
+            waiting_reason=UNSCHEDULABLE,
+            message=f"no capacity until {format_time(until)} (--unavailable-for)",
+        )
+        for index, until in sorted((held or {}).items())
+        if attempt and index not in present
+    )
     last = (status.get("lastMetrics") or {}).get("time")
     completion = status.get("completion") or {}
     completed = attempt > 0 and bool(completion) and int(completion.get("attempt", -1)) == attempt

@@ -44,6 +44,7 @@ from spotrun.lifecycle import (
     FAILED,
     FINISHED,
     OWNED_FIELDS,
+    RESTARTING,
     RUNNING,
     SUCCEEDED,
     SUSPENDED,
@@ -117,6 +118,9 @@ class Options:
     seed: int | None = None
     live: bool = True
     spares: int = 0
+    # A replica hit by an injected fault has no capacity for this long (its replacement is
+    # "unschedulable"): an elastic job goes on without it, then grows back.
+    unavailable_for: float | None = None
 
 
 # --- pure helpers -----------------------------------------------------------------------
@@ -312,6 +316,8 @@ class _Memory:
     spares_started: dict[int, int] = field(default_factory=dict)
     # Per slot, spares that exited on their own: (how many in a row, when to start the next).
     spare_failures: dict[int, tuple[int, float]] = field(default_factory=dict)
+    # --unavailable-for: replica index -> until when it cannot be started again.
+    held: dict[int, float] = field(default_factory=dict)
 
 
 class LocalRun:
@@ -399,7 +405,9 @@ class LocalRun:
         self._reap_spares(now)
         status = read_status_file(self.status_url)
         facts = [r.facts() for r in self.replicas]
-        observation = observe(facts, status, now=now, suspended=self.interrupted > 0)
+        held = {i: until for i, until in self.memory.held.items() if until > now}
+        self.memory.held = held
+        observation = observe(facts, status, now=now, suspended=self.interrupted > 0, held=held)
         decision = plan(self.spec, status, observation, self.rng)
         if owned(decision.status) != owned(status):
             decision = self._write(observation)
@@ -416,6 +424,7 @@ class LocalRun:
         self._notice_changes(status, now)
         self.status = status
         self._apply(actions, now)
+        self._keep_joiners(now)
         self._keep_spares(now)
         self._forget_stale()
         self._inject(elapsed, now)
@@ -527,7 +536,31 @@ class LocalRun:
                 continue
             if any(r.index == index and r.running for r in self.replicas):
                 continue  # as a StatefulSet does: the old pod goes before the new one comes
+            if self.memory.held.get(index, 0.0) > now:
+                continue  # no capacity for it yet (--unavailable-for): it stays pending
             self.replicas.append(self._start(index, attempt, resume_from))
+
+    def _keep_joiners(self, now: float) -> None:
+        """Elastic: a replica outside the group whose capacity came back is started again.
+
+        It runs for the current attempt, as a StatefulSet's pod would; its launcher finds
+        itself outside the group and waits until the policy grows the group to include it.
+        """
+        state = self.status.get("state")
+        attempt = int(self.status.get("attempt") or 0)
+        if self.spec.elastic is None or self.interrupted or not attempt:
+            return
+        if state not in (RUNNING, RESTARTING):
+            return
+        for index in range(self.spec.replicas):
+            if any(r.index == index and (r.running or r.attempt == attempt) for r in self.replicas):
+                continue
+            if self.memory.held.get(index, 0.0) > now:
+                continue
+            self.display.event(
+                now, f"attempt {attempt}: replica {index} has capacity again; starting it"
+            )
+            self.replicas.append(self._start(index, attempt, resume_point(self.spec, self.status)))
 
     # -- warm spares ------------------------------------------------------------------
 
@@ -647,6 +680,9 @@ class LocalRun:
         )
         env["PYTHONUNBUFFERED"] = "1"
         env[contract.RECOVERY] = self.spec.recovery
+        if self.spec.elastic is not None:
+            env[contract.ELASTIC_BATCH] = self.spec.elastic.batch
+            env[contract.TARGET_REPLICAS] = str(self.spec.replicas)
         # The rule the operator follows: the launcher's deadline from the pod's grace, the
         # progress reports from the hang deadline.
         env.update(contract.timing_env(job.spec, longest_progress=LONGEST_PROGRESS_SECONDS))
@@ -691,10 +727,13 @@ class LocalRun:
             return
         attempt = int(self.status.get("attempt") or 0)
         group = [r for r in self.replicas if r.attempt == attempt]
+        size = int((self.status.get("group") or {}).get("replicas") or self.spec.replicas)
+        members = set((self.status.get("group") or {}).get("members") or range(size))
+        group = [r for r in group if r.index in members]
         training = (
             self.status.get("state") == RUNNING
             and attempt in self.memory.training_since
-            and len(group) == self.spec.replicas
+            and len(group) == size
             and all(r.running and r.fault is None and not r.stopping for r in group)
         )
         if not training:
@@ -716,6 +755,13 @@ class LocalRun:
             victim.kill()
         else:
             victim.signal(faults.SIGNALS[kind])
+        if self.options.unavailable_for:
+            self.memory.held[victim.index] = now + self.options.unavailable_for
+            self.display.event(
+                now,
+                f"replica {victim.index} has no capacity for "
+                f"{faults.format_duration(self.options.unavailable_for)} (--unavailable-for)",
+            )
 
     # -- what changed, for people -----------------------------------------------------
 
@@ -968,6 +1014,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         ),
     )
     parser.add_argument(
+        "--unavailable-for",
+        type=_duration,
+        metavar="DURATION",
+        help=(
+            "a replica hit by an injected fault cannot be started again for DURATION, as a "
+            "node with no spot capacity left: an elastic job (spec.elastic) goes on with the "
+            "others, then grows back; another waits for it"
+        ),
+    )
+    parser.add_argument(
         "--no-live",
         dest="live",
         action="store_false",
@@ -992,6 +1048,7 @@ def main(args: argparse.Namespace) -> int:
         seed=args.seed,
         live=args.live,
         spares=args.spares,
+        unavailable_for=args.unavailable_for,
     )
     held: ownership.Ownership | None = None
     try:
@@ -1048,6 +1105,16 @@ def _check(job: TrainJob, options: Options) -> None:
         raise LocalRunError(f"--max-injections must be >= 0, got {options.max_injections}")
     if options.spares:
         check_spares(job, options)
+    if options.unavailable_for is not None and not (options.preempt_every or options.kill_every):
+        raise LocalRunError(
+            "--unavailable-for holds back replicas hit by an injected fault: give "
+            "--preempt-every or --kill-every too"
+        )
+    if options.spares and job.job_spec().elastic is not None:
+        raise LocalRunError(
+            "--spares cannot be combined with spec.elastic yet: a spare fills a lost rank at "
+            "once, so the group never runs below its size; drop one of them"
+        )
     sourced = [e.name for e in job.trainer.env if e.value_from is not None]
     if sourced:
         raise LocalRunError(

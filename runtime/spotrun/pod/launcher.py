@@ -461,6 +461,15 @@ def launch(
     membership = _Membership(pod, nproc, env, spare=spare) if warm else None
     if membership is not None:
         env = {**env, contract.GROUP_FILE: membership.path}
+        if spare is None and env.get(contract.ELASTIC_BATCH) and membership.outside_group():
+            # A replica of an elastic group that re-formed without it: its workers import
+            # and wait, as a spare's do, until a group names this replica (it grows back).
+            env[contract.SPARE] = f"replica-{pod.node_rank}"
+            membership.joining = True
+            _log(
+                f"replica {pod.node_rank} is not a member of attempt {pod.attempt}'s group; "
+                "its workers import and wait until the group grows back to include it"
+            )
         membership.start()
     if threading.current_thread() is not threading.main_thread():
         # Only the main thread can take signals; preexec_fn is unsafe beside other threads.
@@ -503,7 +512,12 @@ def launch(
         if membership is not None:
             membership.stop()
     if membership is not None:
-        pod = dataclasses.replace(pod, attempt=membership.attempt, node_rank=membership.node_rank)
+        pod = dataclasses.replace(
+            pod,
+            attempt=membership.attempt,
+            node_rank=membership.node_rank,
+            replicas=membership.replicas,
+        )
     # Node 0 knows the training finished once its workers all exited 0. With warm recovery
     # every node knows: its workers passed the group's finishing barrier (Session.finish),
     # so whichever replica survives records it.
@@ -530,9 +544,18 @@ class _Membership:
         self.pod = pod
         self.nproc = nproc
         self.attempt = pod.attempt
+        # The replica's identity (its pod ordinal): the policy keeps and names members by it.
+        self.index = pod.node_rank
+        # Its place in the current group: the index, unless an elastic group renumbered it.
         self.node_rank = pod.node_rank
+        self.replicas = pod.replicas
         # A warm spare's slot until a group promotes it; then it is the member of node_rank.
         self.spare = spare
+        # A replica outside its elastic group, waiting for a group that names it.
+        self.joining = False
+        # Where replica {index}'s rendezvous listens (rank 0 moves when an elastic group
+        # re-forms without replica 0); unset: the contract's MASTER_ADDR.
+        self.member_addr = env.get(contract.MEMBER_ADDR) or None
         self.folder = tempfile.mkdtemp(prefix="spotrun-group-")
         self.path = os.path.join(self.folder, "group.json")
         root = layout.job_root(pod.storage, pod.namespace, pod.job)
@@ -541,6 +564,20 @@ class _Membership:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+
+    def outside_group(self, timeout: float = 10.0) -> bool:
+        """Whether the status says this replica's attempt formed its group without it.
+
+        Read once, before the workers start. A group of an older attempt (a start racing
+        the status write) or no status at all: a member, as always.
+        """
+        if self.feed is None:
+            return False
+        status = watch.wait_until(self.feed, lambda _: True, timeout)
+        record = None if status is None else GroupRecord.from_status(status)
+        if record is None or record.attempt < self.attempt:
+            return False
+        return record.attempt > self.attempt or record.node_rank_of(self.index) is None
 
     def start(self) -> None:
         if self.feed is None:
@@ -565,19 +602,31 @@ class _Membership:
             if latest:
                 env[contract.RESUME_FROM] = str(latest)
             promoted = f"spare {self.spare} promoted to node {rank}"
-            self.spare, self.node_rank = None, rank
-        elif record.keeps(self.node_rank):
+            self.spare, self.index = None, record.indices[rank]
+        elif self.joining:
+            if record.node_rank_of(self.index) is None:
+                return
+            latest = (status.get("latestCheckpoint") or {}).get("uri")
+            if latest:
+                env[contract.RESUME_FROM] = str(latest)
+            promoted = f"replica {self.index} joins the group again"
+            self.joining = False
+        elif record.keeps(self.index):
             promoted = ""
         else:
             return
+        rank = record.node_rank_of(self.index)
+        if rank is None:
+            return  # kept outside the group: a record from_status() would have refused
+        self.node_rank, self.replicas = rank, record.replicas
         port = record.master_port or rendezvous_port(contract.DEFAULT_MASTER_PORT, record.attempt)
         group = GroupFile(
             attempt=record.attempt,
-            master_addr=self.pod.master_addr,
+            master_addr=self._address(record.indices[0]),
             master_port=port,
             replicas=record.replicas,
             nproc_per_node=self.nproc,
-            node_rank=self.node_rank,
+            node_rank=rank,
             env=env,
         )
         tmp = f"{self.path}.tmp"
@@ -590,6 +639,12 @@ class _Membership:
             f"attempt {record.attempt}: {what}; its workers "
             f"re-form the group at {group.master_addr}:{port}"
         )
+
+    def _address(self, index: int) -> str:
+        """Where replica `index` (the group's rank 0) listens."""
+        if self.member_addr is None:
+            return self.pod.master_addr
+        return self.member_addr.replace("{index}", str(index))
 
     def stop(self) -> None:
         self._stop.set()

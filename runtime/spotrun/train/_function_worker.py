@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from spotrun import contract
+from spotrun.train import group as process_group
 from spotrun.train import regroup, writer
 from spotrun.train.session import Session, get_session, regroup_session
 
@@ -81,7 +82,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     fn = resolve(target)
     await_promotion()
     while True:
-        session = get_session()
+        try:
+            session = get_session()
+        except regroup.Regroup as err:
+            join_after_abandoned(err)
+            continue
         try:
             call_with_config(fn, dict(session.context.config))
         except BaseException as err:
@@ -144,6 +149,8 @@ def await_next_group(session: Session, err: BaseException) -> bool:
         return False
     if not regroup.is_group_failure(err):
         return False
+    # Peers not next to the lost member may still wait in a collective: fail theirs too.
+    process_group.abort_connections()
     rank, attempt = session.context.world_rank, session.context.attempt
     log.warning(
         "rank %d: %s; waiting for the next group (attempt > %d)", rank, _first_line(err), attempt
@@ -167,6 +174,21 @@ def await_next_group(session: Session, err: BaseException) -> bool:
     )
     regroup_session(group)
     return True
+
+
+def join_after_abandoned(err: regroup.Regroup) -> None:
+    """The rendezvous of this worker's group was given up: join the group published instead.
+
+    An elastic group that re-formed without the member this worker waited for; the state
+    this worker carried (if any) goes with it into the next session.
+    """
+    attempt = int(os.environ.get(contract.ATTEMPT, "0"))
+    process_group.abort_connections()
+    log.warning("%s; joining the next group (attempt > %d)", err, attempt)
+    group = regroup.wait_for_group(attempt)
+    if group is None:
+        raise err
+    regroup_session(group)
 
 
 def _first_line(err: BaseException) -> str:

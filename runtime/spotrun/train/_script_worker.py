@@ -14,10 +14,12 @@ import runpy
 import sys
 from collections.abc import Sequence
 
+from spotrun.train import regroup
 from spotrun.train import session as sessions
 from spotrun.train._function_worker import (
     await_next_group,
     await_promotion,
+    join_after_abandoned,
     start_writer_early,
 )
 
@@ -43,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sessions._session.finish()
         except BaseException as err:
             current = sessions._session
+            if current is None and isinstance(err, regroup.Regroup):
+                join_after_abandoned(err)  # its first session's rendezvous was given up
+                continue
             if current is None or not await_next_group(current, err):
                 raise
             continue

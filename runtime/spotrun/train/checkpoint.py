@@ -65,6 +65,7 @@ class Checkpoint:
         checkpoint = cls(data=data)
         checkpoint._origin = (uri, step, dict(metrics))
         return checkpoint
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
         if not isinstance(data, Mapping):

@@ -9,11 +9,16 @@ the session and `prepare_model` both build on it without importing each other.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import time
+from collections.abc import Callable
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch.distributed import TCPStore  # type: ignore[attr-defined]  # exported at run time
 
 from spotrun.contract import MASTER_ADDR, MASTER_PORT
 
@@ -30,6 +35,17 @@ GPU_BACKEND = "cpu:gloo,cuda:nccl"
 
 class ProcessGroupError(RuntimeError):
     """The worker environment cannot form a process group; the message says what to set."""
+
+
+class RendezvousAbandoned(RuntimeError):
+    """The group this worker was joining was given up (a newer one is published)."""
+
+
+# The key every member adds itself to in the rendezvous of an abandonable group.
+_JOINED = "spotrun/joined"
+# The file descriptors the current group opened (gloo's connections to its peers, the
+# store's client): what `abort_connections` shuts down.
+_opened: list[int] = []
 
 
 def env_rank() -> int:
@@ -62,7 +78,9 @@ def get_device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> str:
+def init_process_group(
+    timeout: timedelta = DEFAULT_TIMEOUT, abandon: Callable[[], bool] | None = None
+) -> str:
     """Join the default process group once, from the launcher's environment; return the backend.
 
     Idempotent: a second call returns the backend of the existing group. On a worker whose
@@ -70,6 +88,11 @@ def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> str:
     NCCL, and spotrun's own small CPU collectives (the notice flag, the resume point) through
     gloo, which NCCL alone cannot carry. Elsewhere it is gloo. The CUDA device is set to
     LOCAL_RANK first, so NCCL and `torch.cuda` calls use the right GPU.
+
+    With `abandon`, the rendezvous can be given up: while members are missing it asks
+    `abandon()` every 50 ms and raises RendezvousAbandoned once it says True (an elastic
+    group re-formed without the member this one waits for; a blocking rendezvous would
+    hold this worker until the timeout).
     """
     if not dist.is_available():
         raise ProcessGroupError(
@@ -98,14 +121,110 @@ def init_process_group(timeout: timedelta = DEFAULT_TIMEOUT) -> str:
         backend = GPU_BACKEND
     else:
         backend = "gloo"
-    dist.init_process_group(
-        backend=backend,
-        init_method="env://",
-        rank=env_rank(),
-        world_size=env_world_size(),
-        timeout=timeout,
-    )
+    before = _open_fds()
+    if abandon is None:
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=env_rank(),
+            world_size=env_world_size(),
+            timeout=timeout,
+        )
+    else:
+        store = _rendezvous(env_rank(), env_world_size(), timeout, abandon)
+        dist.init_process_group(
+            backend=backend,
+            store=store,
+            rank=env_rank(),
+            world_size=env_world_size(),
+            timeout=timeout,
+        )
+    _opened[:] = sorted(_open_fds() - before)
     return backend
+
+
+def _joined(store: TCPStore) -> int:
+    """How many members joined; -1 once rank 0's store went (its group is being given up)."""
+    try:
+        return int(store.add(_JOINED, 0))
+    except RuntimeError:
+        return -1
+
+
+def abort_connections() -> int:
+    """Shuts down the current group's TCP connections; returns how many.
+
+    When a member is lost, only its neighbours' collectives fail: in a ring, a member whose
+    left neighbour errored out (alive, no longer sending) waits in gloo until the group's
+    timeout, and leaving or destroying the process group closes nothing while gloo holds
+    it. Shutting down this member's connections (not closing them: gloo still owns the
+    descriptors) makes every pending read on the other side fail at once, so the failure
+    travels around the group in milliseconds. Listening sockets are left alone (gloo
+    aborts the process if its listener fails). Call it before the group is left, never
+    after: the descriptors may then be reused. NCCL's own connections are not touched.
+    """
+    count = 0
+    for fd in _opened:
+        try:
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            continue  # closed meanwhile, or not a socket
+        with sock:
+            listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+            if sock.family not in (socket.AF_INET, socket.AF_INET6) or listening:
+                continue
+            if sock.type != socket.SOCK_STREAM:
+                continue
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+                count += 1
+    _opened.clear()
+    return count
+
+
+def _open_fds() -> set[int]:
+    try:
+        return {int(name) for name in os.listdir("/proc/self/fd")}
+    except OSError:  # no /proc: nothing to abort later
+        return set()
+
+
+def _rendezvous(rank: int, world: int, timeout: timedelta, abandon: Callable[[], bool]) -> TCPStore:
+    """The TCPStore of a group every member joined, polled so that it can be given up."""
+    host, port = os.environ[MASTER_ADDR], _env_int(MASTER_PORT, 0)
+    deadline = time.monotonic() + timeout.total_seconds()
+    store: TCPStore | None = None
+    while store is None:
+        try:
+            store = TCPStore(
+                host,
+                port,
+                world,
+                is_master=rank == 0,
+                timeout=timedelta(seconds=1),
+                wait_for_workers=False,
+            )
+        except RuntimeError:  # rank 0's store is not up (yet, or at all)
+            if abandon():
+                raise RendezvousAbandoned(f"the group at {host}:{port} was given up") from None
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    store.set_timeout(timeout)
+    store.add(_JOINED, 1)
+    while (joined := _joined(store)) < world:
+        if abandon() or time.monotonic() > deadline:
+            store = None  # rank 0 closes its server now, not when the traceback goes
+            if time.monotonic() > deadline:
+                raise ProcessGroupError(
+                    f"rendezvous at {host}:{port}: {joined} of {world} workers joined "
+                    f"within {timeout.total_seconds():g}s"
+                )
+            raise RendezvousAbandoned(
+                f"the group at {host}:{port} was given up with {joined} of {world} joined"
+            )
+        time.sleep(0.05)
+    return store
 
 
 def _env_int(name: str, default: int) -> int:

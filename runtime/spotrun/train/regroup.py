@@ -127,6 +127,35 @@ def read_group(path: str) -> GroupFile | None:
         return None
 
 
+class NextGroupProbe:
+    """Whether the launcher published a group newer than `attempt`: a stat per call.
+
+    A live group learns so that it is being resized (an elastic group growing back): it
+    re-forms at its next checkpoint. A worker in a rendezvous learns so that the group it
+    waits for was given up (an elastic group shrinking without the member it waits for).
+    """
+
+    def __init__(self, attempt: int, path: str | None = None) -> None:
+        self.attempt = attempt
+        self.path = path if path is not None else os.environ.get(GROUP_FILE_ENV, "")
+        self._mark: tuple[int, int] | None = None
+        self._newer = False
+
+    def published(self) -> bool:
+        if not self.path:
+            return False
+        try:
+            info = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mark = (info.st_ino, info.st_mtime_ns)
+        if mark != self._mark:
+            self._mark = mark
+            group = read_group(self.path)
+            self._newer = group is not None and group.attempt > self.attempt
+        return self._newer
+
+
 def acknowledge(group: GroupFile, local_rank: int) -> None:
     """Tells the launcher this worker is joining `group` (it is not stuck in a collective)."""
     path = os.environ.get(GROUP_FILE_ENV)
@@ -271,9 +300,7 @@ def choose_source(holdings: Sequence[Holding]) -> tuple[int, list[int]] | None:
         return None
     source = min(r for r, h in enumerate(holdings) if h.step == best)
     best_seq = holdings[source].seq
-    needy = [
-        r for r, h in enumerate(holdings) if not (h.step == best and h.seq == best_seq)
-    ]
+    needy = [r for r, h in enumerate(holdings) if not (h.step == best and h.seq == best_seq)]
     return source, needy
 
 

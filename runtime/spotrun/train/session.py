@@ -122,7 +122,12 @@ class Session:
         self._closed = False
         self._own_notice = False
         # A warm recovery's launcher can regroup this worker: keep whole snapshots in memory.
-        self.warm = regroup.warm_enabled() and world_size > 1
+        # An elastic group may shrink to one worker and grow again, so it stays warm alone.
+        self.elastic = bool(os.environ.get(pod.ELASTIC_BATCH))
+        self.warm = regroup.warm_enabled() and (world_size > 1 or self.elastic)
+        self._resize = regroup.NextGroupProbe(contract.attempt) if self.warm else None
+        self._resize_offered = False
+        self._agreed_resize = False
         # The newest complete snapshot of the whole state in this process (warm only).
         self.memory: MemorySnapshot | None = None
         self._from_memory: MemorySnapshot | None = None
@@ -130,7 +135,13 @@ class Session:
         if world_size > 1 and not dist.is_initialized():
             from spotrun.train import group
 
-            group.init_process_group()
+            # An elastic group's rendezvous may be given up (it shrank without a member
+            # this one waits for): the worker then joins the next group instead.
+            probe = self._resize if self.elastic else None
+            try:
+                group.init_process_group(abandon=None if probe is None else probe.published)
+            except group.RendezvousAbandoned as err:
+                raise regroup.Regroup(str(err)) from err
         agreed = self._agree_in_memory(carried) if self.warm else None
         choice: ResumeChoice | None = None
         if agreed is not None:
@@ -182,9 +193,7 @@ class Session:
 
     # --- start-up agreement ------------------------------------------------------------------
 
-    def _agree_in_memory(
-        self, carried: MemorySnapshot | None
-    ) -> tuple[int, MemorySnapshot] | None:
+    def _agree_in_memory(self, carried: MemorySnapshot | None) -> tuple[int, MemorySnapshot] | None:
         """A warm start: the newest snapshot any member holds in memory, sent to those without it.
 
         Every rank says which snapshot it holds (survivors of a warm recovery carry theirs);
@@ -369,22 +378,36 @@ class Session:
             obj.load_state_dict(self._resumed_stateful[name])
 
     def should_checkpoint(self) -> bool:
-        """Whether every rank should pass a checkpoint at this step's report (a collective)."""
+        """Whether every rank should pass a checkpoint at this step's report (a collective).
+
+        True on a preemption notice, when the checkpoint interval is due, and when the group
+        is about to be resized (its next group is published): it re-forms at this checkpoint.
+        """
         due = 1.0 if self.context.world_rank == 0 and self.cadence.due(time.monotonic()) else 0.0
-        notice, agreed_due = self._all_reduce([1.0 if self._notice else 0.0, due])
+        notice, agreed_due, resize = self._all_reduce(
+            [1.0 if self._notice else 0.0, due, self._resize_flag()]
+        )
         self._agreed_step, self._agreed_notice = self._step, notice > 0
+        self._agreed_resize = resize > 0
         if notice > 0:
             self._notice_offered = True
-        return notice > 0 or agreed_due > 0
+        if resize > 0:
+            self._resize_offered = True
+        return notice > 0 or agreed_due > 0 or resize > 0
+
+    def _resize_flag(self) -> float:
+        """1.0 when this rank's launcher published a next group while this one still runs."""
+        return 1.0 if self._resize is not None and self._resize.published() else 0.0
 
     def report(self, metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> None:
         started = time.monotonic()
         self._pending = [job for job in self._pending if not self.writer.collect(job)]
         rank, world = self.context.world_rank, self.context.world_size
-        flags = [1.0 if self._notice else 0.0] + [0.0] * world
+        flags = [1.0 if self._notice else 0.0] + [0.0] * world + [self._resize_flag()]
         flags[1 + rank] = float(_KIND_CODES[_kind_of(checkpoint)]) if checkpoint else 0.0
         agreed = self._all_reduce(flags)
         notice = agreed[0] > 0 or (self._agreed_step == self._step and self._agreed_notice)
+        resize = agreed[-1] > 0 or (self._agreed_step == self._step and self._agreed_resize)
         writers = [r for r in range(world) if agreed[1 + r] > 0]
         kind = _agreed_kind(
             {r: int(agreed[1 + r]) for r in writers}, world, self.settings.keep_all_ranks
@@ -429,6 +452,13 @@ class Session:
                 log.warning("rank %d: preemption notice honoured at step %d; exiting", rank, step)
                 pod.announce_preempted_exit(self.context.local_rank)
                 raise SystemExit(pod.EXIT_PREEMPTED)
+        elif resize and (writers or self._resize_offered):
+            # The group is resized (an elastic group grows back): every member stops at this
+            # checkpoint, which each holds in memory, and re-forms with the newcomers, who
+            # get it from there. The upload in flight goes on in the old writer or is
+            # dropped; memory has the step.
+            log.warning("rank %d: the group is resized; re-forming it at step %d", rank, step)
+            raise regroup.Regroup(f"the group is resized at step {step}")
 
     def _save(
         self,
