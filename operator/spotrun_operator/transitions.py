@@ -66,6 +66,19 @@ def events(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[Event]:
         if (entry.get("time"), entry.get("attempt")) in known:
             continue
         kind = entry.get("kind")
+        if kind == "resize":
+            # An elastic group went on with fewer replicas (a warning: it trains below its
+            # target), or grew back.
+            shrunk = int(entry.get("toReplicas", 0)) < int(entry.get("fromReplicas", 0))
+            out.append(
+                Event(
+                    "Warning" if shrunk else "Normal",
+                    "GroupShrunk" if shrunk else "GroupGrown",
+                    f"{entry.get('fromReplicas')} -> {entry.get('toReplicas')} replicas "
+                    f"({entry.get('reason')}): {entry.get('message', '')}",
+                )
+            )
+            continue
         label = {"preemption": "Preempted", "hang": "Hung"}.get(str(kind), "Failed")
         out.append(
             Event(
@@ -131,9 +144,7 @@ def runtime_condition_marks(status: Mapping[str, Any]) -> dict[str, tuple[str, s
     }
 
 
-def runtime_events(
-    seen: Mapping[str, tuple[str, str]], status: Mapping[str, Any]
-) -> list[Event]:
+def runtime_events(seen: Mapping[str, tuple[str, str]], status: Mapping[str, Any]) -> list[Event]:
     """Warnings for the runtime's ledger conditions that are new (or reworded) since `seen`.
 
     The runtime cannot post events itself (its Role only patches its job's status), so the

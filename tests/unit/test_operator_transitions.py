@@ -11,7 +11,7 @@ import asyncio
 from typing import Any
 
 from spotrun.lifecycle import JobSpec, Observation, ReplicaObservation, plan
-from spotrun.lifecycle.spec import Backoff, FailurePolicy
+from spotrun.lifecycle.spec import Backoff, Elastic, FailurePolicy
 from spotrun_operator import transitions
 from spotrun_operator.handlers.reconcile import freshest
 from spotrun_operator.wakeups import Wakeups
@@ -146,4 +146,29 @@ def test_a_fallback_the_runtime_recorded_is_announced_once() -> None:
     again = _corrupt("ckpt-000009 failed verification; resumed from ckpt-000008")
     assert [e.message for e in runtime_events(seen, again)] == [
         "ckpt-000009 failed verification; resumed from ckpt-000008"
+    ]
+
+
+def test_an_elastic_shrink_and_grow_are_announced_as_such() -> None:
+    spec = JobSpec(replicas=2, elastic=Elastic(min_replicas=1, wait_seconds=5))
+
+    def go(status: dict[str, Any], now: float, *replicas: ReplicaObservation) -> dict[str, Any]:
+        return plan(spec, status, Observation(now=now, replicas=replicas), jitter=0.0).status
+
+    status = go(go({}, T0), T0 + 1, *running(1, 0, 1))
+    lost = ReplicaObservation(1, 1, phase="failed", preempted=True, preemption_reason="NodeLost")
+    restarted = go(status, T0 + 2, *running(1, 0), lost)
+    pending = ReplicaObservation(1, 2, phase="pending", waiting_reason="Unschedulable")
+    shrunk = go(restarted, T0 + 8, *running(2, 0), pending)
+    events = transitions.events(restarted, shrunk)
+    assert [(e.type, e.reason) for e in events] == [
+        ("Warning", "GroupShrunk"),
+        ("Normal", "GroupRestarted"),
+    ]
+    assert events[0].message.startswith("2 -> 1 replicas (CapacityUnavailable)")
+    running_alone = go(shrunk, T0 + 9, *running(3, 0), ReplicaObservation(1, 3, phase="pending"))
+    grown = go(running_alone, T0 + 30, *running(3, 0, 1))
+    assert [e.reason for e in transitions.events(running_alone, grown)] == [
+        "GroupGrown",
+        "GroupRestarted",
     ]
