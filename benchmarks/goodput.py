@@ -10,12 +10,20 @@ replicas x 1 worker) through `spotrun run` several ways, side by side:
                  a lost replica's place is taken by a spare, which a new one then replaces
   cold           the same seeded faults, spec.recovery: Cold (the whole group restarts)
 
+With --unavailable-for SECONDS, two more arms where a replica hit by a fault has no capacity
+for that long (`spotrun run --unavailable-for`), side by side:
+
+  away-fixed     the warm job: the group waits for the lost replica to come back
+  away-elastic   the warm job with spec.elastic (minReplicas 1): the survivors go on alone
+                 after elastic.waitSeconds (2 s here) and the group grows back later
+
 Goodput is the fault-free wall time divided by the faulted wall time (1.0: faults cost
 nothing). The faults are drawn from one seed per repetition, so the warm and cold arms of a
 repetition see the same schedule; arms alternate between repetitions, and medians print.
 
     .venv/bin/python benchmarks/goodput.py                      # demo job, a fault every 10 s
     .venv/bin/python benchmarks/goodput.py --every 20 --repeat 3 --steps 400
+    .venv/bin/python benchmarks/goodput.py --unavailable-for 30 --faults kill
 """
 
 from __future__ import annotations
@@ -41,12 +49,14 @@ PYTHONPATH = os.pathsep.join(
 )
 
 
-def job_file(folder: Path, recovery: str, steps: int | None) -> Path:
+def job_file(folder: Path, recovery: str, steps: int | None, elastic: bool = False) -> Path:
     manifest = yaml.safe_load(EXAMPLE.read_text())
     manifest["spec"]["recovery"] = recovery
     if steps is not None:
         manifest["spec"]["config"]["steps"] = steps
-    path = folder / f"job-{recovery.lower()}.yaml"
+    if elastic:
+        manifest["spec"]["elastic"] = {"minReplicas": 1, "waitSeconds": 2, "batch": "perReplica"}
+    path = folder / f"job-{recovery.lower()}{'-elastic' if elastic else ''}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     return path
 
@@ -97,6 +107,12 @@ def main() -> int:
         help="preemptions with notice, kills without, or both (each at twice the interval)",
     )
     parser.add_argument("--spares", type=int, default=1, help="warm spares of the spare arm")
+    parser.add_argument(
+        "--unavailable-for",
+        type=float,
+        default=0.0,
+        help="add the arms where a faulted replica has no capacity for this many seconds",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
 
@@ -105,7 +121,9 @@ def main() -> int:
     else:
         every = [f"--{args.faults}-every={args.every:g}s"]
 
-    arms = ("fault-free", "warm", "spare", "cold")
+    arms: tuple[str, ...] = ("fault-free", "warm", "spare", "cold")
+    if args.unavailable_for:
+        arms += ("away-fixed", "away-elastic")
     results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="spotrun-goodput-") as tmp:
         folder = Path(tmp)
@@ -113,7 +131,8 @@ def main() -> int:
             "warm": job_file(folder, "Warm", args.steps),
             "cold": job_file(folder, "Cold", args.steps),
         }
-        jobs["spare"] = jobs["warm"]
+        jobs["spare"] = jobs["away-fixed"] = jobs["warm"]
+        jobs["away-elastic"] = job_file(folder, "Warm", args.steps, elastic=True)
         for rep in range(args.repeat):
             order = list(arms) if rep % 2 == 0 else list(reversed(arms))
             for arm in order:
@@ -121,6 +140,8 @@ def main() -> int:
                 faults = [] if arm == "fault-free" else [*every, "--seed", str(1000 + rep)]
                 if arm == "spare":
                     faults += ["--spares", str(args.spares)]
+                if arm.startswith("away-"):
+                    faults += [f"--unavailable-for={args.unavailable_for:g}s"]
                 job = jobs["warm" if arm == "fault-free" else arm]
                 result = run_once(job, storage, faults, args.timeout)
                 results[arm].append(result)
@@ -156,6 +177,14 @@ def main() -> int:
         f"cold {base / cold:.3f}: warm/cold wall ratio {warm / cold:.3f}, "
         f"spare/warm {spare / warm:.3f}"
     )
+    if args.unavailable_for:
+        fixed = statistics.median(r["wall"] for r in results["away-fixed"])
+        elastic = statistics.median(r["wall"] for r in results["away-elastic"])
+        print(
+            f"capacity away {args.unavailable_for:g}s after each fault: goodput elastic "
+            f"{base / elastic:.3f}, fixed size {base / fixed:.3f}: elastic/fixed wall ratio "
+            f"{elastic / fixed:.3f}"
+        )
     return 0
 
 
