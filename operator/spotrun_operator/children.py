@@ -45,8 +45,12 @@ RESERVED_ENV = frozenset(
         contract.MASTER_ADDR,
         contract.MASTER_PORT,
         contract.HOLD_AFTER_SUCCESS,
+        contract.RECOVERY,
+        contract.GROUP_FILE,
         contract.GRACE_SECONDS,
         contract.PROGRESS_SECONDS,
+        contract.ELASTIC_BATCH,
+        contract.TARGET_REPLICAS,
     }
 )
 
@@ -336,6 +340,13 @@ def contract_env(
     )
     recovery = str(spec.get("recovery", "Warm")).lower()
     env.append({"name": contract.RECOVERY, "value": "cold" if recovery == "cold" else "warm"})
+    elastic = spec.get("elastic")
+    if elastic is not None:
+        # The data loader keeps the global batch or each replica's as the group resizes,
+        # and needs the target to tell a smaller group from a smaller job.
+        batch = "perReplica" if elastic.get("batch") == "perReplica" else "global"
+        env.append({"name": contract.ELASTIC_BATCH, "value": batch})
+        env.append({"name": contract.TARGET_REPLICAS, "value": str(int(spec.get("replicas", 1)))})
     # The launcher then keeps the container alive after training returned, so that
     # `restartPolicy: Always` does not rerun it; the operator marks the job Succeeded and
     # scales the StatefulSet to 0.

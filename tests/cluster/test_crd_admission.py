@@ -210,6 +210,36 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         edit("spec.template", {"spec": {"terminationGracePeriodSeconds": -1}}),
         ["terminationGracePeriodSeconds", "greater than or equal to 0"],
     ),
+    (
+        "elastic-min-replicas-above-replicas",
+        edit("spec.elastic", {"minReplicas": 3}),
+        ["spec.elastic.minReplicas", "must not exceed spec.replicas", "Lower"],
+    ),
+    (
+        "elastic-with-cold-recovery",
+        edit("spec.recovery", "Cold", edit("spec.elastic", {})),
+        ["spec.recovery", "spec.elastic needs spec.recovery: Warm", "survivors"],
+    ),
+    (
+        "elastic-min-replicas-zero",
+        edit("spec.elastic", {"minReplicas": 0}),
+        ["spec.elastic.minReplicas", "greater than or equal to 1"],
+    ),
+    (
+        "elastic-negative-wait",
+        edit("spec.elastic", {"waitSeconds": -1}),
+        ["spec.elastic.waitSeconds", "greater than or equal to 0"],
+    ),
+    (
+        "elastic-unknown-batch",
+        edit("spec.elastic", {"batch": "local"}),
+        ["spec.elastic.batch", 'supported values: "global", "perReplica"'],
+    ),
+    (
+        "user-env-sets-the-target-replicas",
+        edit("spec.trainer.env", [{"name": "SPOTRUN_TARGET_REPLICAS", "value": "8"}]),
+        ["trainer.env may not set the pod contract's variables"],
+    ),
 ]
 
 
@@ -230,6 +260,8 @@ def test_at_least_twenty_invalid_specs_are_pinned() -> None:
 
 IMMUTABLE: list[tuple[str, dict[str, Any], str]] = [
     ("replicas", {"replicas": 3}, "spec.replicas and spec.nprocPerNode cannot change"),
+    ("replicas", {"replicas": 3}, "create the job with spec.elastic"),
+    ("elastic", {"elastic": {"minReplicas": 1}}, "spec.elastic cannot change after creation"),
     ("trainer", {"trainer": {"image": "other:2", "function": "a:b"}}, "spec.trainer cannot change"),
     ("storage", {"checkpoint": {"storage": "gs://elsewhere/x"}}, "spec.checkpoint cannot change"),
     ("config", {"config": {"lr": 1}}, "spec.config cannot change"),
@@ -250,6 +282,29 @@ def test_immutable_fields_are_refused_on_update_and_mutable_ones_pass(
     # Defaults are applied by the API server, as the operator expects.
     assert spec["failurePolicy"]["maxPreemptions"] == -1
     assert spec["checkpoint"]["async"] is True
+
+
+def test_a_good_elastic_spec_is_accepted_with_its_defaults(
+    api: client.ApiClient, namespace: str
+) -> None:
+    create(api, namespace, trainjob("elastic", replicas=4, elastic={"minReplicas": 2}))
+    spec = get_job(api, namespace, "elastic")["spec"]
+    assert spec["elastic"] == {"minReplicas": 2, "waitSeconds": 60, "batch": "global"}
+    assert spec["recovery"] == "Warm"
+    create(api, namespace, trainjob("elastic-defaults", replicas=1, elastic={}))
+    spec = get_job(api, namespace, "elastic-defaults")["spec"]
+    assert spec["elastic"] == {"minReplicas": 1, "waitSeconds": 60, "batch": "global"}
+    create(api, namespace, trainjob("not-elastic", replicas=4))
+    assert "elastic" not in get_job(api, namespace, "not-elastic")["spec"]
+
+
+def test_an_elastic_job_cannot_switch_to_cold_recovery(
+    api: client.ApiClient, namespace: str
+) -> None:
+    create(api, namespace, trainjob("elastic-warm", replicas=4, elastic={"minReplicas": 2}))
+    err = api_error(lambda: patch_spec(api, namespace, "elastic-warm", {"recovery": "Cold"}))
+    assert err.status == 422
+    assert "spec.elastic needs spec.recovery: Warm" in message_of(err), message_of(err)
 
 
 # -- fuzz: refused at admission, or reconciled without an exception ---------------------------
@@ -308,6 +363,17 @@ FIELDS: dict[str, st.SearchStrategy[Any]] = {
     ),
     "spec.template.spec.terminationGracePeriodSeconds": field(st.integers(-1, 120)),
     "spec.template.spec.serviceAccountName": field(st.sampled_from(["default", "custom-sa"])),
+    "spec.recovery": field(st.sampled_from(["Warm", "Cold", "warm"])),
+    "spec.elastic": field(
+        st.fixed_dictionaries(
+            {},
+            optional={
+                "minReplicas": st.integers(0, 3),
+                "waitSeconds": st.integers(-1, 5),
+                "batch": st.sampled_from(["global", "perReplica", "local"]),
+            },
+        )
+    ),
 }
 mutations = st.lists(st.sampled_from(sorted(FIELDS)), min_size=1, max_size=4, unique=True).flatmap(
     lambda names: st.tuples(*(st.tuples(st.just(n), FIELDS[n]) for n in names))
@@ -363,7 +429,7 @@ def test_the_printer_columns_show_live_values(
         "NAME",
         "STATE",
         "READY",
-        "REPLICAS",
+        "SIZE",
         "PREEMPTIONS",
         "FAILURES",
         "CHECKPOINT-STEP",
@@ -371,9 +437,10 @@ def test_the_printer_columns_show_live_values(
         "AGE",
     ]
     row = dict(zip(header, out[1].split(), strict=False))
-    assert (row["STATE"], row["READY"], row["PREEMPTIONS"], row["FAILURES"]) == (
+    assert (row["STATE"], row["READY"], row["SIZE"], row["PREEMPTIONS"], row["FAILURES"]) == (
         "Running",
         "2",
+        "2/2",
         "0",
         "0",
     )

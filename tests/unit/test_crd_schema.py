@@ -54,6 +54,7 @@ def test_printer_columns() -> None:
     expected = {
         "State": ".status.state",
         "Ready": ".status.readyReplicas",
+        "Size": ".status.size",
         "Preemptions": ".status.preemptions",
         "Failures": ".status.failures",
         "Checkpoint-Step": ".status.latestCheckpoint.step",
@@ -64,6 +65,7 @@ def test_printer_columns() -> None:
         assert columns[name]["jsonPath"] == path
     assert columns["Checkpoint-Age"]["type"] == "date"
     assert columns["Age"]["type"] == "date"
+    assert columns["Size"]["type"] == "string"
 
 
 def test_defaults_match_the_lifecycle_policy() -> None:
@@ -209,5 +211,7 @@ def test_trainer_env_may_not_override_the_pod_contract() -> None:
         contract.STATUS_SINK,
         contract.MASTER_ADDR,
         contract.MASTER_PORT,
+        contract.ELASTIC_BATCH,
+        contract.TARGET_REPLICAS,
     ):
         assert f"'{name}'" in rule, name

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from typing import Any
 
 import pytest
 
 from spotrun.contract import PodContract
+from spotrun.local.trainjob import crd_rules
 from spotrun_operator import children
 
 UID = "6f1c1b0e-1d4e-4c57-9d0a-1a2b3c4d5e6f"
@@ -122,6 +124,47 @@ def test_pod_env_follows_the_pod_contract() -> None:
     assert env["SPOTRUN_HOLD_AFTER_SUCCESS"] == "1"
     assert env["SPOTRUN_RECOVERY"] == "warm"
     assert env["WANDB_MODE"] == "offline"
+
+
+def test_a_job_without_elastic_gets_no_elastic_env() -> None:
+    env = env_of(pod(make_job()))
+    assert "SPOTRUN_ELASTIC_BATCH" not in env
+    assert "SPOTRUN_TARGET_REPLICAS" not in env
+
+
+@pytest.mark.parametrize(
+    ("elastic", "batch"),
+    [
+        pytest.param(
+            {"minReplicas": 2, "waitSeconds": 60, "batch": "global"}, "global", id="global"
+        ),
+        pytest.param({"minReplicas": 2, "batch": "perReplica"}, "perReplica", id="perReplica"),
+        pytest.param({}, "global", id="the default, before the API server filled it in"),
+    ],
+)
+def test_an_elastic_job_gets_its_batch_rule_and_target_size(
+    elastic: dict[str, Any], batch: str
+) -> None:
+    env = env_of(pod(make_job(elastic=elastic)))
+    assert env["SPOTRUN_ELASTIC_BATCH"] == batch
+    assert env["SPOTRUN_TARGET_REPLICAS"] == "4"
+
+
+def test_user_env_cannot_set_the_elastic_contract() -> None:
+    job = make_job(elastic={"batch": "global"})
+    job["spec"]["trainer"]["env"] += [
+        {"name": "SPOTRUN_ELASTIC_BATCH", "value": "perReplica"},
+        {"name": "SPOTRUN_TARGET_REPLICAS", "value": "64"},
+    ]
+    names = [e["name"] for e in pod(job)["spec"]["containers"][0]["env"]]
+    assert names.count("SPOTRUN_ELASTIC_BATCH") == names.count("SPOTRUN_TARGET_REPLICAS") == 1
+    env = env_of(pod(job))
+    assert (env["SPOTRUN_ELASTIC_BATCH"], env["SPOTRUN_TARGET_REPLICAS"]) == ("global", "4")
+
+
+def test_the_operator_filters_exactly_the_names_the_crd_refuses() -> None:
+    (rule,) = [r for p, r in crd_rules() if p == ("spec", "trainer", "env")]
+    assert frozenset(re.findall(r"'([^']+)'", rule)) == children.RESERVED_ENV
 
 
 def test_the_contract_env_wins_over_user_env_of_the_same_name() -> None:

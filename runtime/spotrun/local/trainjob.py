@@ -586,6 +586,26 @@ MIRRORED_RULES: tuple[_Rule, ...] = (
             or b["initialSeconds"] <= b["maxSeconds"]
         ),
     ),
+    # Both see the spec after defaulting, as the API server does (replicas and recovery
+    # are always there, an elastic object gets minReplicas 1), and name the field the
+    # CRD's fieldPath names.
+    _Rule(
+        ("spec",),
+        "!has(self.elastic) || !has(self.elastic.minReplicas) "
+        "|| self.elastic.minReplicas <= self.replicas",
+        "spec.elastic.minReplicas",
+        lambda s: (
+            "elastic" not in s
+            or "minReplicas" not in s["elastic"]
+            or s["elastic"]["minReplicas"] <= s["replicas"]
+        ),
+    ),
+    _Rule(
+        ("spec",),
+        "!has(self.elastic) || !has(self.recovery) || self.recovery == 'Warm'",
+        "spec.recovery",
+        lambda s: "elastic" not in s or "recovery" not in s or s["recovery"] == "Warm",
+    ),
 )
 
 
