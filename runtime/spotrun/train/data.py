@@ -11,12 +11,20 @@ The position is recorded in global samples, not per-rank batches, so a group res
 another world size still sees every remaining sample of the epoch. The index math is
 pure (`epoch_order`, `remaining_stream`, `rank_indices`) and mirrors DistributedSampler
 exactly when nothing was consumed: same permutation for (seed, epoch), same padding.
+
+An elastic job with `spec.elastic.batch: global` keeps the batch of the target group when
+the group shrinks: every step consumes the next `batch_size x target world size` samples of
+the epoch, split between however many ranks there are (`global_rank_batches`). Ranks may
+then hold unequal shares, so the loader records this rank's share of the step
+(`step_share`) for the gradient weighting of `prepare_model` (spotrun.train.ddp).
 """
 
 from __future__ import annotations
 
 import itertools
 import math
+import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,10 +39,16 @@ from torch.utils.data import (
     SequentialSampler,
 )
 
+from spotrun import contract
 from spotrun.train.group import get_device
 from spotrun.train.session import get_session
 
 STATEFUL_PREFIX = "data_loader/"
+
+# SPOTRUN_ELASTIC_BATCH's values (spec.elastic.batch). With "global" the user's batch_size is
+# each worker's batch at the target size; "perReplica" (or unset) keeps it per worker.
+GLOBAL_BATCH = "global"
+PER_REPLICA_BATCH = "perReplica"
 
 
 # --- pure index math ------------------------------------------------------------------
@@ -125,6 +139,152 @@ def consumed_samples(
     return start + min(batches * batch_size, shard_len) * world_size
 
 
+def global_batch_stream(
+    order: Sequence[int], *, target_world_size: int, drop_last: bool = False
+) -> list[int]:
+    """The epoch's whole stream with a global batch, whatever the current world size.
+
+    It is the stream the loader serves at the target world size: `order` padded with its
+    first samples to a multiple of `target_world_size` (or, with the sampler's `drop_last`,
+    cut to one), so a resize never changes which samples an epoch holds.
+    """
+    return remaining_stream(order, consumed=0, world_size=target_world_size, drop_last=drop_last)
+
+
+def global_batch_windows(
+    stream_len: int, *, consumed: int, global_batch: int, world_size: int, drop_last: bool
+) -> list[tuple[int, int]]:
+    """[begin, end) in the epoch's stream of each step still to come, with a global batch.
+
+    Each step takes the next `global_batch` samples after `consumed`, however many ranks
+    share them, so step k's samples do not depend on the world size. The last window may
+    be shorter, unless `drop_last` (the DataLoader's) drops it, as it drops each rank's
+    short last batch at the target size. A last window with fewer samples than ranks is
+    dropped too (it would leave a rank without a batch); that takes a position that is not
+    a multiple of the target world size, which spotrun's loader only records if
+    spec.replicas changed within the epoch.
+    """
+    if global_batch < 1:
+        raise ValueError(f"global_batch must be >= 1, got {global_batch}")
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if consumed < 0:
+        raise ValueError(f"consumed must be >= 0, got {consumed}")
+    windows: list[tuple[int, int]] = []
+    for begin in range(consumed, stream_len, global_batch):
+        end = min(begin + global_batch, stream_len)
+        if end - begin < global_batch and (drop_last or end - begin < world_size):
+            break
+        windows.append((begin, end))
+    return windows
+
+
+def share_size(window_len: int, *, rank: int, world_size: int) -> int:
+    """How many of a step's `window_len` samples `rank` takes: len(window[rank::world_size])."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
+    return len(range(rank, window_len, world_size))
+
+
+def global_rank_batches(
+    dataset_len: int,
+    *,
+    rank: int,
+    world_size: int,
+    target_world_size: int,
+    batch_size: int,
+    epoch: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    drop_last_samples: bool = False,
+    drop_last: bool = False,
+    consumed: int = 0,
+) -> list[list[int]]:
+    """`rank`'s batches in `epoch` with a global batch, once `consumed` samples were trained on.
+
+    Batch k is rank's share window[rank::world_size] of step k's window of
+    `batch_size * target_world_size` samples. At the target world size these are the
+    batches `rank_indices` (batched by `batch_size`) gives, sample for sample: there rank
+    r's batch k is stream[k * G + r + W * j] for j < batch_size.
+    """
+    order = epoch_order(dataset_len, epoch=epoch, seed=seed, shuffle=shuffle)
+    stream = global_batch_stream(
+        order, target_world_size=target_world_size, drop_last=drop_last_samples
+    )
+    windows = global_batch_windows(
+        len(stream),
+        consumed=consumed,
+        global_batch=batch_size * target_world_size,
+        world_size=world_size,
+        drop_last=drop_last,
+    )
+    return [shard(stream[begin:end], rank=rank, world_size=world_size) for begin, end in windows]
+
+
+# --- the batch mode, from the pod contract --------------------------------------------
+
+
+def global_batch_target(env: Mapping[str, str] | None = None) -> int | None:
+    """The target world size when the batch is global (SPOTRUN_ELASTIC_BATCH=global), else None.
+
+    The target is SPOTRUN_TARGET_REPLICAS (spec.replicas; SPOTRUN_REPLICAS where unset, a
+    group at its target) times SPOTRUN_NPROC_PER_NODE.
+    """
+    env = os.environ if env is None else env
+    if not batch_is_global(env):
+        return None
+    replicas = _positive(env, contract.TARGET_REPLICAS) or _positive(env, contract.REPLICAS) or 1
+    return replicas * (_positive(env, contract.NPROC_PER_NODE) or 1)
+
+
+def batch_is_global(env: Mapping[str, str] | None = None) -> bool:
+    """Whether SPOTRUN_ELASTIC_BATCH asks for a global batch; refuses a value it does not know."""
+    mode = (os.environ if env is None else env).get(contract.ELASTIC_BATCH, "")
+    if mode not in ("", GLOBAL_BATCH, PER_REPLICA_BATCH):
+        raise ValueError(
+            f"{contract.ELASTIC_BATCH} must be {GLOBAL_BATCH!r} or {PER_REPLICA_BATCH!r}, got "
+            f"{mode!r}; it is set from the TrainJob's spec.elastic.batch"
+        )
+    return mode == GLOBAL_BATCH
+
+
+def _positive(env: Mapping[str, str], name: str) -> int | None:
+    raw = env.get(name, "")
+    if raw == "":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from None
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return value
+
+
+# --- this rank's share of the step, for the gradient weighting ------------------------
+
+
+@dataclass(frozen=True)
+class StepShare:
+    """This rank's share of the step its loader last handed a batch for (global batch only)."""
+
+    samples: int
+    """Samples in this rank's batch."""
+    step_samples: int
+    """Samples in the step, over the whole group."""
+
+
+_share: StepShare | None = None
+# The loader whose batches set the share: the session's first prepared loader (data_loader/0),
+# so an evaluation loader prepared after it does not change the weights of training steps.
+_share_driver: weakref.ref[ResumableDataLoader] | None = None
+
+
+def step_share() -> StepShare | None:
+    """The share of the latest batch of the session's first loader, if it has a global batch."""
+    return _share
+
+
 # --- the sampler and the loader wrapper -----------------------------------------------
 
 
@@ -183,6 +343,68 @@ class ResumableDistributedSampler(Sampler[int]):
         )
 
 
+class GlobalBatchSampler(Sampler[list[int]]):
+    """This rank's batches with a global batch: its share of each step's window.
+
+    The epoch, the start and the shuffle are `sampler`'s, so `set_epoch` on either selects
+    the epoch and `ResumableDataLoader` sets one start for both.
+    """
+
+    def __init__(
+        self,
+        sampler: ResumableDistributedSampler,
+        *,
+        target_world_size: int,
+        batch_size: int,
+        drop_last: bool,
+    ) -> None:
+        self.sampler = sampler
+        self.target_world_size = target_world_size
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.target_world_size
+
+    def windows(self, consumed: int) -> list[tuple[int, int]]:
+        """Each remaining step's [begin, end) in the epoch's stream, after `consumed`."""
+        stream_len = self.target_world_size * shard_length(
+            self.sampler.dataset_len,
+            world_size=self.target_world_size,
+            consumed=0,
+            drop_last=self.sampler.drop_last,
+        )
+        return global_batch_windows(
+            stream_len,
+            consumed=consumed,
+            global_batch=self.global_batch,
+            world_size=self.sampler.world_size,
+            drop_last=self.drop_last,
+        )
+
+    def __iter__(self) -> Iterator[list[int]]:
+        sampler = self.sampler
+        return iter(
+            global_rank_batches(
+                sampler.dataset_len,
+                rank=sampler.rank,
+                world_size=sampler.world_size,
+                target_world_size=self.target_world_size,
+                batch_size=self.batch_size,
+                epoch=sampler.epoch,
+                seed=sampler.seed,
+                shuffle=sampler.shuffle,
+                drop_last_samples=sampler.drop_last,
+                drop_last=self.drop_last,
+                consumed=sampler.start,
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self.windows(self.sampler.start))
+
+
 @dataclass
 class _Position:
     """Where the training loop stands in one epoch, in the units stored in checkpoints."""
@@ -201,6 +423,8 @@ class _Pass:
 
     start: _Position
     shard_len: int
+    # Global batch only: each step's [begin, end) in the epoch's stream.
+    windows: Sequence[tuple[int, int]] = ()
     batches: int = 0
 
 
@@ -212,6 +436,10 @@ class ResumableDataLoader:
     records k batches consumed; call `report()` after the step that used the batch.
     After `load_state_dict`, the next pass over the saved epoch skips what was consumed;
     `set_epoch` to another epoch drops that and starts the new epoch from its beginning.
+
+    With `target_world_size` the batch is global: `batch_size` is each rank's batch at that
+    size, and every step serves the next batch_size x target_world_size samples, shared
+    between the `world_size` ranks (see `global_rank_batches`).
     """
 
     def __init__(
@@ -222,6 +450,7 @@ class ResumableDataLoader:
         world_size: int,
         seed: int = 0,
         move_to_device: bool = True,
+        target_world_size: int | None = None,
     ) -> None:
         dataset = loader.dataset
         if isinstance(dataset, IterableDataset):
@@ -248,14 +477,34 @@ class ResumableDataLoader:
         self.batch_size: int = loader.batch_size
         self.drop_last: bool = loader.drop_last
         self.world_size = world_size
+        self.global_batches: GlobalBatchSampler | None = None
+        batching: dict[str, Any] = {
+            "batch_size": loader.batch_size,
+            "sampler": self.sampler,
+            "drop_last": loader.drop_last,
+        }
+        if target_world_size is not None:
+            global_batch = loader.batch_size * target_world_size
+            if global_batch < world_size:
+                raise ValueError(
+                    f"a global batch of {global_batch} samples (batch_size {loader.batch_size} "
+                    f"x target world size {target_world_size}) cannot give each of "
+                    f"{world_size} ranks a sample; the group is larger than its target: "
+                    "check spec.replicas, or use spec.elastic.batch perReplica"
+                )
+            self.global_batches = GlobalBatchSampler(
+                self.sampler,
+                target_world_size=target_world_size,
+                batch_size=loader.batch_size,
+                drop_last=loader.drop_last,
+            )
+            batching = {"batch_sampler": self.global_batches}
         self.loader: DataLoader[Any] = DataLoader(
             dataset,
-            batch_size=loader.batch_size,
-            sampler=self.sampler,
+            **batching,
             num_workers=loader.num_workers,
             collate_fn=loader.collate_fn,
             pin_memory=loader.pin_memory,
-            drop_last=loader.drop_last,
             timeout=loader.timeout,
             worker_init_fn=loader.worker_init_fn,
             multiprocessing_context=loader.multiprocessing_context,
@@ -287,6 +536,8 @@ class ResumableDataLoader:
 
     def __len__(self) -> int:
         """Batches in a full epoch for this rank (a resumed first pass yields fewer)."""
+        if self.global_batches is not None:
+            return len(self.global_batches.windows(0))
         per_rank = shard_length(
             self.sampler.dataset_len,
             world_size=self.world_size,
@@ -302,9 +553,13 @@ class ResumableDataLoader:
         pending, self._pending = self._pending, None
         start = pending if pending is not None and pending.epoch == epoch else _Position(epoch)
         self.sampler.start = start.samples
-        current = _Pass(start=start, shard_len=len(self.sampler))
+        windows = () if self.global_batches is None else self.global_batches.windows(start.samples)
+        current = _Pass(start=start, shard_len=len(self.sampler), windows=windows)
         self._pass = current
         for batch in self.loader:
+            if windows and _share_driver is not None and _share_driver() is self:
+                begin, end = windows[current.batches]
+                self._record_share(end - begin)
             # Counted when handed to the loop, never when prefetched: this is the position.
             current.batches += 1
             yield batch if self._device is None else _to_device(batch, self._device)
@@ -325,6 +580,14 @@ class ResumableDataLoader:
         current = self._pass
         if current is None or current.start.epoch != epoch:
             return _Position(epoch).as_dict()
+        if current.windows:
+            # A global batch: the group has consumed every window up to this step's.
+            end = current.windows[current.batches - 1][1] if current.batches else None
+            return _Position(
+                epoch=epoch,
+                batches=current.start.batches + current.batches,
+                samples=current.start.samples if end is None else end,
+            ).as_dict()
         return _Position(
             epoch=epoch,
             batches=current.start.batches + current.batches,
@@ -347,12 +610,22 @@ class ResumableDataLoader:
                 f"data loader state must hold integer 'epoch' and 'batches', got {dict(state)!r}"
             ) from None
         # Older positions carry only per-rank batches: assume the group did not change.
-        samples = int(state.get("samples", batches * self.batch_size * self.world_size))
+        per_step = (
+            self.batch_size * self.world_size
+            if self.global_batches is None
+            else self.global_batches.global_batch
+        )
+        samples = int(state.get("samples", batches * per_step))
         if batches < 0 or samples < 0:
             raise ValueError(f"data loader state must not be negative, got {dict(state)!r}")
         self._pending = _Position(epoch=epoch, batches=batches, samples=samples)
         self._pass = None
         self.sampler.set_epoch(epoch)
+
+    def _record_share(self, step_samples: int) -> None:
+        global _share
+        samples = share_size(step_samples, rank=self.sampler.rank, world_size=self.world_size)
+        _share = StepShare(samples=samples, step_samples=step_samples)
 
 
 def prepare_data_loader(
@@ -365,7 +638,13 @@ def prepare_data_loader(
     `seed` + epoch) and registers it with the session as "data_loader/<n>", n counting
     the loaders this process prepared, so a resumed run restores each one's position.
     With `move_to_device`, batches are moved to this worker's GPU when it has one.
+
+    With SPOTRUN_ELASTIC_BATCH=global (spec.elastic.batch), `batch_size` is each worker's
+    batch at the target size (SPOTRUN_TARGET_REPLICAS x SPOTRUN_NPROC_PER_NODE) and the
+    global batch stays the same in a smaller group; the session's first loader then records
+    each step's share for `prepare_model`'s gradient weighting.
     """
+    global _share, _share_driver
     session = get_session()
     context = session.context
     wrapped = ResumableDataLoader(
@@ -374,11 +653,16 @@ def prepare_data_loader(
         world_size=context.world_size,
         seed=seed,
         move_to_device=move_to_device,
+        target_world_size=global_batch_target(),
     )
     # Numbered per session, not per process: after a warm recovery the training runs again
     # in the same process, and its first loader must find the first loader's position.
-    name = f"{STATEFUL_PREFIX}{session.stateful_count(STATEFUL_PREFIX)}"
-    session.register_stateful(name, wrapped)
+    number = session.stateful_count(STATEFUL_PREFIX)
+    if number == 0:
+        # A new session (a resize runs the training again) starts without a share.
+        _share = None
+        _share_driver = None if wrapped.global_batches is None else weakref.ref(wrapped)
+    session.register_stateful(f"{STATEFUL_PREFIX}{number}", wrapped)
     return wrapped
 
 
