@@ -51,6 +51,7 @@ RESERVED_ENV = frozenset(
         contract.PROGRESS_SECONDS,
         contract.ELASTIC_BATCH,
         contract.TARGET_REPLICAS,
+        contract.MEMBER_ADDR,
     }
 )
 
@@ -347,6 +348,9 @@ def contract_env(
         batch = "perReplica" if elastic.get("batch") == "perReplica" else "global"
         env.append({"name": contract.ELASTIC_BATCH, "value": batch})
         env.append({"name": contract.TARGET_REPLICAS, "value": str(int(spec.get("replicas", 1)))})
+        # Rank 0 moves when a group re-forms without replica 0: every replica's address.
+        member = f"{names.statefulset(name)}-{{index}}.{names.service(name)}.{namespace}.svc"
+        env.append({"name": contract.MEMBER_ADDR, "value": member})
     # The launcher then keeps the container alive after training returned, so that
     # `restartPolicy: Always` does not rerun it; the operator marks the job Succeeded and
     # scales the StatefulSet to 0.

@@ -213,5 +213,6 @@ def test_trainer_env_may_not_override_the_pod_contract() -> None:
         contract.MASTER_PORT,
         contract.ELASTIC_BATCH,
         contract.TARGET_REPLICAS,
+        contract.MEMBER_ADDR,
     ):
         assert f"'{name}'" in rule, name

@@ -148,6 +148,9 @@ def test_an_elastic_job_gets_its_batch_rule_and_target_size(
     env = env_of(pod(make_job(elastic=elastic)))
     assert env["SPOTRUN_ELASTIC_BATCH"] == batch
     assert env["SPOTRUN_TARGET_REPLICAS"] == "4"
+    # Rank 0's address follows the first member when replica 0 is not in the group.
+    member = env["SPOTRUN_MEMBER_ADDR"]
+    assert member.replace("{index}", "0") == env["MASTER_ADDR"]
 
 
 def test_user_env_cannot_set_the_elastic_contract() -> None:
