@@ -455,22 +455,7 @@ class _Step:
             f"replica {lost} could not be scheduled for {elastic.wait_seconds:g}s: the group "
             f"goes on with {len(alive)} of {self.spec.replicas} replicas"
         )
-        st["interruptions"] = ledger_.record_resize(
-            st.get("interruptions") or [],
-            attempt=attempt,
-            now=self.now,
-            reason=CAPACITY_UNAVAILABLE,
-            message=message,
-            replicas=(len(members), len(alive)),
-            step=_progress_step(st),
-        )
-        self._resized(st, following, alive)
-        self._condition(st, cond.RUNNING, False, CAPACITY_UNAVAILABLE, message)
-        return [
-            RestartGroup(
-                following, resume_point(self.spec, st), CAPACITY_UNAVAILABLE, self.now, alive
-            )
-        ]
+        return self._resize(st, attempt, members, alive, CAPACITY_UNAVAILABLE, message)
 
     def _grow(self, st: dict[str, Any], attempt: int) -> list[Action] | None:
         """Elastic, below its target: replicas that run again outside the group join it.
@@ -492,30 +477,38 @@ class _Step:
             f"{len(members)} to {len(grown)} of {self.spec.replicas} replicas at its next "
             "checkpoint"
         )
+        return self._resize(st, attempt, members, grown, CAPACITY_RETURNED, message)
+
+    def _resize(
+        self,
+        st: dict[str, Any],
+        attempt: int,
+        before: tuple[int, ...],
+        after: tuple[int, ...],
+        reason: str,
+        message: str,
+    ) -> list[Action]:
+        """Re-forms `attempt`'s group of `before` as the next attempt of `after`, warm.
+
+        Every member of `after` is kept in place (survivors, or replicas waiting outside
+        the group); the ledger records the resize, which spends no budget.
+        """
         st["interruptions"] = ledger_.record_resize(
             st.get("interruptions") or [],
             attempt=attempt,
             now=self.now,
-            reason=CAPACITY_RETURNED,
+            reason=reason,
             message=message,
-            replicas=(len(members), len(grown)),
+            replicas=(len(before), len(after)),
             step=_progress_step(st),
         )
-        st["state"] = RESTARTING
+        following = attempt + 1
+        partial = after if len(after) < self.spec.replicas else ()
+        st.update(state=RESTARTING, attempt=following)
         st.pop("attemptStartTime", None)
-        self._resized(st, following, grown)
-        self._condition(st, cond.RUNNING, False, CAPACITY_RETURNED, message)
-        return [
-            RestartGroup(following, resume_point(self.spec, st), CAPACITY_RETURNED, self.now, grown)
-        ]
-
-    def _resized(self, st: dict[str, Any], following: int, members: tuple[int, ...]) -> None:
-        """Records the resized group as attempt `following`: warm, every member kept."""
-        st["attempt"] = following
-        partial = members if len(members) < self.spec.replicas else ()
-        st["group"] = GroupRecord(
-            following, "warm", len(members), members, members=partial
-        ).to_status()
+        st["group"] = GroupRecord(following, "warm", len(after), after, members=partial).to_status()
+        self._condition(st, cond.RUNNING, False, reason, message)
+        return [RestartGroup(following, resume_point(self.spec, st), reason, self.now, after)]
 
     def _next_attempt(self, st: Mapping[str, Any]) -> int:
         """The fencing token of the next attempt: above the status's and every replica's.
