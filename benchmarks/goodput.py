@@ -113,6 +113,11 @@ def main() -> int:
         default=0.0,
         help="add the arms where a faulted replica has no capacity for this many seconds",
     )
+    parser.add_argument(
+        "--arms",
+        default=None,
+        help="comma-separated arms to run (default: all); fault-free always runs, as the base",
+    )
     parser.add_argument("--timeout", type=float, default=1800.0)
     args = parser.parse_args()
 
@@ -124,6 +129,12 @@ def main() -> int:
     arms: tuple[str, ...] = ("fault-free", "warm", "spare", "cold")
     if args.unavailable_for:
         arms += ("away-fixed", "away-elastic")
+    if args.arms:
+        wanted = {"fault-free", *args.arms.split(",")}
+        unknown = wanted - set(arms)
+        if unknown:
+            parser.error(f"unknown arms {sorted(unknown)}; the arms are {', '.join(arms)}")
+        arms = tuple(arm for arm in arms if arm in wanted)
     results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="spotrun-goodput-") as tmp:
         folder = Path(tmp)
@@ -169,15 +180,16 @@ def main() -> int:
             f"{arm:>10}  {wall:7.1f}s  {base / wall:8.3f}  {interrupted:13g}  "
             + (f"{statistics.median(recover):16.2f}s" if recover else f"{'-':>17}")
         )
-    warm = statistics.median(r["wall"] for r in results["warm"])
-    spare = statistics.median(r["wall"] for r in results["spare"])
-    cold = statistics.median(r["wall"] for r in results["cold"])
-    print(
-        f"\nwarm goodput {base / warm:.3f}, with {args.spares} spare(s) {base / spare:.3f}, "
-        f"cold {base / cold:.3f}: warm/cold wall ratio {warm / cold:.3f}, "
-        f"spare/warm {spare / warm:.3f}"
-    )
-    if args.unavailable_for:
+    if {"warm", "spare", "cold"} <= set(arms):
+        warm = statistics.median(r["wall"] for r in results["warm"])
+        spare = statistics.median(r["wall"] for r in results["spare"])
+        cold = statistics.median(r["wall"] for r in results["cold"])
+        print(
+            f"\nwarm goodput {base / warm:.3f}, with {args.spares} spare(s) {base / spare:.3f}, "
+            f"cold {base / cold:.3f}: warm/cold wall ratio {warm / cold:.3f}, "
+            f"spare/warm {spare / warm:.3f}"
+        )
+    if {"away-fixed", "away-elastic"} <= set(arms):
         fixed = statistics.median(r["wall"] for r in results["away-fixed"])
         elastic = statistics.median(r["wall"] for r in results["away-elastic"])
         print(
