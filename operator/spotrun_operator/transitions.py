@@ -31,13 +31,20 @@ def status_patch(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, An
 
     Lists (conditions, interruptions) are written whole: the caller fences the write with
     the resourceVersion it read, so a list another writer changed meanwhile is not lost.
-    A field the policy dropped is removed with null.
+    A field the policy dropped is removed with null, and so is a key dropped from an object
+    field (status.group).
     """
     patch: dict[str, Any] = {}
     for name in OWNED_FIELDS:
         if name in new:
             if old.get(name) != new[name]:
-                patch[name] = new[name]
+                value = new[name]
+                before = old.get(name)
+                if isinstance(value, Mapping) and isinstance(before, Mapping):
+                    # A merge patch merges objects: a key the policy dropped (an elastic
+                    # group's members once it is whole again) must be removed with null.
+                    value = {**{k: None for k in before if k not in value}, **value}
+                patch[name] = value
         elif name in old:
             patch[name] = None
     return patch or None

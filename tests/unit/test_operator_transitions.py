@@ -172,3 +172,10 @@ def test_an_elastic_shrink_and_grow_are_announced_as_such() -> None:
         "GroupGrown",
         "GroupRestarted",
     ]
+
+
+def test_a_key_dropped_from_the_group_is_removed_by_the_merge_patch() -> None:
+    old = {"group": {"attempt": 3, "replicas": 2, "kept": [0, 2], "members": [0, 2]}}
+    new = {"group": {"attempt": 4, "replicas": 3, "kept": [0, 1, 2]}}
+    patch = transitions.status_patch(old, new)
+    assert patch == {"group": {"attempt": 4, "replicas": 3, "kept": [0, 1, 2], "members": None}}
