@@ -221,6 +221,11 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.recovery", "spec.elastic needs spec.recovery: Warm", "survivors"],
     ),
     (
+        "elastic-with-per-rank-state",
+        edit("spec.checkpoint.keepAllRanks", True, edit("spec.elastic", {})),
+        ["spec.checkpoint.keepAllRanks", "cannot be used with spec.elastic", "reshards"],
+    ),
+    (
         "elastic-min-replicas-zero",
         edit("spec.elastic", {"minReplicas": 0}),
         ["spec.elastic.minReplicas", "greater than or equal to 1"],

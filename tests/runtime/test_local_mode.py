@@ -142,14 +142,14 @@ def test_the_example_survives_preemptions_and_kills_with_the_weights_of_an_unint
         "NAME",
         "STATE",
         "READY",
-        "REPLICAS",
+        "SIZE",
         "PREEMPTIONS",
         "FAILURES",
         "CHECKPOINT-STEP",
         "CHECKPOINT-AGE",
         "AGE",
     ]
-    assert line.split()[:7] == ["linear-demo", "Succeeded", "0", "2", "3", "0", "119"]
+    assert line.split()[:7] == ["linear-demo", "Succeeded", "0", "2/2", "3", "0", "119"]
 
 
 def test_application_failures_fail_the_job_after_max_failures_and_preemptions_do_not_count(

@@ -33,6 +33,10 @@ MIN_REPLICAS_RULE = (
     "|| self.elastic.minReplicas <= self.replicas"
 )
 WARM_RULE = "!has(self.elastic) || !has(self.recovery) || self.recovery == 'Warm'"
+PER_RANK_RULE = (
+    "!has(self.elastic) || !has(self.checkpoint) || !has(self.checkpoint.keepAllRanks) "
+    "|| !self.checkpoint.keepAllRanks"
+)
 
 
 def trainjob(spec: str) -> str:
@@ -153,6 +157,24 @@ def test_elastic_with_cold_recovery_is_refused_with_the_crds_message() -> None:
     message = rule_message(("spec",), WARM_RULE)
     assert problems(text) == [f"trainjob.yaml:7: spec.recovery: {message}"]
     assert "a Cold job restarts every replica" in message
+
+
+def test_elastic_with_per_rank_state_is_refused_with_the_crds_message() -> None:
+    text = trainjob(
+        "replicas: 4\nelastic: {minReplicas: 2}\n"
+        "checkpoint: {storage: 'gs://b/x', keepAllRanks: true}\n"
+    )
+    message = rule_message(("spec",), PER_RANK_RULE)
+    assert problems(text) == [f"trainjob.yaml:8: spec.checkpoint.keepAllRanks: {message}"]
+    assert "cannot follow the group to another size" in message
+
+
+def test_per_rank_state_without_elastic_and_elastic_with_replicated_state_are_fine() -> None:
+    per_rank = "checkpoint: {storage: 'gs://b/x', keepAllRanks: true}\n"
+    assert parse_trainjob(trainjob("replicas: 4\n" + per_rank)).checkpoint.settings.keep_all_ranks
+    replicated = "checkpoint: {storage: 'gs://b/x', keepAllRanks: false}\n"
+    job = parse_trainjob(trainjob("replicas: 4\nelastic: {}\n" + replicated))
+    assert not job.checkpoint.settings.keep_all_ranks
 
 
 def test_cold_recovery_without_elastic_is_fine() -> None:

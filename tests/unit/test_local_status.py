@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from spotrun.ledger.status import RUNTIME_FIELDS
 from spotrun.lifecycle import OWNED_FIELDS, format_time
 from spotrun.local.progress import Snapshot, costs, progress_line, summary_lines
-from spotrun.local.status_command import COLUMNS, human_duration, row, table
+from spotrun.local.status_command import COLUMNS, WIDE_COLUMNS, human_duration, row, table
 from spotrun.local.supervisor import (
     LocalRunError,
     Options,
@@ -26,6 +28,7 @@ from spotrun.local.supervisor import (
 from spotrun.local.trainjob import TrainJob, trainjob_from_dict
 
 T0 = 1_700_000_000.0
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def job(**trainer: Any) -> TrainJob:
@@ -198,25 +201,35 @@ def test_ages_read_as_kubectl_prints_them(seconds: float, text: str) -> None:
 def test_a_row_holds_the_printer_columns_with_none_for_missing_values() -> None:
     obj = {
         "metadata": {"name": "demo", "creationTimestamp": format_time(T0 - 400)},
-        "spec": {"replicas": 2},
+        "spec": {"replicas": 3},
         "status": {
             "state": "Running",
             "readyReplicas": 2,
             "preemptions": 3,
             "failures": 0,
             "attempt": 4,
+            "size": "2/3",
             "latestCheckpoint": {"step": 120, "time": format_time(T0 - 7)},
         },
     }
-    assert row(obj, T0) == ["demo", "Running", "2", "2", "3", "0", "120", "7s", "6m40s"]
-    assert row(obj, T0, wide=True)[-1] == "4"
+    assert row(obj, T0) == ["demo", "Running", "2", "2/3", "3", "0", "120", "7s", "6m40s"]
+    assert row(obj, T0, wide=True)[4] == "4"
     assert row({"metadata": {"name": "new"}}, T0)[1:] == ["<none>"] * 8
 
 
 def test_columns_are_padded_like_kubectl() -> None:
     text = table([["demo", "Running"]], ("NAME", "STATE"))
     assert text.splitlines() == ["NAME   STATE", "demo   Running"]
-    assert len(COLUMNS) == 9
+
+
+def test_columns_are_the_crds_printer_columns() -> None:
+    crd = yaml.safe_load((ROOT / "crds" / "trainjobs.spotrun.dev.yaml").read_text())
+    printed = crd["spec"]["versions"][0]["additionalPrinterColumns"]
+    default = [c["name"].upper() for c in printed if not c.get("priority")]
+    wide = [c["name"].upper() for c in printed if c.get("priority")]
+    assert list(COLUMNS) == ["NAME", *default]
+    assert list(WIDE_COLUMNS) == ["NAME", *[c["name"].upper() for c in printed]]
+    assert wide == ["ATTEMPT"]
 
 
 # -- progress and summary --------------------------------------------------------------------

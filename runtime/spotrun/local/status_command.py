@@ -31,14 +31,15 @@ COLUMNS = (
     "NAME",
     "STATE",
     "READY",
-    "REPLICAS",
+    "SIZE",
     "PREEMPTIONS",
     "FAILURES",
     "CHECKPOINT-STEP",
     "CHECKPOINT-AGE",
     "AGE",
 )
-WIDE_COLUMNS = (*COLUMNS, "ATTEMPT")
+# `-o wide` adds the priority-1 columns where the CRD declares them, as kubectl does.
+WIDE_COLUMNS = (*COLUMNS[:4], "ATTEMPT", *COLUMNS[4:])
 
 
 def human_duration(seconds: float) -> str:
@@ -126,7 +127,6 @@ def job_object(folder: str) -> dict[str, Any]:
 def row(obj: Mapping[str, Any], now: float, *, wide: bool = False) -> list[str]:
     """The printer columns of one TrainJob, as kubectl formats them."""
     status = obj.get("status") or {}
-    spec = obj.get("spec") or {}
     metadata = obj.get("metadata") or {}
     latest = status.get("latestCheckpoint") or {}
     created = metadata.get("creationTimestamp") or status.get("startTime")
@@ -134,7 +134,7 @@ def row(obj: Mapping[str, Any], now: float, *, wide: bool = False) -> list[str]:
         str(metadata.get("name", NONE)),
         _cell(status.get("state")),
         _cell(status.get("readyReplicas")),
-        _cell(spec.get("replicas")),
+        _cell(status.get("size")),
         _cell(status.get("preemptions")),
         _cell(status.get("failures")),
         _cell(latest.get("step")),
@@ -142,7 +142,7 @@ def row(obj: Mapping[str, Any], now: float, *, wide: bool = False) -> list[str]:
         _age(created, now),
     ]
     if wide:
-        cells.append(_cell(status.get("attempt")))
+        cells.insert(4, _cell(status.get("attempt")))
     return cells
 
 

@@ -606,6 +606,17 @@ MIRRORED_RULES: tuple[_Rule, ...] = (
         "spec.recovery",
         lambda s: "elastic" not in s or "recovery" not in s or s["recovery"] == "Warm",
     ),
+    _Rule(
+        ("spec",),
+        "!has(self.elastic) || !has(self.checkpoint) || !has(self.checkpoint.keepAllRanks) "
+        "|| !self.checkpoint.keepAllRanks",
+        "spec.checkpoint.keepAllRanks",
+        lambda s: (
+            "elastic" not in s
+            or not isinstance(s.get("checkpoint"), Mapping)
+            or not s["checkpoint"].get("keepAllRanks", False)
+        ),
+    ),
 )
 
 
