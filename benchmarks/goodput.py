@@ -8,6 +8,8 @@ replicas x 1 worker) through `spotrun run` several ways, side by side:
                  --every seconds of training on average, spec.recovery: Warm
   spare          the warm arm with --spares K warm spares (started, imports done, waiting):
                  a lost replica's place is taken by a spare, which a new one then replaces
+  pool           the warm arm with spec.spares K (the operator's way: replicas + K pods by
+                 ordinal, a waiting one takes a lost member's place in status.group.members)
   cold           the same seeded faults, spec.recovery: Cold (the whole group restarts)
 
 With --unavailable-for SECONDS, two more arms where a replica hit by a fault has no capacity
@@ -49,14 +51,19 @@ PYTHONPATH = os.pathsep.join(
 )
 
 
-def job_file(folder: Path, recovery: str, steps: int | None, elastic: bool = False) -> Path:
+def job_file(
+    folder: Path, recovery: str, steps: int | None, elastic: bool = False, spares: int = 0
+) -> Path:
     manifest = yaml.safe_load(EXAMPLE.read_text())
     manifest["spec"]["recovery"] = recovery
+    if spares:
+        manifest["spec"]["spares"] = spares
     if steps is not None:
         manifest["spec"]["config"]["steps"] = steps
     if elastic:
         manifest["spec"]["elastic"] = {"minReplicas": 1, "waitSeconds": 2, "batch": "perReplica"}
-    path = folder / f"job-{recovery.lower()}{'-elastic' if elastic else ''}.yaml"
+    kind = f"{'-elastic' if elastic else ''}{f'-spares{spares}' if spares else ''}"
+    path = folder / f"job-{recovery.lower()}{kind}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     return path
 
@@ -106,7 +113,9 @@ def main() -> int:
         default="mixed",
         help="preemptions with notice, kills without, or both (each at twice the interval)",
     )
-    parser.add_argument("--spares", type=int, default=1, help="warm spares of the spare arm")
+    parser.add_argument(
+        "--spares", type=int, default=1, help="warm spares of the spare and pool arms"
+    )
     parser.add_argument(
         "--unavailable-for",
         type=float,
@@ -126,7 +135,7 @@ def main() -> int:
     else:
         every = [f"--{args.faults}-every={args.every:g}s"]
 
-    arms: tuple[str, ...] = ("fault-free", "warm", "spare", "cold")
+    arms: tuple[str, ...] = ("fault-free", "warm", "spare", "pool", "cold")
     if args.unavailable_for:
         arms += ("away-fixed", "away-elastic")
     if args.arms:
@@ -144,6 +153,7 @@ def main() -> int:
         }
         jobs["spare"] = jobs["away-fixed"] = jobs["warm"]
         jobs["away-elastic"] = job_file(folder, "Warm", args.steps, elastic=True)
+        jobs["pool"] = job_file(folder, "Warm", args.steps, spares=args.spares)
         for rep in range(args.repeat):
             order = list(arms) if rep % 2 == 0 else list(reversed(arms))
             for arm in order:
@@ -188,6 +198,13 @@ def main() -> int:
             f"\nwarm goodput {base / warm:.3f}, with {args.spares} spare(s) {base / spare:.3f}, "
             f"cold {base / cold:.3f}: warm/cold wall ratio {warm / cold:.3f}, "
             f"spare/warm {spare / warm:.3f}"
+        )
+    if {"warm", "pool"} <= set(arms):
+        warm = statistics.median(r["wall"] for r in results["warm"])
+        pool = statistics.median(r["wall"] for r in results["pool"])
+        print(
+            f"spec.spares {args.spares}: goodput {base / pool:.3f} against warm {base / warm:.3f}: "
+            f"pool/warm wall ratio {pool / warm:.3f}"
         )
     if {"away-fixed", "away-elastic"} <= set(arms):
         fixed = statistics.median(r["wall"] for r in results["away-fixed"])

@@ -52,6 +52,8 @@ RESERVED_ENV = frozenset(
         contract.ELASTIC_BATCH,
         contract.TARGET_REPLICAS,
         contract.MEMBER_ADDR,
+        contract.SPARES,
+        contract.SPARE,
     }
 )
 
@@ -348,7 +350,14 @@ def contract_env(
         batch = "perReplica" if elastic.get("batch") == "perReplica" else "global"
         env.append({"name": contract.ELASTIC_BATCH, "value": batch})
         env.append({"name": contract.TARGET_REPLICAS, "value": str(int(spec.get("replicas", 1)))})
-        # Rank 0 moves when a group re-forms without replica 0: every replica's address.
+    spares = int(spec.get("spares") or 0)
+    if spares:
+        # The pool's pods beyond spec.replicas wait outside the group until a warm recovery
+        # puts one in a lost member's place.
+        env.append({"name": contract.SPARES, "value": str(spares)})
+    if elastic is not None or spares:
+        # Rank 0 moves when a group re-forms without replica 0 (an elastic group without it,
+        # or a spare in its place): every replica's address.
         member = f"{names.statefulset(name)}-{{index}}.{names.service(name)}.{namespace}.svc"
         env.append({"name": contract.MEMBER_ADDR, "value": member})
     # The launcher then keeps the container alive after training returned, so that

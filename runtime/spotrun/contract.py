@@ -44,6 +44,9 @@ TARGET_REPLICAS = "SPOTRUN_TARGET_REPLICAS"
 # Set by the operator on elastic jobs: replica {index}'s address (a template with the
 # literal "{index}"). When an elastic group re-forms without replica 0, rank 0 moves.
 MEMBER_ADDR = "SPOTRUN_MEMBER_ADDR"
+# Set by the operator from spec.spares (unset when 0): the pool runs replicas + spares pods;
+# a pod outside the group waits, as a spare, until a group names it.
+SPARES = "SPOTRUN_SPARES"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 

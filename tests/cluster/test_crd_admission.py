@@ -226,6 +226,26 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.checkpoint.keepAllRanks", "cannot be used with spec.elastic", "reshards"],
     ),
     (
+        "spares-with-cold-recovery",
+        edit("spec.recovery", "Cold", edit("spec.spares", 1)),
+        ["spec.spares", "spec.spares needs spec.recovery: Warm"],
+    ),
+    (
+        "spares-with-one-replica",
+        edit("spec.replicas", 1, edit("spec.spares", 1)),
+        ["spec.spares", "spec.replicas of at least 2"],
+    ),
+    (
+        "spares-with-elastic",
+        edit("spec.elastic", {}, edit("spec.spares", 1)),
+        ["spec.spares", "spec.spares and spec.elastic cannot be combined"],
+    ),
+    (
+        "spares-negative",
+        edit("spec.spares", -1),
+        ["spec.spares", "greater than or equal to 0"],
+    ),
+    (
         "elastic-min-replicas-zero",
         edit("spec.elastic", {"minReplicas": 0}),
         ["spec.elastic.minReplicas", "greater than or equal to 1"],
@@ -267,6 +287,7 @@ IMMUTABLE: list[tuple[str, dict[str, Any], str]] = [
     ("replicas", {"replicas": 3}, "spec.replicas and spec.nprocPerNode cannot change"),
     ("replicas", {"replicas": 3}, "create the job with spec.elastic"),
     ("elastic", {"elastic": {"minReplicas": 1}}, "spec.elastic cannot change after creation"),
+    ("spares", {"spares": 1}, "spec.spares cannot change after creation"),
     ("trainer", {"trainer": {"image": "other:2", "function": "a:b"}}, "spec.trainer cannot change"),
     ("storage", {"checkpoint": {"storage": "gs://elsewhere/x"}}, "spec.checkpoint cannot change"),
     ("config", {"config": {"lr": 1}}, "spec.config cannot change"),

@@ -196,3 +196,35 @@ def test_a_spare_that_keeps_failing_is_retried_after_a_growing_pause(tmp_path: P
     assert "spare_fails: this module refuses to load in a spare" in logs[0].read_text()
     # 5 s, 10 s, 20 s... between attempts: a handful in a run of this length, not one per pass.
     assert 2 <= len(logs) <= 6, [p.name for p in logs]
+
+
+def test_spec_spares_puts_a_waiting_pod_in_the_lost_members_place(
+    tmp_path: Path, reference: dict[str, object]
+) -> None:
+    """spec.spares, as on a cluster: the pool runs replicas + spares launchers by ordinal.
+
+    Pod 2 starts outside the group and waits; after the kill, the policy names it in the
+    lost member's place (status.group.members), its workers get the state from the
+    survivor's memory, and the lost member's replacement waits as the next spare.
+    """
+    storage = tmp_path / "runs"
+    status = run_one_fault(trainjob(tmp_path, spares=1), storage, "--kill-every")
+    (entry,) = status["interruptions"]
+    assert (entry["reason"], entry["recovery"]) == ("InjectedKill", "warm"), entry
+    group = status["group"]
+    (kept_member,) = [i for i in group["kept"] if i != 2]
+    lost = 1 - kept_member
+    # The spare (pod 2) took the lost member's node rank; the survivor kept its own.
+    members = [kept_member, 2] if kept_member == 0 else [2, kept_member]
+    assert group["members"] == members and sorted(group["kept"]) == [kept_member, 2], group
+    assert status["size"] == "2/2"
+    pids = worker_pids(storage)
+    # Pod 2 started its workers once, in attempt 1, and trained attempt 2 with them.
+    assert len(pids[(1, 2)]) == 1 and (2, 2) not in pids, pids
+    log = replica_log(storage, 1, 2)
+    assert "is not a member of attempt 1's group" in log and "joins the group again" in log, log
+    assert "memory" in log, log
+    assert status["restoredFrom"]["tier"] == "memory"
+    # The lost member's replacement started for attempt 2, outside the group, as a spare.
+    assert "is not a member of attempt 2's group" in replica_log(storage, 2, lost)
+    assert_bitwise_equal(final_state(storage), reference)

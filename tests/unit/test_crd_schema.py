@@ -214,5 +214,7 @@ def test_trainer_env_may_not_override_the_pod_contract() -> None:
         contract.ELASTIC_BATCH,
         contract.TARGET_REPLICAS,
         contract.MEMBER_ADDR,
+        contract.SPARES,
+        contract.SPARE,
     ):
         assert f"'{name}'" in rule, name

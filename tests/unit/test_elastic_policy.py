@@ -178,8 +178,15 @@ def test_a_member_lost_from_a_shrunk_group_is_replaced_within_the_same_members()
         {"attempt": 2, "mode": "warm", "replicas": 2, "members": [0, 0]},
         {"attempt": 2, "mode": "warm", "replicas": 2, "members": [0, 1, 2]},
         {"attempt": 2, "mode": "warm", "replicas": 2, "members": [-1, 1]},
-        {"attempt": 2, "mode": "warm", "replicas": 2, "members": [0, 2], "kept": [1]},
     ],
 )
 def test_a_group_record_with_members_that_make_no_group_reads_as_none(raw: object) -> None:
     assert GroupRecord.from_status({"group": raw}) is None
+
+
+def test_a_replica_kept_outside_the_members_is_a_spare_that_goes_on_waiting() -> None:
+    raw = {"attempt": 2, "mode": "warm", "replicas": 2, "members": [0, 2], "kept": [0, 1, 2]}
+    record = GroupRecord.from_status({"group": raw})
+    assert record is not None
+    assert record.keeps(1) and record.node_rank_of(1) is None
+    assert (record.node_rank_of(0), record.node_rank_of(2)) == (0, 1)

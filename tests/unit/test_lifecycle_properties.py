@@ -23,9 +23,11 @@ T0 = 1_700_000_000.0
 STATES = {"Pending", "Running", "Restarting", "Suspended", "Succeeded", "Failed"}
 
 specs = st.builds(
-    lambda replicas, max_failures, max_preemptions, breaker, deadline, elastic: JobSpec(
+    lambda replicas, max_failures, max_preemptions, breaker, deadline, elastic, spares: JobSpec(
         replicas=replicas,
         elastic=None if elastic is None else Elastic(min(elastic[0], replicas), elastic[1]),
+        # spec.spares, as admission allows it: two replicas or more, not with elastic.
+        spares=spares if elastic is None and replicas >= 2 else 0,
         failure_policy=FailurePolicy(
             max_failures=max_failures,
             max_preemptions=max_preemptions,
@@ -41,6 +43,7 @@ specs = st.builds(
     | st.builds(CircuitBreaker, st.integers(1, 5), st.sampled_from([60.0, 3600.0])),
     deadline=st.none() | st.sampled_from([30.0, 300.0]),
     elastic=st.none() | st.tuples(st.integers(1, 3), st.sampled_from([0.0, 10.0, 60.0])),
+    spares=st.sampled_from([0, 0, 1, 2]),
 )
 
 
@@ -78,7 +81,8 @@ def passes(draw: st.DrawFn, preemptions_only: bool = False) -> list[dict[str, An
             st.fixed_dictionaries(
                 {
                     "dt": st.sampled_from([0.0, 1.0, 7.0, 30.0, 120.0, 900.0]),
-                    "replicas": st.lists(replica_states(preemptions_only), min_size=0, max_size=3),
+                    # Up to 5 pods: a group of 3 and its spares.
+                    "replicas": st.lists(replica_states(preemptions_only), min_size=0, max_size=5),
                     "attempt_offset": st.sampled_from([0, 0, 0, 0, -1, 1]),
                     "progress": st.booleans(),
                     "completed": st.just(False)
@@ -147,8 +151,10 @@ def test_budgets_counts_and_attempts_stay_consistent(
         record = GroupRecord.from_status(status)
         if status.get("attempt"):
             assert record is not None and record.attempt == status["attempt"]
-            assert set(record.indices) <= set(range(spec.replicas))
-            assert set(record.kept) <= set(record.indices)
+            assert set(record.indices) <= set(range(spec.pool))
+            assert len(set(record.indices)) == record.replicas
+            # Kept outside the group: only waiting spares.
+            assert set(record.kept) <= set(record.indices) or spec.spares
             floor = spec.elastic.min_replicas if spec.elastic else spec.replicas
             assert floor <= record.replicas <= spec.replicas
             assert status["size"] == f"{record.replicas}/{spec.replicas}"

@@ -153,6 +153,17 @@ def test_an_elastic_job_gets_its_batch_rule_and_target_size(
     assert member.replace("{index}", "0") == env["MASTER_ADDR"]
 
 
+def test_a_job_with_spares_tells_its_pods_the_pool_and_every_members_address() -> None:
+    env = env_of(pod(make_job(spares=2)))
+    assert env["SPOTRUN_SPARES"] == "2"
+    assert env["SPOTRUN_REPLICAS"] == "4"  # the group's size; the pool is 6 pods
+    # A spare may take node rank 0's place: rank 0's address follows the first member.
+    assert env["SPOTRUN_MEMBER_ADDR"].replace("{index}", "0") == env["MASTER_ADDR"]
+    assert "SPOTRUN_ELASTIC_BATCH" not in env
+    for absent in (make_job(), make_job(spares=0)):
+        assert {"SPOTRUN_SPARES", "SPOTRUN_MEMBER_ADDR"}.isdisjoint(env_of(pod(absent)))
+
+
 def test_user_env_cannot_set_the_elastic_contract() -> None:
     job = make_job(elastic={"batch": "global"})
     job["spec"]["trainer"]["env"] += [

@@ -230,7 +230,7 @@ async def reconcile_once(
                 facts,
                 attempt=action.attempt,
                 resume_from=action.resume_from,
-                replicas=spec.replicas,
+                replicas=spec.pool,
                 defaults=defaults,
                 keep=action.keep if isinstance(action, RestartGroup) else (),
             )

@@ -13,6 +13,10 @@ replica indices (pod ordinals) that form it, in node-rank order, and `replicas` 
 number. Without `members` the group is replicas 0 to replicas - 1, node rank = index. A
 replica of the attempt that is not a member waits (its launcher's workers import and wait)
 until a later group names it.
+
+With warm spares (spec.spares: K) the job runs replicas + K pods: the group is `members`
+(or 0 to replicas - 1), the other pods wait outside it, and a warm recovery puts a waiting
+one in a lost member's place. Those waiting pods are in `kept` too (their pods stay).
 """
 
 from __future__ import annotations
@@ -83,12 +87,14 @@ class GroupRecord:
             len(members) != replicas or len(set(members)) != replicas or min(members) < 0
         ):
             return None  # members that do not make a group of `replicas` ranks
-        if members and not set(kept) <= set(members):
-            return None  # a kept replica outside the group
         return cls(attempt, mode, replicas, kept, master_port, promoted, members)
 
     def keeps(self, index: int) -> bool:
-        """Whether replica `index` of the previous attempt stays, in place, in this one."""
+        """Whether replica `index` of the previous attempt stays, in place, in this one.
+
+        A kept replica outside `indices` is a warm spare (spec.spares): its pod stays, its
+        workers go on waiting for a group that names it.
+        """
         return self.mode == "warm" and index in self.kept
 
     @property

@@ -394,10 +394,14 @@ class _Step:
             recovery="warm" if keep else "cold",
         )
         st["attempt"] = following
-        # A warm recovery re-forms the same members (a replacement takes the lost one's
-        # place); a cold restart brings every replica back, at the target size.
+        # A warm recovery re-forms the same members (a waiting spare, else a replacement,
+        # takes the lost one's place); a cold restart brings every replica back, at the
+        # target size.
         members = self._members(attempt) if keep else ()
-        members = members if len(members) < self.spec.replicas else ()
+        if keep and self.spec.spares:
+            members, keep = self._promote(attempt, members, keep)
+        whole = members == tuple(range(self.spec.replicas))
+        members = () if whole or len(members) > self.spec.replicas else members
         st["group"] = GroupRecord(
             following,
             "warm" if keep else "cold",
@@ -407,6 +411,31 @@ class _Step:
         ).to_status()
         st.pop("restartNotBefore")
         return [RestartGroup(following, resume_point(self.spec, st), reason, self.now, keep)]
+
+    def _promote(
+        self, attempt: int, members: tuple[int, ...], survivors: tuple[int, ...]
+    ) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Warm spares: each lost member's place goes to a spare pod that waits, if one does.
+
+        Returns the next group's members (a promoted spare in the lost one's place, so the
+        survivors keep their node ranks) and the replicas kept in place: the survivors and
+        every waiting spare (the promoted ones, and those that go on waiting). The lost
+        members' pods are replaced from the new template and wait as the next spares.
+        """
+        # A spare pod recreated after its own loss counts (it waits like any other); a
+        # preempted one does not.
+        spares = sorted(
+            r.index
+            for r in self.obs.of_attempt(attempt)
+            if r.index not in members
+            and 0 <= r.index < self.spec.pool
+            and r.phase == "running"
+            and r.present
+            and not r.preempted
+        )
+        queue = iter(spares)
+        promoted = tuple(i if i in survivors else next(queue, i) for i in members)
+        return promoted, tuple(sorted({*survivors, *spares}))
 
     def _shrink(
         self,
@@ -650,7 +679,7 @@ class _Step:
         """The replica indices of `attempt`'s group: status.group's members, else all."""
         record = self._record
         if record is not None and record.attempt == attempt and record.members:
-            return tuple(i for i in record.members if 0 <= i < self.spec.replicas)
+            return tuple(i for i in record.members if 0 <= i < self.spec.pool)
         return tuple(range(self.spec.replicas))
 
     def _size(self, attempt: int) -> int:

@@ -116,6 +116,15 @@ class JobSpec:
     recovery: Recovery = "warm"
     # None: the group always runs at `replicas` (a lost replica is waited for).
     elastic: Elastic | None = None
+    # Warm spares (spec.spares): pods beyond `replicas` whose workers wait outside the group;
+    # a warm recovery puts a running one in a lost member's place. The pool of replica
+    # indices (pod ordinals) is then 0 to replicas + spares - 1.
+    spares: int = 0
+
+    @property
+    def pool(self) -> int:
+        """How many pods the job runs: the group's target and its spares."""
+        return self.replicas + self.spares
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any]) -> JobSpec:
@@ -131,4 +140,5 @@ class JobSpec:
             grace_seconds=DEFAULT_GRACE_SECONDS if grace is None else float(grace),
             recovery="cold" if str(spec.get("recovery", "Warm")).lower() == "cold" else "warm",
             elastic=None if spec.get("elastic") is None else Elastic.from_spec(spec["elastic"]),
+            spares=int(spec.get("spares") or 0),
         )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import os
 import random
 import re
@@ -512,7 +513,7 @@ class LocalRun:
             if resume_from and step is not None and resume_from == _latest_uri(self.status):
                 where += f" (step {step})"
             promoted = len(self.memory.promoted.get(attempt, {}))
-            fresh = self.spec.replicas - len(keep) - promoted
+            fresh = self.spec.pool - len(keep) - promoted
             kept = f", keeping {len(keep)} (warm)" if keep else ""
             spares = f", promoting {promoted} spare(s)" if promoted else ""
             self.display.event(
@@ -531,7 +532,8 @@ class LocalRun:
                 f"attempt {attempt}: spare {slot} (pid {spare.process.pid}) promoted to "
                 f"replica {index}",
             )
-        for index in range(self.spec.replicas):
+        # With spec.spares the pool is larger than the group: the pods outside it wait.
+        for index in range(self.spec.pool):
             if any(r.index == index and r.attempt == attempt for r in self.replicas):
                 continue
             if any(r.index == index and r.running for r in self.replicas):
@@ -541,18 +543,19 @@ class LocalRun:
             self.replicas.append(self._start(index, attempt, resume_from))
 
     def _keep_joiners(self, now: float) -> None:
-        """Elastic: a replica outside the group whose capacity came back is started again.
+        """Elastic or spec.spares: a replica outside the group that is gone is started again.
 
-        It runs for the current attempt, as a StatefulSet's pod would; its launcher finds
-        itself outside the group and waits until the policy grows the group to include it.
+        It runs for the current attempt, as a StatefulSet's pod would (once its capacity
+        came back); its launcher finds itself outside the group and waits until the policy
+        names it: an elastic group grows back, or a spare takes a lost member's place.
         """
         state = self.status.get("state")
         attempt = int(self.status.get("attempt") or 0)
-        if self.spec.elastic is None or self.interrupted or not attempt:
+        if (self.spec.elastic is None and not self.spec.spares) or self.interrupted or not attempt:
             return
         if state not in (RUNNING, RESTARTING):
             return
-        for index in range(self.spec.replicas):
+        for index in range(self.spec.pool):
             if any(r.index == index and (r.running or r.attempt == attempt) for r in self.replicas):
                 continue
             if self.memory.held.get(index, 0.0) > now:
@@ -683,6 +686,8 @@ class LocalRun:
         if self.spec.elastic is not None:
             env[contract.ELASTIC_BATCH] = self.spec.elastic.batch
             env[contract.TARGET_REPLICAS] = str(self.spec.replicas)
+        if self.spec.spares:
+            env[contract.SPARES] = str(self.spec.spares)
         # The rule the operator follows: the launcher's deadline from the pod's grace, the
         # progress reports from the hang deadline.
         env.update(contract.timing_env(job.spec, longest_progress=LONGEST_PROGRESS_SECONDS))
@@ -1105,6 +1110,14 @@ def _check(job: TrainJob, options: Options) -> None:
         raise LocalRunError(f"--max-injections must be >= 0, got {options.max_injections}")
     if options.spares:
         check_spares(job, options)
+    pooled = job.job_spec().spares
+    if pooled:
+        check_spares(job, dataclasses.replace(options, spares=pooled), flag="spec.spares")
+        if options.spares:
+            raise LocalRunError(
+                f"--spares {options.spares} and spec.spares {pooled} both ask for warm "
+                "spares: give one of them"
+            )
     if options.unavailable_for is not None and not (options.preempt_every or options.kill_every):
         raise LocalRunError(
             "--unavailable-for holds back replicas hit by an injected fault: give "
@@ -1124,24 +1137,25 @@ def _check(job: TrainJob, options: Options) -> None:
     launcher_argv(job, inject_failure=options.fail_rank is not None)
 
 
-def check_spares(job: TrainJob, options: Options) -> None:
-    """--spares needs what a spare joins through: warm recovery, a re-entrant trainer."""
+def check_spares(job: TrainJob, options: Options, flag: str = "--spares") -> None:
+    """--spares (or spec.spares) needs what a spare joins through: warm recovery, a
+    re-entrant trainer."""
     if options.spares < 0:
-        raise LocalRunError(f"--spares must be >= 0, got {options.spares}")
+        raise LocalRunError(f"{flag} must be >= 0, got {options.spares}")
     spec = job.job_spec()
     if spec.recovery != "warm":
         raise LocalRunError(
-            "--spares needs spec.recovery: Warm (a spare joins the group in a warm recovery); "
+            f"{flag} needs spec.recovery: Warm (a spare joins the group in a warm recovery); "
             "this job asks for Cold"
         )
     if job.replicas < 2:
         raise LocalRunError(
-            "--spares needs replicas >= 2: a warm recovery keeps the survivors of a group, "
+            f"{flag} needs replicas >= 2: a warm recovery keeps the survivors of a group, "
             "and a group of one has none"
         )
     if options.fail_rank is not None:
         raise LocalRunError(
-            "--spares cannot be combined with --fail-rank: an application failure restarts "
+            f"{flag} cannot be combined with --fail-rank: an application failure restarts "
             "the whole group (no spare is used), and the failing worker cannot wait to be "
             "promoted"
         )
@@ -1149,14 +1163,14 @@ def check_spares(job: TrainJob, options: Options) -> None:
     argv = worker_command(command, job.trainer.function, warm=True)
     if not job.trainer.function and argv == command:
         raise LocalRunError(
-            "--spares needs a trainer.function, or a trainer.command of the form "
+            f"{flag} needs a trainer.function, or a trainer.command of the form "
             "[python, script.py, ...] or [python, -m, module, ...] (run in a worker that "
             f"can wait to be promoted); this job's command is {command}"
         )
     cores = usable_cores()
     if options.spares * job.nproc_per_node > cores:
         raise LocalRunError(
-            f"--spares {options.spares} x {job.nproc_per_node} worker(s) is more processes "
+            f"{flag} {options.spares} x {job.nproc_per_node} worker(s) is more processes "
             f"than this machine's {cores} core(s) should wait with; use fewer spares"
         )
 
@@ -1171,7 +1185,8 @@ def _banner(job: TrainJob, options: Options, run: LocalRun) -> str:
     if options.fail_rank is not None:
         injected.append(f"rank {options.fail_rank} fails at its report {options.fail_after}")
     faults_text = "; faults: " + ", ".join(injected) if injected else ""
-    spares = f" + {options.spares} warm spare(s)" if options.spares else ""
+    count = options.spares or job.job_spec().spares
+    spares = f" + {count} warm spare(s)" if count else ""
     return (
         f"{job.namespace}/{job.name}: {job.replicas} replica(s) x {job.nproc_per_node} worker(s)"
         f"{spares} running {trainer}; checkpoints in {run.root}; logs in {run.logs}{faults_text}"

@@ -608,6 +608,24 @@ MIRRORED_RULES: tuple[_Rule, ...] = (
     ),
     _Rule(
         ("spec",),
+        "!has(self.spares) || self.spares == 0 || !has(self.recovery) || self.recovery == 'Warm'",
+        "spec.spares",
+        lambda s: not s.get("spares") or "recovery" not in s or s["recovery"] == "Warm",
+    ),
+    _Rule(
+        ("spec",),
+        "!has(self.spares) || self.spares == 0 || self.replicas >= 2",
+        "spec.spares",
+        lambda s: not s.get("spares") or s["replicas"] >= 2,
+    ),
+    _Rule(
+        ("spec",),
+        "!has(self.spares) || self.spares == 0 || !has(self.elastic)",
+        "spec.spares",
+        lambda s: not s.get("spares") or "elastic" not in s,
+    ),
+    _Rule(
+        ("spec",),
         "!has(self.elastic) || !has(self.checkpoint) || !has(self.checkpoint.keepAllRanks) "
         "|| !self.checkpoint.keepAllRanks",
         "spec.checkpoint.keepAllRanks",

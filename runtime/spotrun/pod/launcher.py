@@ -425,13 +425,21 @@ def launch(
     nproc = pod.nproc_per_node if nproc_per_node is None else nproc_per_node
     if nproc < 1:
         raise LaunchError(f"--nproc-per-node must be >= 1, got {nproc}")
-    if pod.node_rank >= pod.replicas:
+    pool = _pool_spares(env)
+    if pod.node_rank >= pod.replicas + pool:
+        spares = f" and {contract.SPARES}={pool} spare pods" if pool else ""
         raise LaunchError(
             f"{contract.NODE_RANK}={pod.node_rank} is outside the group of "
-            f"{contract.REPLICAS}={pod.replicas} pods; node ranks run from 0 to replicas - 1"
+            f"{contract.REPLICAS}={pod.replicas} pods{spares}; node ranks run from 0 to "
+            f"replicas - 1{' + spares' if pool else ''}"
         )
     grace = _grace_seconds(env) if grace_seconds is None else grace_seconds
     warm = env.get(contract.RECOVERY) == "warm"
+    if pool and not warm:
+        raise LaunchError(
+            f"{contract.SPARES} is set but {contract.RECOVERY} is not warm: a spare pod joins "
+            "a group only through a warm recovery"
+        )
     spare = _spare_slot(env)
     if spare is not None and not warm:
         raise LaunchError(
@@ -461,14 +469,17 @@ def launch(
     membership = _Membership(pod, nproc, env, spare=spare) if warm else None
     if membership is not None:
         env = {**env, contract.GROUP_FILE: membership.path}
-        if spare is None and env.get(contract.ELASTIC_BATCH) and membership.outside_group():
-            # A replica of an elastic group that re-formed without it: its workers import
-            # and wait, as a spare's do, until a group names this replica (it grows back).
+        pooled = env.get(contract.ELASTIC_BATCH) or pool
+        if spare is None and pooled and membership.outside_group():
+            # A replica of an elastic group that re-formed without it, or a spare pod
+            # (spec.spares): its workers import and wait, as a spare's do, until a group
+            # names this replica (the group grows back, or a member was lost).
             env[contract.SPARE] = f"replica-{pod.node_rank}"
             membership.joining = True
+            until = "a member is lost" if pool else "the group grows back to include it"
             _log(
                 f"replica {pod.node_rank} is not a member of attempt {pod.attempt}'s group; "
-                "its workers import and wait until the group grows back to include it"
+                f"its workers import and wait until {until}"
             )
         membership.start()
     if threading.current_thread() is not threading.main_thread():
@@ -617,7 +628,7 @@ class _Membership:
             return
         rank = record.node_rank_of(self.index)
         if rank is None:
-            return  # kept outside the group: a record from_status() would have refused
+            return  # kept outside the group: a spare pod that goes on waiting
         self.node_rank, self.replicas = rank, record.replicas
         port = record.master_port or rendezvous_port(contract.DEFAULT_MASTER_PORT, record.attempt)
         group = GroupFile(
@@ -653,6 +664,11 @@ class _Membership:
 
 def _spare_slot(env: Mapping[str, str]) -> int | None:
     return _env_number(env, contract.SPARE, int, "a spare slot number")
+
+
+def _pool_spares(env: Mapping[str, str]) -> int:
+    """spec.spares, from SPOTRUN_SPARES: the pods beyond the group's that wait as spares."""
+    return _env_number(env, contract.SPARES, int, "a number of spare pods") or 0
 
 
 def _record_completion(pod: PodContract) -> None:

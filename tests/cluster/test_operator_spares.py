@@ -1,0 +1,98 @@
+"""Warm spares (spec.spares) on KWOK GPU nodes: a waiting pod takes a lost member's place.
+
+Three one-GPU nodes for a job of two replicas and one spare: the StatefulSet runs three
+pods, and pod 2 waits outside the group. A member's node is deleted: the group re-forms at
+once with the spare in the lost member's place (same pods, relabelled to the new attempt;
+status.group.members), the job stays at SIZE 2/2 without waiting for any replacement, and
+the lost pod's replacement, once a node can take it, waits as the next spare.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kubernetes import client
+
+from tests.cluster.operator_harness import (
+    Operator,
+    api,
+    create,
+    operator,
+    pods,
+    status,
+    temp_nodes,
+    trainjob,
+    trainjob_crd,
+    wait_running,
+)
+from tests.fixtures.cluster import Cluster, wait_until
+
+FIXTURES = (api, operator, trainjob_crd)
+JOB = "spares"
+
+
+def by_name(api: client.ApiClient, namespace: str) -> dict[str, dict[str, Any]]:
+    return {p["metadata"]["name"]: p for p in pods(api, namespace, JOB)}
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, Any]:
+    container = pod["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container.get("env") or []}
+
+
+def test_a_waiting_spare_takes_the_lost_members_place_at_once(
+    api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    with temp_nodes(cluster, f"sp{namespace[-6:]}", count=3, gpus=1) as pool:
+        template = {"spec": {"nodeSelector": {"cloud.google.com/gke-spot": "true", **pool}}}
+        create(api, namespace, trainjob(JOB, replicas=2, template=template, spares=1))
+        # Three pods of attempt 1 run; the group is pods 0 and 1.
+        first = wait_running(api, namespace, JOB, attempt=1, replicas=3)
+        assert first["size"] == "2/2" and "members" not in first["group"], first["group"]
+        before = by_name(api, namespace)
+        env = env_of(before[f"{JOB}-2"])
+        assert env["SPOTRUN_SPARES"] == "1" and "{index}" in env["SPOTRUN_MEMBER_ADDR"], env
+
+        cluster.kubectl("delete", "node", before[f"{JOB}-1"]["spec"]["nodeName"], "--wait=false")
+
+        # Attempt 2 runs with the spare as node rank 1: no replacement is waited for.
+        st = wait_running(api, namespace, JOB, attempt=2, replicas=2)
+        assert st["group"] == {
+            "attempt": 2,
+            "mode": "warm",
+            "replicas": 2,
+            "kept": [0, 2],
+            "members": [0, 2],
+        }, st["group"]
+        assert (st["size"], st["readyReplicas"]) == ("2/2", 2)
+        assert (st["preemptions"], st["failures"]) == (1, 0)
+        (entry,) = st["interruptions"]
+        assert (entry["kind"], entry["recovery"]) == ("preemption", "warm"), entry
+        now = by_name(api, namespace)
+        for name in (f"{JOB}-0", f"{JOB}-2"):
+            assert now[name]["metadata"]["uid"] == before[name]["metadata"]["uid"]  # kept
+        # The lost member's replacement cannot be scheduled (no free GPU): it is the next
+        # spare, and the group does not wait for it.
+        replacement = wait_until(
+            "the replacement of pod 1",
+            lambda: (
+                pod
+                if (pod := by_name(api, namespace).get(f"{JOB}-1")) is not None
+                and pod["metadata"]["uid"] != before[f"{JOB}-1"]["metadata"]["uid"]
+                else None
+            ),
+            timeout=60,
+        )
+        assert replacement["status"]["phase"] == "Pending"
+        assert status(api, namespace, JOB)["state"] == "Running"
+
+        back = f"sp{namespace[-6:]}-back"
+        try:
+            cluster.add_node(back, gpus=1, labels=pool)
+            # It runs, outside the group: the job stays as it is.
+            wait_running(api, namespace, JOB, attempt=2, replicas=3)
+            st = status(api, namespace, JOB)
+            assert st["attempt"] == 2 and st["group"]["members"] == [0, 2], st["group"]
+            assert len(st["interruptions"]) == 1
+        finally:
+            cluster.kubectl("delete", "node", back, "--ignore-not-found", "--wait=false")

@@ -1,0 +1,113 @@
+"""Warm spares (spec.spares) in the lifecycle policy: a waiting pod takes a lost member's place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spotrun.lifecycle import JobSpec, Observation, ReplicaObservation, RestartGroup, plan
+from spotrun.lifecycle.group import GroupRecord
+
+T0 = 1_700_000_000.0
+SPARES = JobSpec(replicas=3, spares=1)
+
+
+def running(index: int, attempt: int) -> ReplicaObservation:
+    return ReplicaObservation(index, attempt, phase="running", ready=True)
+
+
+def lost(index: int, attempt: int) -> ReplicaObservation:
+    return ReplicaObservation(
+        index, attempt, phase="failed", preempted=True, preemption_reason="NodeShutdown"
+    )
+
+
+def pending(index: int, attempt: int) -> ReplicaObservation:
+    return ReplicaObservation(index, attempt, phase="pending", waiting_reason="ContainerCreating")
+
+
+def step(spec: JobSpec, status: dict[str, Any], at: float, *replicas: ReplicaObservation) -> Any:
+    return plan(spec, status, Observation(T0 + at, replicas))
+
+
+def started(spec: JobSpec = SPARES) -> dict[str, Any]:
+    """Attempt 1 runs: members 0-2 and the spare, pod 3."""
+    status = step(spec, {}, 0).status
+    status = step(spec, status, 1, *(running(i, 1) for i in range(spec.pool))).status
+    assert status["state"] == "Running"
+    return dict(status)
+
+
+def test_the_job_runs_its_spares_beside_the_group_and_does_not_wait_for_them() -> None:
+    assert SPARES.pool == 4
+    status = step(SPARES, {}, 0).status
+    status = step(SPARES, status, 1, *(running(i, 1) for i in range(3)), pending(3, 1)).status
+    assert status["state"] == "Running" and status["size"] == "3/3"
+    record = GroupRecord.from_status(status)
+    assert record is not None and record.indices == (0, 1, 2)
+    assert record.node_rank_of(3) is None
+
+
+def test_a_waiting_spare_takes_the_lost_members_place_and_every_waiting_pod_stays() -> None:
+    status = started()
+    decision = step(SPARES, status, 50, running(0, 1), lost(1, 1), running(2, 1), running(3, 1))
+    record = GroupRecord.from_status(decision.status)
+    # The spare takes node rank 1, the lost member's; the survivors keep theirs.
+    assert record == GroupRecord(2, "warm", 3, (0, 2, 3), members=(0, 3, 2))
+    assert record.node_rank_of(3) == 1
+    restarts = [a for a in decision.actions if isinstance(a, RestartGroup)]
+    assert restarts and restarts[0].keep == (0, 2, 3)  # pod 1 is replaced; pods 0, 2, 3 stay
+    assert decision.status["interruptions"][-1]["recovery"] == "warm"
+    assert decision.status["preemptions"] == 1
+
+
+def test_the_replaced_pod_waits_as_the_next_spare_and_the_group_runs_without_it() -> None:
+    status = step(
+        SPARES, started(), 50, running(0, 1), lost(1, 1), running(2, 1), running(3, 1)
+    ).status
+    # Pod 1 comes back from the new template (attempt 2); it is no member, so not waited for.
+    decision = step(SPARES, status, 52, running(0, 2), pending(1, 2), running(2, 2), running(3, 2))
+    assert decision.status["state"] == "Running" and decision.status["readyReplicas"] == 3
+    assert decision.status["size"] == "3/3"
+    # The next loss, of the promoted spare: pod 1 (waiting again) takes its place, node rank 1.
+    status = step(SPARES, decision.status, 60, *(running(i, 2) for i in range(4))).status
+    decision = step(SPARES, status, 70, running(0, 2), running(1, 2), running(2, 2), lost(3, 2))
+    record = GroupRecord.from_status(decision.status)
+    assert record == GroupRecord(3, "warm", 3, (0, 1, 2))  # members 0, 1, 2: written as none
+    assert "members" not in decision.status["group"]
+
+
+def test_without_a_waiting_spare_the_lost_members_replacement_is_waited_for() -> None:
+    status = started()
+    decision = step(SPARES, status, 50, running(0, 1), lost(1, 1), running(2, 1), pending(3, 1))
+    record = GroupRecord.from_status(decision.status)
+    assert record == GroupRecord(2, "warm", 3, (0, 2))
+    assert record.indices == (0, 1, 2)
+
+
+def test_a_spare_that_is_lost_interrupts_nothing() -> None:
+    status = started()
+    decision = step(SPARES, status, 50, *(running(i, 1) for i in range(3)), lost(3, 1))
+    assert decision.status["state"] == "Running" and decision.status["attempt"] == 1
+    assert decision.status["preemptions"] == 0
+    assert not [a for a in decision.actions if isinstance(a, RestartGroup)]
+
+
+def test_a_failure_restarts_the_whole_pool_cold() -> None:
+    status = started()
+    crashed = ReplicaObservation(1, 1, phase="failed", exit_code=1)
+    decision = step(SPARES, status, 50, running(0, 1), crashed, running(2, 1), running(3, 1))
+    assert decision.status["state"] == "Restarting" and decision.status["failures"] == 1
+    later = step(
+        SPARES, decision.status, 50 + 3600, running(0, 1), crashed, running(2, 1), running(3, 1)
+    )
+    record = GroupRecord.from_status(later.status)
+    assert record == GroupRecord(2, "cold", 3)
+
+
+def test_without_spares_the_policy_is_unchanged() -> None:
+    spec = JobSpec(replicas=3)
+    status = step(spec, {}, 0).status
+    status = step(spec, status, 1, *(running(i, 1) for i in range(3))).status
+    # A stray pod 3 (a StatefulSet being scaled down) is not a spare.
+    decision = step(spec, status, 50, running(0, 1), lost(1, 1), running(2, 1), running(3, 1))
+    assert GroupRecord.from_status(decision.status) == GroupRecord(2, "warm", 3, (0, 2))
