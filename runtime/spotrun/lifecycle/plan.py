@@ -401,7 +401,7 @@ class _Step:
         if keep and self.spec.spares:
             members, keep = self._promote(attempt, members, keep)
         whole = members == tuple(range(self.spec.replicas))
-        members = () if whole or len(members) > self.spec.replicas else members
+        members = () if whole else members
         st["group"] = GroupRecord(
             following,
             "warm" if keep else "cold",
