@@ -11,8 +11,10 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
+from spotrun.local.trainjob import json_schema
 from tests.runtime.test_local_mode import (
     CONFIG,
     assert_bitwise_equal,
@@ -165,6 +167,9 @@ def test_a_warm_spare_takes_the_lost_replicas_place(
     (kept,) = status["group"]["kept"]
     lost = 1 - kept
     assert status["group"]["promoted"] == [{"spare": 0, "nodeRank": lost}], status["group"]
+    # What the local supervisor wrote is what the CRD declares (nothing a server would prune).
+    schema = json_schema()["properties"]["status"]
+    assert not [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(status)]
     pids = worker_pids(storage)
     # No replica process was started for attempt 2: the spare's workers, started before
     # the loss, trained as the lost replica.
