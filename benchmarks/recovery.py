@@ -3,8 +3,8 @@
 On the real node of `hack/cluster up --real-node` (a kubelet on containerd, see
 docs/cluster.md), a TrainJob of 2 replicas x 1 gloo worker runs
 benchmarks/recovery_workload.py (examples.train_linear's train_func_steps with timestamps;
-a ConfigMap in the pods of the node's examples image) under the operator, in its own process. Each run kills replica 1
-and times the way back:
+a ConfigMap in the pods of the node's examples image) under the operator, in its own process. Each run kills the
+pod of node rank 1 (status.group.members[1]) and times the way back:
 
   detect              loss -> the operator records the interruption (status.interruptions[].time)
   decide              -> it restarts the group (interruptions[].restartTime): the old
@@ -16,6 +16,13 @@ and times the way back:
   checkpoint loaded   -> every rank read and verified the checkpoint to resume from
   first step          -> every rank reported its first training step: training again
 
+Three arms, in one invocation (--arms): `cold` (spec.recovery: Cold, the whole group restarted),
+`warm` (the survivor kept, only the lost pod replaced) and `spare` (warm with spec.spares: 1: a
+waiting pod takes the lost member's place, and the lost pod's replacement waits as the next
+spare, ready before the next kill). A promoted spare's pod was created and started before the
+loss, so the spare arm has no "pods created" or "containers started" phase: those two count
+only new pods that are members of the new attempt's group.
+
 The loss is without notice by default (every process of the trainer container SIGKILLed
 through containerd, then the pod force-deleted, as when a node vanishes); --notice deletes
 the pod gracefully instead (SIGTERM: the runtime commits a final checkpoint first).
@@ -23,6 +30,7 @@ Prints each run and the median of each phase.
 
     .venv/bin/python benchmarks/recovery.py --runs 5
     .venv/bin/python benchmarks/recovery.py --run-dir ~/.cache/spotrun/run/cluster  # running cluster
+    .venv/bin/python benchmarks/recovery.py --arms warm,spare --ballast-mb 512
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ JOB = "recovery"
 WORKLOAD = ROOT / "benchmarks" / "recovery_workload.py"
 WORKLOAD_CONFIGMAP = "recovery-workload"
 ATTEMPT_LABEL = "spotrun.dev/attempt"
+REPLICAS = 2  # examples/trainjob.yaml's
+# What a waiting spare's worker logs once its imports are done (train/_function_worker.py).
+SPARE_READY = "ready, waiting to be promoted into a group"
+ARMS = {"cold": ("Cold", 0), "warm": ("Warm", 0), "spare": ("Warm", 1)}  # recovery, spares
 MARK = re.compile(r"^\[recovery-mark\] (\S+) (\d+\.\d+) (\d+)$", re.M)
 PHASES = (
     "detect",
@@ -119,8 +131,10 @@ class Bench:
         grace: int,
         recovery: str = "Warm",
         ballast_mb: int = 0,
+        spares: int = 0,
     ) -> None:
         self.recovery = recovery
+        self.spares = spares
         self.ballast_mb = ballast_mb
         self.run_dir = run_dir
         state = json.loads((run_dir / "state.json").read_text())
@@ -206,6 +220,8 @@ class Bench:
             "ballast_mb": self.ballast_mb,
         }
         spec["recovery"] = self.recovery
+        if self.spares:
+            spec["spares"] = self.spares
         spec["trainer"].pop("function", None)
         # The examples image runs the workload from a ConfigMap (no host path in any pod);
         # `examples` is imported from the image's /workspace.
@@ -273,10 +289,26 @@ class Bench:
 
     # -- one run -----------------------------------------------------------------------------
 
+    def pods(self) -> list[str]:
+        """The job's pods now (members and waiting spares), by name."""
+        out = self.kubectl(
+            *("get", "pods", "-n", self.namespace, "-l", f"spotrun.dev/job={JOB}"),
+            *("-o", "jsonpath={.items[*].metadata.name}"),
+            check=False,
+        )
+        return sorted(out.split())
+
+    def members(self, status: dict[str, Any] | None = None) -> list[str]:
+        """The pods of the current group, in node-rank order (status.group.members)."""
+        status = self.status() if status is None else status
+        group = status.get("group") or {}
+        ordinals = group.get("members") or range(int(group.get("replicas") or REPLICAS))
+        return [f"{JOB}-{i}" for i in ordinals]
+
     def marks(self, attempt: int) -> dict[str, dict[str, float]]:
-        """pod -> mark -> time, from the trainer logs of ATTEMPT."""
+        """pod -> mark -> time, from the trainer logs of ATTEMPT (whichever pods ran it)."""
         out: dict[str, dict[str, float]] = {}
-        for pod in (f"{JOB}-0", f"{JOB}-1"):
+        for pod in self.pods():
             text = self.kubectl("logs", pod, "-n", self.namespace, check=False)
             for name, when, att in MARK.findall(text):
                 if int(att) == attempt:
@@ -287,7 +319,7 @@ class Bench:
         deadline = time.monotonic() + timeout
         while True:
             marks = self.marks(attempt)
-            if len(marks) == 2 and all("first_step" in m for m in marks.values()):
+            if len(marks) == REPLICAS and all("first_step" in m for m in marks.values()):
                 return marks
             if time.monotonic() > deadline:
                 raise RuntimeError(f"attempt {attempt} did not train within {timeout:.0f}s")
@@ -303,8 +335,25 @@ class Bench:
                 raise RuntimeError(f"no attempt after {after} within {timeout:.0f}s")
             time.sleep(0.2)
 
+    def wait_spares_ready(self, timeout: float = 300) -> None:
+        """Every pod outside the group runs and its workers wait, imports done, to be promoted."""
+        deadline = time.monotonic() + timeout
+        while self.spares:
+            members = set(self.members())
+            waiting = [p for p in self.pods() if p not in members]
+            ready = [
+                p
+                for p in waiting
+                if SPARE_READY in self.kubectl("logs", p, "-n", self.namespace, check=False)
+            ]
+            if len(ready) >= self.spares:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no ready spare within {timeout:.0f}s (waiting: {waiting})")
+            time.sleep(0.5)
+
     def interrupt(self) -> float:
-        pod = f"{JOB}-1"
+        pod = self.members()[1]
         if self.notice:
             t0 = time.time()
             self.kubectl("delete", "pod", pod, "-n", self.namespace, "--wait=false")
@@ -336,23 +385,31 @@ class Bench:
         attempt = self.wait_attempt(0)
         self.wait_training(attempt)
         time.sleep(3)  # train a little: a checkpoint or two
+        self.wait_spares_ready()
         t0 = self.interrupt()
         new = self.wait_attempt(attempt)
         marks = self.wait_training(new)
         status = self.status()
         event = next(i for i in reversed(status["interruptions"]) if i["attempt"] == attempt)
-        pods = [r for r in self.seen.values() if r["attempt"] == new]
+        members = self.members(status)
+
+        def new_members() -> list[dict[str, Any]]:
+            # Pods created for the new attempt that are in its group (not the next spare).
+            return [r for r in self.seen.values() if r["attempt"] == new and r["name"] in members]
+
+        fresh = len(members) - sum(1 for p in members if p in self.kept_names(status))
         deadline = time.monotonic() + 10
         while (
-            len(pods) < 2 or not all("running" in p for p in pods)
+            len(pods := new_members()) < fresh or not all("running" in p for p in pods)
         ) and time.monotonic() < deadline:
             time.sleep(0.2)
-            pods = [r for r in self.seen.values() if r["attempt"] == new]
-        points = [
-            ("detect", ts(event["time"])),
-            ("decide", ts(event["restartTime"])),
-            ("pods created", max(p["added"] for p in pods)),
-            ("containers started", max(p["running"] for p in pods)),
+        points = [("detect", ts(event["time"])), ("decide", ts(event["restartTime"]))]
+        if pods:
+            points += [
+                ("pods created", max(p["added"] for p in pods)),
+                ("containers started", max(p["running"] for p in pods if "running" in p)),
+            ]
+        points += [
             ("imports", max(m["imported"] for m in marks.values())),
             ("rendezvous", max(m["rendezvous"] for m in marks.values())),
             ("checkpoint loaded", max(m["checkpoint_loaded"] for m in marks.values())),
@@ -366,6 +423,11 @@ class Bench:
             phases[name] = max(0.0, when - last)
             last = max(last, when)
         phases["total"] = last - t0
+        for pod, times in sorted(marks.items()):
+            shown = ", ".join(
+                f"{k} +{v - t0:.2f}" for k, v in sorted(times.items(), key=lambda x: x[1])
+            )
+            log(f"  {pod}: {shown}")
         deadline = time.monotonic() + 30
         while "stepsLost" not in event and time.monotonic() < deadline:
             time.sleep(0.5)  # a warm recovery's steps lost come with restoredFrom
@@ -375,26 +437,34 @@ class Bench:
         phases["from memory"] = (
             1.0 if (status.get("restoredFrom") or {}).get("tier") == "memory" else 0.0
         )
-        log_text = self.kubectl("logs", f"{JOB}-1", "-n", self.namespace, check=False)
+        phases["pods replaced"] = float(len(pods))
+        log_text = "".join(
+            self.kubectl("logs", pod, "-n", self.namespace, check=False) for pod in members
+        )
         moved = TRANSFER.findall(log_text)
         if moved and int(moved[-1][1]) >= 1 << 20:
             # Throughput only for a state worth timing: a few KiB move in under the 10 ms
             # the log's two decimals can show.
             seconds, size = float(moved[-1][0]), int(moved[-1][1])
             phases["peer MB/s"] = size / max(seconds, 1e-9) / 1e6
-            phases["raw MB/s"] = self.raw_copy(size)
+            phases["raw MB/s"] = self.raw_copy(size, *members[:2])
         return phases
 
-    def raw_copy(self, size: int) -> float:
-        """MB/s of a plain TCP copy of `size` bytes from pod 0 to pod 1, in the same pods."""
-        ip = json.loads(self.kubectl("get", "pod", f"{JOB}-0", "-n", self.namespace, "-o", "json"))[
+    @staticmethod
+    def kept_names(status: dict[str, Any]) -> set[str]:
+        """The pods the last warm restart kept (survivors and waiting spares)."""
+        return {f"{JOB}-{i}" for i in (status.get("group") or {}).get("kept") or ()}
+
+    def raw_copy(self, size: int, receiver: str, sender: str) -> float:
+        """MB/s of a plain TCP copy of `size` bytes from SENDER's pod to RECEIVER's."""
+        ip = json.loads(self.kubectl("get", "pod", receiver, "-n", self.namespace, "-o", "json"))[
             "status"
         ]["podIP"]
         server = subprocess.Popen(
             [
                 self.kubectl_bin,
                 f"--kubeconfig={self.kubeconfig}",
-                *("exec", "-n", self.namespace, f"{JOB}-0", "-c", "trainer", "--"),
+                *("exec", "-n", self.namespace, receiver, "-c", "trainer", "--"),
                 *("python", "-c", RAW_SERVER, str(size)),
             ],
             stdout=subprocess.PIPE,
@@ -402,7 +472,7 @@ class Bench:
         )
         time.sleep(1.0)
         self.kubectl(
-            *("exec", "-n", self.namespace, f"{JOB}-1", "-c", "trainer", "--"),
+            *("exec", "-n", self.namespace, sender, "-c", "trainer", "--"),
             *("python", "-c", RAW_CLIENT, ip, str(size)),
         )
         out, _ = server.communicate(timeout=120)
@@ -424,32 +494,37 @@ def main(argv: list[str]) -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the runs here")
     parser.add_argument(
-        "--recovery",
-        choices=("warm", "cold", "both"),
-        default="both",
-        help="spec.recovery of the job; both: a cold arm, then a warm one, in this run",
+        "--arms",
+        default="cold,warm,spare",
+        help="comma-separated, run in this order: cold (spec.recovery: Cold), warm "
+        "(Warm), spare (Warm with spec.spares: 1); default cold,warm,spare",
     )
     parser.add_argument(
         "--ballast-mb", type=int, default=0, help="MiB of extra state in every checkpoint"
     )
     args = parser.parse_args(argv)
+    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    unknown = [a for a in arms if a not in ARMS]
+    if unknown or not arms:
+        parser.error(f"--arms: unknown {unknown} (choose from {', '.join(ARMS)})")
 
     own = args.run_dir is None
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="recovery-cluster-"))
     if own:
         log(f"starting a cluster with a real node in {run_dir}")
         hack_cluster("up", "--real-node", f"--run-dir={run_dir}")
-    arms = ["Cold", "Warm"] if args.recovery == "both" else [args.recovery.capitalize()]
     results: dict[str, list[dict[str, float]]] = {}
     try:
         for arm in arms:
+            recovery, spares = ARMS[arm]
             bench = Bench(
                 run_dir,
-                f"recovery-{arm.lower()}-{uuid.uuid4().hex[:6]}",
+                f"recovery-{arm}-{uuid.uuid4().hex[:6]}",
                 args.notice,
                 args.grace,
-                recovery=arm,
+                recovery=recovery,
                 ballast_mb=args.ballast_mb,
+                spares=spares,
             )
             runs: list[dict[str, float]] = results.setdefault(arm, [])
             try:
@@ -466,23 +541,33 @@ def main(argv: list[str]) -> int:
 
     kind = "graceful delete (notice)" if args.notice else "SIGKILL + force delete (no notice)"
     for arm, runs in results.items():
+        recovery, spares = ARMS[arm]
         print(
-            f"\nrecovery of a 2-replica TrainJob on the real node, {kind}, recovery {arm}, "
-            f"{args.ballast_mb} MiB ballast, {len(runs)} runs"
+            f"\nrecovery of a {REPLICAS}-replica TrainJob on the real node, {kind}, arm {arm} "
+            f"(recovery {recovery}, {spares} spare(s)), {args.ballast_mb} MiB ballast, "
+            f"{len(runs)} runs"
         )
         header = f"{'phase':20}" + "".join(f"{f'run {i + 1}':>9}" for i in range(len(runs)))
         print(header + f"{'median':>9}")
-        names = [*PHASES, "total", "steps lost", "from memory", "peer MB/s", "raw MB/s"]
+        names = [
+            *PHASES,
+            *("total", "steps lost", "from memory", "pods replaced", "peer MB/s", "raw MB/s"),
+        ]
         for name in names:
             values = [r[name] for r in runs if name in r]
             if not values:
                 continue
             cells = "".join(f"{v:9.2f}" for v in values)
             print(f"{name:20}{cells}{statistics.median(values):9.2f}")
-    if len(results) == 2:
-        cold = statistics.median(r["total"] for r in results["Cold"])
-        warm = statistics.median(r["total"] for r in results["Warm"])
-        print(f"\nmedian total: cold {cold:.2f}s, warm {warm:.2f}s, warm/cold {warm / cold:.3f}")
+    medians = {arm: statistics.median(r["total"] for r in runs) for arm, runs in results.items()}
+    if medians:
+        print("\nmedian total: " + ", ".join(f"{a} {m:.2f}s" for a, m in medians.items()))
+    base = medians.get("cold")
+    for arm, median in medians.items():
+        if base and arm != "cold":
+            print(f"{arm}/cold {median / base:.3f}")
+    if "warm" in medians and "spare" in medians:
+        print(f"spare/warm {medians['spare'] / medians['warm']:.3f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -38,7 +38,7 @@ import tempfile
 import threading
 import time
 import tomllib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -492,7 +492,8 @@ def _build_base(k: str) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _build_spec(name: str, k: str, repo: Path) -> None:
+def _build_spec(name: str, k: str, repo: Path, keys: Mapping[str, str]) -> None:
+    """Builds NAME FROM its parents as KEYS name them (read once, when the build began)."""
     spec = SPECS[name]
     args = [
         "build",
@@ -505,7 +506,9 @@ def _build_spec(name: str, k: str, repo: Path) -> None:
         f"--tag={local_ref(name, k)}",
     ]
     for arg, image in ((spec.parent_arg, spec.parent), *spec.also):
-        image_key = key(image, repo)
+        # The key the parent was built under, not one read again now: a file edited during
+        # a long build would name a parent that was never built.
+        image_key = keys[image] if image in keys else key(image, repo)
         _load(image, image_key)
         args.append(f"--build-arg={arg}={local_ref(image, image_key)}")
     if spec.target:
@@ -600,7 +603,7 @@ def ensure(names: Sequence[str], repo: Path = REPO, rebuild: Sequence[str] = ())
                     _build_base(k)
             else:
                 _check_disk(n)
-                _build_spec(n, k, repo)
+                _build_spec(n, k, repo, keys)
             with Ticker(f"storing image {n} in {layout_dir()} (zstd)"):
                 _push(n, k)
             took = time.monotonic() - start

@@ -21,6 +21,12 @@ mounted into any pod. It is interrupted twice:
 After the drain the group restarts cold from status.latestCheckpoint; the job then completes, and its
 final weights and Adam state equal those of an uninterrupted run of the same config
 (`spotrun launch` on this machine, world size 2).
+
+A second TrainJob keeps a warm spare (`spec.spares: 1`, three pods for a group of two): when a
+member's pod is killed without notice, the waiting pod takes its place at once (no pod is
+created or started for the group), the survivor and the spare keep their UIDs, and the
+killed pod's replacement waits as the next spare. That job too ends bit for bit like the
+uninterrupted run. Both tests share one operator install and one reference run.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from __future__ import annotations
 import io
 import json
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +166,22 @@ def kill_without_notice(cluster: NodeCluster, ns: str, pod: str) -> None:
     cluster.kubectl("delete", "pod", pod, "-n", ns, "--grace-period=0", "--force", "--wait=false")
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return reference_run(tmp_path_factory.mktemp("reference"))
+
+
+@pytest.fixture(scope="module")
+def operator(cluster: NodeCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Release]:
+    release = install_operator(cluster, tmp_path_factory.mktemp("operator"))
+    try:
+        yield release
+    finally:
+        print(f"operator log:\n{operator_log(release)}")
+        release.uninstall()
+        delete_namespace(cluster, release.namespace)
+
+
 def install_operator(cluster: NodeCluster, tmp_path: Path) -> Release:
     """The chart, as docs/demo.md installs it: the built image, a restricted namespace."""
     home = create_namespace(cluster, "spotrun-system", PSS_RESTRICTED)
@@ -180,16 +203,18 @@ def operator_log(release: Release) -> str:
 
 
 def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run(
-    cluster: NodeCluster, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    cluster: NodeCluster,
+    namespace: str,
+    reference: dict[str, Any],
+    operator: Release,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", cluster.gcs_endpoint)
-    reference = reference_run(tmp_path)
     # The training pods are admitted under "restricted" too (no hostPath, non-root).
     cluster.kubectl(
         "label", "namespace", namespace, *[f"{k}={v}" for k, v in PSS_RESTRICTED.items()]
     )
     name = "linear"
-    operator = install_operator(cluster, tmp_path)
     try:
         with cluster.api_client() as api:
             body = cluster.job(the_job(name), storage=f"gs://spotrun/{namespace}")
@@ -263,23 +288,104 @@ def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run
                 timeout=300,
             )
             assert done["preemptions"] >= 2, done
-            assert done["latestCheckpoint"]["step"] == STEPS - 1
-            final = load_checkpoint(done["latestCheckpoint"]["uri"])
-            assert final["manifest"]["metrics"] == reference["manifest"]["metrics"]
-            assert_same_state(final["state"], reference["state"])
-            custom = client.CustomObjectsApi(api)
-            custom.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-            wait_until(
-                "the TrainJob to go",
-                lambda: (
-                    not custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL)[
-                        "items"
-                    ]
-                ),
-                timeout=60,
-            )
+            assert_ends_like(done, reference)
+            delete_job(api, namespace, name)
     finally:
         cluster.kubectl("uncordon", NODE_NAME, check=False)
-        print(f"operator log:\n{operator_log(operator)}")
-        operator.uninstall()
-        delete_namespace(cluster, operator.namespace)
+
+
+def assert_ends_like(done: dict[str, Any], reference: dict[str, Any]) -> None:
+    """The job's last checkpoint holds the uninterrupted run's weights, Adam state and metrics."""
+    assert done["latestCheckpoint"]["step"] == STEPS - 1
+    final = load_checkpoint(done["latestCheckpoint"]["uri"])
+    assert final["manifest"]["metrics"] == reference["manifest"]["metrics"]
+    assert_same_state(final["state"], reference["state"])
+
+
+def delete_job(api: client.ApiClient, ns: str, name: str) -> None:
+    custom = client.CustomObjectsApi(api)
+    custom.delete_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+    wait_until(
+        "the TrainJob to go",
+        lambda: not custom.list_namespaced_custom_object(GROUP, VERSION, ns, PLURAL)["items"],
+        timeout=60,
+    )
+
+
+# What a waiting spare's worker logs once its imports are done (train/_function_worker.py).
+SPARE_READY = "ready, waiting to be promoted into a group"
+
+
+def spare_ready(cluster: NodeCluster, ns: str, pod: str) -> bool:
+    proc = cluster.kubectl("logs", pod, "-n", ns, "-c", "trainer", check=False)
+    return SPARE_READY in proc.stdout
+
+
+def test_a_warm_spare_takes_a_killed_members_place_and_the_job_ends_bit_for_bit(
+    cluster: NodeCluster,
+    namespace: str,
+    reference: dict[str, Any],
+    operator: Release,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", cluster.gcs_endpoint)
+    name = "spare"
+    body = the_job(name)
+    body["spec"]["spares"] = 1
+    with cluster.api_client() as api:
+        cluster.kubectl(
+            "apply",
+            "-n",
+            namespace,
+            "-f",
+            "-",
+            input=json.dumps(cluster.job(body, storage=f"gs://spotrun/{namespace}")),
+        )
+        # Pods 0 and 1 form the group; pod 2 waits, torch imported, outside it.
+        wait_until(
+            "training past step 50 with a ready spare",
+            lambda: (
+                progress(job_status(api, namespace, name)) >= 50
+                and spare_ready(cluster, namespace, f"{name}-2")
+            ),
+            timeout=300,
+        )
+        before = job_status(api, namespace, name)
+        assert (before["group"].get("members") or [0, 1]) == [0, 1], before["group"]
+        uids = {i: pod_uid(cluster, namespace, f"{name}-{i}") for i in range(3)}
+        kill_without_notice(cluster, namespace, f"{name}-1")
+        after = wait_until(
+            "the group to train again",
+            lambda: (
+                (s := job_status(api, namespace, name)).get("state") == "Running"
+                and s.get("attempt", 0) > before["attempt"]
+                and "stepsLost" in (s.get("interruptions") or [{}])[-1]
+                and progress(s) > int((s.get("restoredFrom") or {}).get("step", 1 << 30)) + 5
+                and s
+            ),
+            timeout=240,
+        )
+        event = after["interruptions"][-1]
+        print(f"kill of member 1 at step >= {progress(before)}: {event}, group {after['group']}")
+        assert (event["kind"], event["recovery"]) == ("preemption", "warm"), event
+        # The spare (pod 2) took node rank 1; the survivor and the spare are the same pods.
+        assert after["group"]["members"] == [0, 2], after["group"]
+        assert pod_uid(cluster, namespace, f"{name}-0") == uids[0]
+        assert pod_uid(cluster, namespace, f"{name}-2") == uids[2]
+        assert after["restoredFrom"]["tier"] == "memory", after["restoredFrom"]
+        assert event["stepsLost"] <= EVERY, event
+        # The killed pod came back from the new template as the next spare, waiting.
+        wait_until(
+            "pod 1 to wait as the next spare",
+            lambda: spare_ready(cluster, namespace, f"{name}-1"),
+            timeout=240,
+        )
+        assert pod_uid(cluster, namespace, f"{name}-1") != uids[1]
+
+        done = wait_until(
+            "the job to succeed",
+            lambda: (s := job_status(api, namespace, name)).get("state") == "Succeeded" and s,
+            timeout=300,
+        )
+        assert_ends_like(done, reference)
+        delete_job(api, namespace, name)

@@ -175,7 +175,10 @@ def test_a_warm_spare_takes_the_lost_replicas_place(
     # the loss, trained as the lost replica.
     assert (2, lost) not in pids and (2, kept) not in pids, pids
     log = spare_log(storage, 0, 1).read_text()
-    assert f"spare 0 promoted to node {lost}" in log, log
+    # The spare says when it is ready (imports done), then when it is promoted.
+    assert log.index("ready, waiting to be promoted") < log.index(
+        f"spare 0 promoted to node {lost}"
+    )
     assert "from rank" in log and "memory" in log, log
     assert status["restoredFrom"]["tier"] == "memory"
     # A new spare took the promoted one's place (started after the loss, stopped at the end).

@@ -125,7 +125,8 @@ def await_promotion() -> None:
         # What the first session imports lazily, imported while nobody waits for this spare.
         with contextlib.suppress(ImportError):
             importlib.import_module(module)
-    log.info("spare %s: ready, waiting to be promoted into a group", slot)
+    # warning: the level the "spotrun" logger shows without a handler (the pod log).
+    log.warning("spare %s: ready, waiting to be promoted into a group", slot)
     started = time.monotonic()
     group = regroup.wait_for_promotion()
     assert group is not None  # no stop condition: it waits for as long as the spare lives
