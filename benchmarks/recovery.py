@@ -14,7 +14,8 @@ pod of node rank 1 (status.group.members[1]) and times the way back:
   imports             -> python is up with torch and spotrun imported (last rank)
   rendezvous          -> every rank joined the process group (gloo, via CoreDNS)
   checkpoint loaded   -> every rank read and verified the checkpoint to resume from
-  first step          -> every rank reported its first training step: training again
+  first step          -> every rank reported its first training step: training again (DDP's
+                        construction, a collective, imports torch._dynamo in a fresh process)
 
 Three arms, in one invocation (--arms): `cold` (spec.recovery: Cold, the whole group restarted),
 `warm` (the survivor kept, only the lost pod replaced) and `spare` (warm with spec.spares: 1: a
@@ -311,8 +312,8 @@ class Bench:
         for pod in self.pods():
             text = self.kubectl("logs", pod, "-n", self.namespace, check=False)
             for name, when, att in MARK.findall(text):
-                if int(att) == attempt:
-                    out.setdefault(pod, {})[name] = float(when)
+                if int(att) == attempt:  # a mark's first line counts
+                    out.setdefault(pod, {}).setdefault(name, float(when))
         return out
 
     def wait_training(self, attempt: int, timeout: float = 300) -> dict[str, dict[str, float]]:

@@ -17,6 +17,7 @@ import pytest
 from spotrun_operator import children
 from spotrun_operator.apply import Api, Conflict
 from spotrun_operator.config import Config, Shared
+from spotrun_operator.handlers import reconcile
 from spotrun_operator.handlers.indexes import slim_pod, slim_statefulset
 from spotrun_operator.handlers.reconcile import JobMemory, reconcile_once
 from spotrun_operator.observe import NodeFacts
@@ -257,6 +258,52 @@ def test_a_warm_recovery_keeps_the_surviving_pod_and_relabels_it() -> None:
     # The survivor is not deleted: it joins attempt 2 where it stands (same UID).
     assert "delete_pod" not in h.api.names()
     assert ("label_pod", (f"{NAME}-1", "b", "spotrun.dev/attempt", "2")) in h.api.calls
+
+
+def waiting(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` as its kubelet still sets it up: pending, the trainer container not started."""
+    body["status"] = {
+        "phase": "Pending",
+        "conditions": [],
+        "containerStatuses": [
+            {
+                "name": "trainer",
+                "ready": False,
+                "restartCount": 0,
+                "state": {"waiting": {"reason": "ContainerCreating"}},
+                "lastState": {},
+            }
+        ],
+    }
+    return body
+
+
+def test_a_stand_in_for_a_lost_pod_goes_at_once_and_a_running_pod_gets_a_short_grace() -> None:
+    h = running_harness(recovery="Warm")
+    h.pods = [pod(0, 1, uid="a", deleting=True), pod(1, 1, uid="b")]
+    h.run()  # the preemption of replica 0
+    # The StatefulSet controller made a stand-in for pod 0 from attempt 1's template.
+    stand_in = waiting(pod(0, 1, uid="c"))
+    h.pods = [stand_in, pod(1, 1, uid="b")]
+    h.run()  # the restart: attempt 2, keeping replica 1
+    h.sts = statefulset(h.api.job, 2)
+    h.run()
+    assert [c for c in h.api.calls if c[0] == "delete_pod"] == [
+        ("delete_pod", (f"{NAME}-0", "c", False))
+    ]
+    # Its trainer never ran: no grace, so attempt 2's pod can take the name at once.
+    assert h.api.graces == [0]
+
+    # Once its trainer has run (even if it ended), it gets the short grace of fenced pods.
+    assert not reconcile._trainer_never_ran(pod(0, 1, uid="d"))  # running and ready
+    for state in ({"running": {}}, {"terminated": {"exitCode": 137}}):
+        started = waiting(pod(0, 1, uid="d"))
+        started["status"]["containerStatuses"][0]["state"] = state
+        assert not reconcile._trainer_never_ran(started)
+    restarted = waiting(pod(0, 1, uid="e"))
+    restarted["status"]["containerStatuses"][0]["restartCount"] = 1
+    assert not reconcile._trainer_never_ran(restarted)
+    assert reconcile._trainer_never_ran({"metadata": {}, "status": {"phase": "Pending"}})
 
 
 def test_pods_on_a_deleted_node_are_force_deleted() -> None:

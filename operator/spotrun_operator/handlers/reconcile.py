@@ -340,7 +340,25 @@ async def _run_attempt(
             )
             continue
         # Fenced out: nothing it writes can be committed any more, and its name is wanted.
-        await _remove_pod(shared, memory, pod, facts, grace=FENCED_POD_GRACE_SECONDS)
+        grace = 0 if _trainer_never_ran(pod) else FENCED_POD_GRACE_SECONDS
+        await _remove_pod(shared, memory, pod, facts, grace=grace)
+
+
+def _trainer_never_ran(pod: Mapping[str, Any]) -> bool:
+    """Whether the pod's trainer container has not run yet, as far as its status shows.
+
+    Such a pod is most often the StatefulSet controller's stand-in for a lost pod, made
+    from the old attempt's template the moment the lost one was gone. It holds no worker
+    yet (the launcher starts them inside that container; one started since belongs to a
+    fenced attempt, and nothing it writes is committed), so it is deleted at once (grace
+    0): a graceful delete would wait for its kubelet to set up and tear down the sandbox
+    before the new attempt's pod could take its name.
+    """
+    for status in (pod.get("status") or {}).get("containerStatuses") or ():
+        states = (status.get("state") or {}, status.get("lastState") or {})
+        if status.get("restartCount") or any("running" in s or "terminated" in s for s in states):
+            return False
+    return True
 
 
 def _index(pod: Mapping[str, Any]) -> int | None:
@@ -357,7 +375,8 @@ RESEND_AFTER_SECONDS = 15.0
 # whatever it would still commit (its attempt is fenced), and its StatefulSet name is what
 # the new attempt's pod waits for: a pod's full grace (30 s by default) would only delay
 # the replacement. A preemption's final checkpoint is not cut short by it: the policy
-# restarts only once the preempted replicas finished writing it.
+# restarts only once the preempted replicas finished writing it. A pod whose trainer never
+# ran goes with none (_trainer_never_ran).
 FENCED_POD_GRACE_SECONDS = 1
 
 
