@@ -153,6 +153,24 @@ def restart_point(
     return status, int(step)
 
 
+def training_again(
+    api: client.ApiClient, ns: str, name: str, before: dict[str, Any]
+) -> dict[str, Any]:
+    """The status once a newer attempt than `before`'s trains past its restore point."""
+    status: dict[str, Any] = wait_until(
+        "the group to train again",
+        lambda: (
+            (s := job_status(api, ns, name)).get("state") == "Running"
+            and s.get("attempt", 0) > before["attempt"]
+            and "stepsLost" in (s.get("interruptions") or [{}])[-1]
+            and progress(s) > int((s.get("restoredFrom") or {}).get("step", 1 << 30)) + 5
+            and s
+        ),
+        timeout=240,
+    )
+    return status
+
+
 def pod_uid(cluster: NodeCluster, ns: str, pod: str) -> str:
     obj = json.loads(cluster.kubectl("get", "pod", pod, "-n", ns, "-o", "json").stdout)
     return str(obj["metadata"]["uid"])
@@ -237,17 +255,7 @@ def test_trainjob_survives_a_kill_and_a_drain_and_ends_like_an_uninterrupted_run
             kill_without_notice(cluster, namespace, f"{name}-1")
             # Warm recovery: pod 0 stays (same UID, its processes alive), only pod 1 is
             # replaced, and it gets the state from pod 0's memory, not from the bucket.
-            after_kill = wait_until(
-                "the group to train again",
-                lambda: (
-                    (s := job_status(api, namespace, name)).get("state") == "Running"
-                    and s.get("attempt", 0) > before_kill["attempt"]
-                    and "stepsLost" in (s.get("interruptions") or [{}])[-1]
-                    and progress(s) > int((s.get("restoredFrom") or {}).get("step", 1 << 30)) + 5
-                    and s
-                ),
-                timeout=240,
-            )
+            after_kill = training_again(api, namespace, name, before_kill)
             first = after_kill["interruptions"][-1]
             print(f"kill without notice at step >= {progress(before_kill)}: {first}")
             assert (first["kind"], first["recovery"]) == ("preemption", "warm"), first
@@ -354,17 +362,7 @@ def test_a_warm_spare_takes_a_killed_members_place_and_the_job_ends_bit_for_bit(
         assert (before["group"].get("members") or [0, 1]) == [0, 1], before["group"]
         uids = {i: pod_uid(cluster, namespace, f"{name}-{i}") for i in range(3)}
         kill_without_notice(cluster, namespace, f"{name}-1")
-        after = wait_until(
-            "the group to train again",
-            lambda: (
-                (s := job_status(api, namespace, name)).get("state") == "Running"
-                and s.get("attempt", 0) > before["attempt"]
-                and "stepsLost" in (s.get("interruptions") or [{}])[-1]
-                and progress(s) > int((s.get("restoredFrom") or {}).get("step", 1 << 30)) + 5
-                and s
-            ),
-            timeout=240,
-        )
+        after = training_again(api, namespace, name, before)
         event = after["interruptions"][-1]
         print(f"kill of member 1 at step >= {progress(before)}: {event}, group {after['group']}")
         assert (event["kind"], event["recovery"]) == ("preemption", "warm"), event
