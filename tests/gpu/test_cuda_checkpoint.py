@@ -87,3 +87,39 @@ def test_more_workers_than_gpus_fails_at_once_with_the_fix(tmp_path: Path) -> No
     code, out = job.run({"steps": 4}, nproc=torch.cuda.device_count() + 1, timeout=120)
     assert code != 0, out
     assert "has no GPU" in out and "nprocPerNode" in out, out
+
+
+def test_a_gpu_state_is_snapshotted_into_a_pinned_buffer_until_it_is_handed_over(
+    tmp_path: Path,
+) -> None:
+    """The snapshot buffer is page-locked for a GPU state (copies at the copy engines' speed),
+    and unpinned before a warm recovery takes it away, since its new owner may unmap it."""
+    import torch
+
+    from spotrun.train.writer import WriterClient, WriterConfig
+
+    config = WriterConfig(
+        root=str(tmp_path / "ns" / "job"),
+        rank=0,
+        attempt=1,
+        world_size=1,
+        job="job",
+        namespace="ns",
+    )
+    writer = WriterClient(config)
+    try:
+        state = {0: torch.randn(3 << 20, device="cuda"), 1: torch.arange(7, device="cuda")}
+        writer.save(0, "replicated", None, state, write=[])
+        writer.drain_save()
+        assert writer.snapshot is not None
+        slots, _, buffer = writer.snapshot
+        view = torch.frombuffer(buffer, dtype=torch.uint8)
+        assert view.is_pinned(), "CUDA does not see the snapshot buffer as pinned"
+        for slot in slots:
+            size = slot.count * state[slot.index].element_size()
+            held = view[slot.offset : slot.offset + size].view(slot.dtype).view(slot.shape)
+            assert torch.equal(held, state[slot.index].cpu())
+        assert writer.detach_snapshot() is not None
+        assert not view.is_pinned()
+    finally:
+        writer.close()
