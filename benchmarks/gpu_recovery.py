@@ -12,8 +12,9 @@ Issue #13's GPU tier. On a machine with a CUDA GPU, in this process:
       a group of two (NCCL refuses two ranks on one device), so the peers' link setup is
       not in either figure.
   (b) snapshot, GPU -> host: spotrun's writer (WriterClient.save, into the shared-memory
-      buffer that a peer or the next session serves the state from) against a copy of the
-      same tensors into pinned host memory.
+      buffer that a peer or the next session serves the state from; it page-locks that
+      buffer for a GPU state) against a copy of the same tensors into pinned host memory,
+      and into ordinary (pageable) host memory, as the writer did before it pinned.
   (c) restore, host -> GPU: what a warm session hands the training code (get_checkpoint():
       copies of the snapshot's tensors, regroup.MemorySnapshot.tensors(copy=True)) copied
       into the model's tensors on the GPU, as load_state_dict does; beside the same from
@@ -177,19 +178,20 @@ def bench_state(size: int, device: torch.device, runs: int, root: str) -> list[t
             size=used,
         )
         pinned = torch.empty(total, dtype=torch.uint8, pin_memory=device.type == "cuda")
+        pageable = torch.ones(total, dtype=torch.uint8)  # touched: no first-use page faults
         offsets = []
         at = 0
         for t in tensors:
             offsets.append((at, t))
             at += t.nbytes
 
-        def to_pinned() -> None:
+        def to_host(host: torch.Tensor) -> None:
             for at, t in offsets:
-                pinned[at : at + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+                host[at : at + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
 
-        def from_pinned() -> None:
+        def from_host(host: torch.Tensor) -> None:
             for at, t in offsets:
-                t.copy_(pinned[at : at + t.nbytes].view(t.dtype).view(t.shape), non_blocking=True)
+                t.copy_(host[at : at + t.nbytes].view(t.dtype).view(t.shape), non_blocking=True)
 
         def restore(copy: bool) -> None:
             data = unflatten(snapshot.skeleton, snapshot.tensors(copy=copy).__getitem__)
@@ -197,10 +199,12 @@ def bench_state(size: int, device: torch.device, runs: int, root: str) -> list[t
                 for name, t in state.items():
                     t.copy_(data[name])
 
-        pinned_d2h = [timed(to_pinned, device) for _ in range(runs)]
+        pinned_d2h = [timed(lambda: to_host(pinned), device) for _ in range(runs)]
+        pageable_d2h = [timed(lambda: to_host(pageable), device) for _ in range(runs)]
         served = [timed(lambda: restore(True), device) for _ in range(runs)]
         views = [timed(lambda: restore(False), device) for _ in range(runs)]
-        pinned_h2d = [timed(from_pinned, device) for _ in range(runs)]
+        pinned_h2d = [timed(lambda: from_host(pinned), device) for _ in range(runs)]
+        pageable_h2d = [timed(lambda: from_host(pageable), device) for _ in range(runs)]
         # The restored state is the snapshot's: bit for bit.
         check = snapshot.tensors(copy=False)
         for i, t in enumerate(tensors):
@@ -214,15 +218,18 @@ def bench_state(size: int, device: torch.device, runs: int, root: str) -> list[t
     )
     snap = statistics.median(snap_times[1:])
     d2h, h2d = statistics.median(pinned_d2h), statistics.median(pinned_h2d)
+    slow_d2h, slow_h2d = statistics.median(pageable_d2h), statistics.median(pageable_h2d)
     got, view = statistics.median(served), statistics.median(views)
     return [
         (f"{label} snapshot, spotrun writer (GB/s)", total / snap / GB),
         (f"{label} snapshot, its first (GB/s)", total / snap_times[0] / GB),
         (f"{label} GPU -> pinned host (GB/s)", total / d2h / GB),
+        (f"{label} GPU -> pageable host (GB/s)", total / slow_d2h / GB),
         (f"{label} snapshot / pinned (time)", snap / d2h),
         (f"{label} restore, get_checkpoint's copies (GB/s)", total / got / GB),
         (f"{label} restore, buffer views (GB/s)", total / view / GB),
         (f"{label} pinned host -> GPU (GB/s)", total / h2d / GB),
+        (f"{label} pageable host -> GPU (GB/s)", total / slow_h2d / GB),
         (f"{label} restore / pinned (time)", got / h2d),
         (f"{label} views / pinned (time)", view / h2d),
     ]
