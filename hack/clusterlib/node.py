@@ -35,6 +35,7 @@ from .rundir import RunDir
 from .topology import (
     BRIDGE,
     BRIDGE_CIDR,
+    BRIDGE_MAC,
     CLUSTER_DOMAIN,
     COMPONENTS,
     GATEWAY,
@@ -123,6 +124,7 @@ def bridge_up() -> None:
     addrs = sh("ip", "-4", "-o", "addr", "show", "dev", BRIDGE).stdout
     if f" {GATEWAY}/" not in addrs:
         sh("ip", "addr", "add", f"{GATEWAY}/{BRIDGE_CIDR.split('/')[1]}", "dev", BRIDGE)
+    sh("ip", "link", "set", BRIDGE, "address", BRIDGE_MAC)  # see BRIDGE_MAC
     sh("ip", "link", "set", BRIDGE, "up")
     # Pods reach each other over the bridge and the host through GATEWAY; routing between
     # pods and the host's own addresses needs forwarding only for the DNATed Service.
