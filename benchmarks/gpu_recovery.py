@@ -18,7 +18,8 @@ Issue #13's GPU tier. On a machine with a CUDA GPU, in this process:
   (c) restore, host -> GPU: what a warm session hands the training code (get_checkpoint():
       copies of the snapshot's tensors, regroup.MemorySnapshot.tensors(copy=True)) copied
       into the model's tensors on the GPU, as load_state_dict does; beside the same from
-      views of the buffer (no host copy first), and a pinned host-to-device copy of the
+      views of the buffer (no host copy first), from copies made in pinned memory (what
+      get_checkpoint() could hand a GPU worker), and a pinned host-to-device copy of the
       same bytes.
 
 Prints seconds, GB/s and the ratios to the baselines. Without a GPU it runs (b) and (c)
@@ -199,10 +200,23 @@ def bench_state(size: int, device: torch.device, runs: int, root: str) -> list[t
                 for name, t in state.items():
                     t.copy_(data[name])
 
+        def restore_pinned_copies() -> None:
+            # A candidate for get_checkpoint() on a GPU worker: its copies in pinned memory.
+            views = snapshot.tensors(copy=False)
+            copies = {}
+            for i, v in views.items():
+                copies[i] = torch.empty(v.shape, dtype=v.dtype, pin_memory=device.type == "cuda")
+                copies[i].copy_(v)
+            data = unflatten(snapshot.skeleton, copies.__getitem__)
+            with torch.no_grad():
+                for name, t in state.items():
+                    t.copy_(data[name], non_blocking=True)
+
         pinned_d2h = [timed(lambda: to_host(pinned), device) for _ in range(runs)]
         pageable_d2h = [timed(lambda: to_host(pageable), device) for _ in range(runs)]
         served = [timed(lambda: restore(True), device) for _ in range(runs)]
         views = [timed(lambda: restore(False), device) for _ in range(runs)]
+        pinned_copies = [timed(restore_pinned_copies, device) for _ in range(runs)]
         pinned_h2d = [timed(lambda: from_host(pinned), device) for _ in range(runs)]
         pageable_h2d = [timed(lambda: from_host(pageable), device) for _ in range(runs)]
         # The restored state is the snapshot's: bit for bit.
@@ -220,6 +234,7 @@ def bench_state(size: int, device: torch.device, runs: int, root: str) -> list[t
     d2h, h2d = statistics.median(pinned_d2h), statistics.median(pinned_h2d)
     slow_d2h, slow_h2d = statistics.median(pageable_d2h), statistics.median(pageable_h2d)
     got, view = statistics.median(served), statistics.median(views)
+    pinned_got = statistics.median(pinned_copies)
     return [
         (f"{label} snapshot, spotrun writer (GB/s)", total / snap / GB),
         (f"{label} snapshot, its first (GB/s)", total / snap_times[0] / GB),
@@ -228,6 +243,7 @@ def bench_state(size: int, device: torch.device, runs: int, root: str) -> list[t
         (f"{label} snapshot / pinned (time)", snap / d2h),
         (f"{label} restore, get_checkpoint's copies (GB/s)", total / got / GB),
         (f"{label} restore, buffer views (GB/s)", total / view / GB),
+        (f"{label} restore, copies in pinned memory (GB/s)", total / pinned_got / GB),
         (f"{label} pinned host -> GPU (GB/s)", total / h2d / GB),
         (f"{label} pageable host -> GPU (GB/s)", total / slow_h2d / GB),
         (f"{label} restore / pinned (time)", got / h2d),
