@@ -7,7 +7,11 @@ The result is the uninterrupted run's, bit for bit (issue #13).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +24,7 @@ from tests.runtime.test_local_mode import (
     assert_bitwise_equal,
     final_state,
     run,
+    start,
     status_of,
     trainjob,
 )
@@ -103,6 +108,82 @@ def test_a_lost_replica_is_replaced_and_the_survivor_keeps_its_process(
     if reason == "InjectedPreemption":
         # With a notice the group stops at a step it holds in memory: nothing is redone.
         assert entry["stepsLost"] == 0, entry
+    assert_bitwise_equal(final_state(storage), reference)
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid`, oldest first (pids from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:  # ppid
+            found.append((int(fields[19]), int(entry.name)))  # start time, pid
+    return [child for _, child in sorted(found)]
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout}s"
+        time.sleep(0.1)
+
+
+def test_a_survivor_waiting_for_a_stuck_upload_still_regroups(
+    tmp_path: Path, reference: dict[str, object]
+) -> None:
+    """A save waits for the rank's previous upload; a lost member ends that wait.
+
+    Both replicas' writers are paused (SIGSTOP) mid-job, so their next saves wait for an
+    upload that cannot finish, as with a large state on slow storage. Then one replica is
+    killed (no notice). The survivor leaves the wait once the next group is published,
+    joins it in the same process, and the job ends like the uninterrupted run.
+    """
+    storage = tmp_path / "runs"
+    job = trainjob(tmp_path)
+    process = start(
+        "run", str(job), "--storage", str(storage), "--no-live",
+        "--kill-every", "4s", "--max-injections", "1", "--seed", "2",
+    )  # fmt: skip
+    paused: list[int] = []
+    status_file = storage / JOB_FOLDER / "status.json"
+    try:
+        wait_for(
+            lambda: (
+                status_file.exists()
+                and (status_of(storage).get("lastMetrics") or {}).get("step", -1) >= 20
+            ),
+            "training past step 20",
+        )
+        for index in (0, 1):
+            (worker,) = worker_pids(storage)[(1, index)]
+            writer = next(
+                c
+                for c in children(worker)
+                if "_writer_process" in Path(f"/proc/{c}/cmdline").read_text()
+            )
+            os.kill(writer, signal.SIGSTOP)
+            paused.append(writer)
+        out, _ = process.communicate(timeout=240)
+    finally:
+        for pid in paused:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 0, out
+    status = status_of(storage)
+    (entry,) = status["interruptions"]
+    assert entry["recovery"] == "warm" and status["restoredFrom"]["tier"] == "memory", status
+    # The survivor left the wait in its own process, and trained attempt 2 with it.
+    (kept,) = status["group"]["kept"]
+    assert (2, kept) not in worker_pids(storage)
+    assert "waited for its last save" in replica_log(storage, 1, kept)
     assert_bitwise_equal(final_state(storage), reference)
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import FrameType, TracebackType
 from typing import Any, Protocol
@@ -38,7 +38,7 @@ from spotrun.train.cadence import Cadence
 from spotrun.train.checkpoint import Checkpoint, _Committed
 from spotrun.train.regroup import MemorySnapshot
 from spotrun.train.resume import ResumeChoice
-from spotrun.train.writer import WriterClient, WriterConfig
+from spotrun.train.writer import SaveAbandoned, WriterClient, WriterConfig
 
 log = logging.getLogger("spotrun")
 
@@ -495,20 +495,20 @@ class Session:
             skeleton, tensors = flatten(data)
             if kind == "per-rank":
                 mine = dict(enumerate(tensors))
-                job = self.writer.save(seq, kind, skeleton, mine)
+                job = self._snapshot(seq, kind, skeleton, mine)
             else:
                 parts = partition([nbytes(t) for t in tensors], writers)
                 structure = skeleton if rank == writers[0] else None
                 if self.warm and self.writer.background:
                     # The whole state into memory (a peer may need it), this rank's share to
                     # the bucket.
-                    job = self.writer.save(
+                    job = self._snapshot(
                         seq, kind, structure, dict(enumerate(tensors)), write=parts[rank]
                     )
                     self._keep_in_memory(seq, step, skeleton, metrics)
                 else:
                     mine = {i: tensors[i] for i in parts[rank]}
-                    job = self.writer.save(seq, kind, structure, mine)
+                    job = self._snapshot(seq, kind, structure, mine)
             if not self.writer.background:
                 self._pending.append(job)
         runtime = {"stateful": {name: obj.state_dict() for name, obj in self._stateful.items()}}
@@ -529,6 +529,39 @@ class Session:
             )
         if not self.settings.async_save:
             self.flush()
+
+    def _snapshot(
+        self,
+        seq: int,
+        kind: CheckpointKind,
+        skeleton: Any,
+        tensors: Mapping[int, torch.Tensor],
+        write: Sequence[int] | None = None,
+    ) -> int:
+        """The writer's save; in a warm group that lost a member, not waiting for the last one.
+
+        A save first waits for this rank's previous upload (the snapshot buffer is reused):
+        with a large state that is seconds, and a survivor waiting there learns of the loss
+        only after it. Once the launcher has published a newer group (a member is gone), the
+        wait ends in a Regroup: that upload belongs to a group whose checkpoints will not be
+        committed, and the buffer still holds the previous snapshot. Not after an agreed
+        notice (that group stops at a step it saves on purpose), nor in an elastic group,
+        which re-forms at an agreed step when it grows.
+        """
+        probe = self._resize
+        if probe is None or self.elastic or self._agreed_notice:
+            return self.writer.save(seq, kind, skeleton, tensors, write=write)
+        try:
+            return self.writer.save(
+                seq, kind, skeleton, tensors, write=write, give_up=probe.published
+            )
+        except SaveAbandoned as err:
+            rank = self.context.world_rank
+            log.warning(
+                "rank %d: a newer group was published while this rank waited for its last save",
+                rank,
+            )
+            raise regroup.Regroup("a newer group was published during a save") from err
 
     def _keep_in_memory(self, seq: int, step: int, skeleton: Any, metrics: dict[str, Any]) -> None:
         """The snapshot the writer just took is this rank's newest whole state in memory."""

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +43,8 @@ from spotrun.store.tree import nbytes
 log = logging.getLogger("spotrun.train.writer")
 
 _ALIGN = 64
+# How often a save waiting for the previous one asks whether to give up.
+_GIVE_UP_POLL_SECONDS = 0.1
 _HEADER = struct.Struct("!Q")
 
 
@@ -242,6 +244,10 @@ class WriterError(RuntimeError):
     """A background save or commit failed; the message carries the writer's error."""
 
 
+class SaveAbandoned(Exception):
+    """A save gave up waiting for the previous one (its `give_up` said so)."""
+
+
 class WriterClient:
     """The training process's handle on its writer: snapshot, submit, wait."""
 
@@ -372,19 +378,22 @@ class WriterClient:
         skeleton: Any,
         tensors: Mapping[int, torch.Tensor],
         write: Sequence[int] | None = None,
+        give_up: Callable[[], bool] | None = None,
     ) -> int:
         """Snapshots `tensors` and queues the write of those in `write` (default: all).
 
         Returns once the snapshot is taken. The snapshot buffer keeps every tensor given,
         so a warm recovery can serve the whole state from memory while the writer uploads
         only this rank's share. One save is in flight at a time: the buffer is reused, so
-        this first waits for the previous save of this rank to finish.
+        this first waits for the previous save of this rank to finish, asking `give_up()`
+        meanwhile; once it says True this raises SaveAbandoned, the buffer untouched (it
+        still holds the previous snapshot).
         """
         chosen = None if write is None else set(write)
         if not self.background:
             mine = {i: t for i, t in tensors.items() if chosen is None or i in chosen}
             return self.submit("save", seq=seq, kind=kind, skeleton=skeleton, tensors=mine)
-        self.drain_save()
+        self.drain_save(give_up=give_up)
         self.snapshot = None  # being overwritten: no complete snapshot until the copy is done
         slots, total = _plan_slots(tensors)
         self._ensure_buffer(total)
@@ -417,10 +426,26 @@ class WriterClient:
             self._buffer, self._buffer_view, self._buffer_fd = None, None, -1
         return snapshot
 
-    def drain_save(self, timeout: float | None = None) -> None:
-        if self._pending_save is not None:
-            job, self._pending_save = self._pending_save, None
-            self.wait(job, timeout)
+    def drain_save(
+        self, timeout: float | None = None, give_up: Callable[[], bool] | None = None
+    ) -> None:
+        """Waits for this rank's save in flight; with `give_up`, asks it every 0.1 s and
+        raises SaveAbandoned once it says True (the save stays in flight)."""
+        if self._pending_save is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while give_up is not None:
+            with self._cond:
+                if self._pending_save in self._results or self._dead:
+                    break
+            if give_up():
+                raise SaveAbandoned(f"gave up waiting for save job {self._pending_save}")
+            if deadline is not None and time.monotonic() >= deadline:
+                break  # wait() below raises the timeout
+            with self._cond:
+                self._cond.wait(_GIVE_UP_POLL_SECONDS)
+        job, self._pending_save = self._pending_save, None
+        self.wait(job, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _ensure_buffer(self, size: int) -> None:
         if self._buffer is not None and len(self._buffer) >= size:

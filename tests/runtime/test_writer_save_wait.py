@@ -1,0 +1,77 @@
+"""A save waits for the rank's previous one; a survivor of a lost member stops waiting.
+
+The snapshot buffer is reused, so WriterClient.save first waits for the upload in flight.
+With a large state that is seconds, and a survivor waiting there learned of the loss only
+after it (issue #13). With `give_up`, the wait ends as soon as it says so, and the buffer
+keeps the previous snapshot. The writer process is paused (SIGSTOP) to hold an upload in
+flight.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spotrun.train.writer import SaveAbandoned, WriterClient, WriterConfig
+
+
+def writer_for(tmp_path: Path) -> WriterClient:
+    config = WriterConfig(
+        root=str(tmp_path / "default" / "job"),
+        rank=0,
+        attempt=1,
+        world_size=1,
+        job="job",
+        namespace="default",
+    )
+    return WriterClient(config)
+
+
+def test_a_save_gives_up_waiting_for_the_previous_one_when_asked(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path)
+    assert writer._proc is not None
+    pid = writer._proc.pid
+    first = {0: torch.arange(1000, dtype=torch.float32)}
+    os.kill(pid, signal.SIGSTOP)  # the first save's upload cannot finish
+    try:
+        writer.save(0, "replicated", None, first)
+        assert writer.snapshot is not None
+        lost = threading.Event()
+        threading.Timer(0.3, lost.set).start()
+        started = time.monotonic()
+        with pytest.raises(SaveAbandoned):
+            writer.save(1, "replicated", None, {0: torch.zeros(1000)}, give_up=lost.is_set)
+        assert time.monotonic() - started < 5  # 0.3 s and a poll, not the upload
+        # Nothing of the second save was copied: the buffer holds the first snapshot.
+        assert writer.snapshot is not None
+        _, _, buffer = writer.snapshot
+        held = torch.frombuffer(buffer, dtype=torch.float32, count=1000)
+        assert torch.equal(held, first[0])
+        # Without give_up the wait is for the upload itself (here: until the timeout).
+        with pytest.raises(TimeoutError):
+            writer.drain_save(timeout=0.3)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        writer.close()
+
+
+def test_a_save_that_is_not_asked_to_give_up_waits_for_the_previous_one(tmp_path: Path) -> None:
+    writer = writer_for(tmp_path)
+    try:
+        writer.save(0, "replicated", None, {0: torch.ones(10)})
+        # The previous save finishes: give_up is asked, says no, and the save goes ahead.
+        writer.save(1, "replicated", None, {0: torch.full((10,), 2.0)}, give_up=lambda: False)
+        writer.drain_save(timeout=60)
+        assert writer.snapshot is not None
+        _, _, buffer = writer.snapshot
+        assert torch.equal(
+            torch.frombuffer(buffer, dtype=torch.float32, count=10), torch.full((10,), 2.0)
+        )
+    finally:
+        writer.close()
