@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from spotrun.contract import EXIT_PREEMPTED
-from tests.runtime.helpers import PYTHONPATH, SPOTRUN, Job, send, wait_for
+from tests.runtime.helpers import PYTHONPATH, SPOTRUN, Job, send, wait_for, writer_config
 from tests.runtime.test_resume import assert_bitwise_equal
 
 GROUP_PROBE = """
@@ -96,17 +96,9 @@ def test_a_gpu_state_is_snapshotted_into_a_pinned_buffer_until_it_is_handed_over
     and unpinned before a warm recovery takes it away, since its new owner may unmap it."""
     import torch
 
-    from spotrun.train.writer import WriterClient, WriterConfig
+    from spotrun.train.writer import WriterClient
 
-    config = WriterConfig(
-        root=str(tmp_path / "ns" / "job"),
-        rank=0,
-        attempt=1,
-        world_size=1,
-        job="job",
-        namespace="ns",
-    )
-    writer = WriterClient(config)
+    writer = WriterClient(writer_config(tmp_path))
     try:
         state = {0: torch.randn(3 << 20, device="cuda"), 1: torch.arange(7, device="cuda")}
         writer.save(0, "replicated", None, state, write=[])

@@ -14,6 +14,7 @@ from typing import Any
 
 from spotrun import contract as pod
 from spotrun.ledger.sink import read_status_file, update_status_file
+from spotrun.train.writer import WriterConfig
 from tests.fixtures.gcs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -133,3 +134,15 @@ def send(proc: subprocess.Popen[str], signum: int = signal.SIGTERM) -> None:
 def manifest_step(job: Job, seq: int) -> int:
     with open(f"{job.root}/ckpt-{seq:06d}/manifest.json") as handle:
         return int(json.load(handle)["step"])
+
+
+def writer_config(tmp_path: Path, world_size: int = 1) -> WriterConfig:
+    """A checkpoint writer's configuration: rank 0 of job default/job, attempt 1, in tmp_path."""
+    return WriterConfig(
+        root=str(tmp_path / "default" / "job"),
+        rank=0,
+        attempt=1,
+        world_size=world_size,
+        job="job",
+        namespace="default",
+    )

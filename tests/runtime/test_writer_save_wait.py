@@ -18,23 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from spotrun.train.writer import SaveAbandoned, WriterClient, WriterConfig
-
-
-def writer_for(tmp_path: Path) -> WriterClient:
-    config = WriterConfig(
-        root=str(tmp_path / "default" / "job"),
-        rank=0,
-        attempt=1,
-        world_size=1,
-        job="job",
-        namespace="default",
-    )
-    return WriterClient(config)
+from spotrun.train.writer import SaveAbandoned, WriterClient
+from tests.runtime.helpers import writer_config
 
 
 def test_a_save_gives_up_waiting_for_the_previous_one_when_asked(tmp_path: Path) -> None:
-    writer = writer_for(tmp_path)
+    writer = WriterClient(writer_config(tmp_path))
     assert writer._proc is not None
     pid = writer._proc.pid
     first = {0: torch.arange(1000, dtype=torch.float32)}
@@ -62,7 +51,7 @@ def test_a_save_gives_up_waiting_for_the_previous_one_when_asked(tmp_path: Path)
 
 
 def test_a_save_that_is_not_asked_to_give_up_waits_for_the_previous_one(tmp_path: Path) -> None:
-    writer = writer_for(tmp_path)
+    writer = WriterClient(writer_config(tmp_path))
     try:
         writer.save(0, "replicated", None, {0: torch.ones(10)})
         # The previous save finishes: give_up is asked, says no, and the save goes ahead.

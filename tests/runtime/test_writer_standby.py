@@ -15,7 +15,8 @@ import pytest
 
 from spotrun.ledger.sink import read_status_file, status_file, update_status_file
 from spotrun.train import writer
-from spotrun.train.writer import WriterClient, WriterConfig
+from spotrun.train.writer import WriterClient
+from tests.runtime.helpers import writer_config
 
 
 def started_ahead(timeout: float = 10.0) -> subprocess.Popen[bytes]:
@@ -30,10 +31,8 @@ def test_the_next_writer_of_a_warm_worker_was_started_ahead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(writer, "STANDBY_DELAY_SECONDS", 0.0)
-    root = str(tmp_path / "default" / "job")
-    config = WriterConfig(
-        root=root, rank=0, attempt=1, world_size=2, job="job", namespace="default"
-    )
+    config = writer_config(tmp_path, world_size=2)
+    root = config.root
     first = WriterClient(config, standby=True)
     try:
         # Started by the first submit once the delay has passed (here: at once).
@@ -61,15 +60,7 @@ def test_a_writer_started_ahead_that_died_is_replaced(tmp_path: Path) -> None:
     dead = writer._standby[0]
     dead.kill()
     dead.wait()
-    config = WriterConfig(
-        root=str(tmp_path / "default" / "job"),
-        rank=0,
-        attempt=1,
-        world_size=2,
-        job="job",
-        namespace="default",
-    )
-    client = WriterClient(config)
+    client = WriterClient(writer_config(tmp_path, world_size=2))
     try:
         assert client._proc is not dead and client._proc is not None
         client.wait(client.submit("progress", metrics={"loss": 1.0}, step=1, time=time.time()))

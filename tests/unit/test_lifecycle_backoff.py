@@ -38,9 +38,7 @@ def test_delay_rejects_bad_arguments(n: int, draw: float) -> None:
         delay(NO_JITTER, n, draw)
 
 
-def entry(
-    at: float, recovered_after: float | None = None, kind: str = "failure"
-) -> dict[str, Any]:
+def entry(at: float, recovered_after: float | None = None, kind: str = "failure") -> dict[str, Any]:
     e: dict[str, Any] = {"time": format_time(at), "kind": kind}
     if recovered_after is not None:
         e["secondsToRecover"] = recovered_after
