@@ -549,12 +549,9 @@ class Session:
         which re-forms at an agreed step when it grows.
         """
         probe = self._resize
-        if probe is None or self.elastic or self._agreed_notice:
-            return self.writer.save(seq, kind, skeleton, tensors, write=write)
+        lost = None if probe is None or self.elastic or self._agreed_notice else probe.published
         try:
-            return self.writer.save(
-                seq, kind, skeleton, tensors, write=write, give_up=probe.published
-            )
+            return self.writer.save(seq, kind, skeleton, tensors, write=write, give_up=lost)
         except SaveAbandoned as err:
             rank = self.context.world_rank
             log.warning(

@@ -265,8 +265,10 @@ class WriterClient:
         self._buffer: mmap.mmap | None = None
         self._buffer_fd = -1
         self._buffer_view: torch.Tensor | None = None
-        # Whether the buffer is page-locked for CUDA (a state on the GPU): see _pin.
+        # Whether the buffer is page-locked for CUDA (a state on the GPU), and whether that
+        # was tried for this buffer (a refusal is not asked again at every save): see _pin.
         self._pinned = False
+        self._pin_tried = False
         self._pending_save: int | None = None
         # The last complete snapshot in the buffer: (slots, bytes used, the buffer).
         self.snapshot: tuple[list[TensorSlot], int, mmap.mmap] | None = None
@@ -397,7 +399,7 @@ class WriterClient:
         self.snapshot = None  # being overwritten: no complete snapshot until the copy is done
         slots, total = _plan_slots(tensors)
         self._ensure_buffer(total)
-        if not self._pinned and any(t.is_cuda for t in tensors.values()):
+        if not self._pin_tried and any(t.is_cuda for t in tensors.values()):
             self._pin()
         assert self._buffer_view is not None
         copies = []
@@ -462,6 +464,7 @@ class WriterClient:
         self._buffer_fd = fd
         self._buffer = mmap.mmap(fd, size)
         self._buffer_view = torch.frombuffer(self._buffer, dtype=torch.uint8)
+        self._pin_tried = False
         assert self._sock is not None
         with self._send_lock:
             socket.send_fds(self._sock, [b"F"], [fd])
@@ -472,6 +475,7 @@ class WriterClient:
         engines' speed, not through the driver's staging buffer (an H200: 54 against 12 GB/s,
         benchmarks/gpu_recovery.py). If CUDA refuses, the copies take the slow path."""
         assert self._buffer_view is not None
+        self._pin_tried = True
         view = self._buffer_view
         err = int(_cudart().cudaHostRegister(view.data_ptr(), view.numel(), 1))
         if err != 0:
