@@ -85,6 +85,8 @@ POLL_SECONDS = 0.2
 # Replicas of an attempt that was replaced: status.attempt already fences their writes, so
 # a graceful stop would save nothing; they get SIGTERM and this long before SIGKILL.
 STOP_GRACE_SECONDS = 5.0
+# After the job succeeded, how long its replicas get to exit on their own before SIGTERM.
+FINISHING_SECONDS = 2.0
 # A spare that exits on its own is started again after this pause, doubled each time in a row.
 SPARE_RETRY_SECONDS = 5.0
 SPARE_RETRY_MAX_SECONDS = 300.0
@@ -247,6 +249,7 @@ class _Replica:
     fault: faults.FaultKind | None = None
     returncode: int | None = None
     stopping: bool = False
+    term_at: float | None = None
     kill_at: float | None = None
 
     @property
@@ -280,18 +283,26 @@ class _Replica:
             else:
                 self.process.send_signal(signum)
 
-    def stop(self, now: float, grace: float, *, term: bool = True) -> None:
-        """Asks the replica to go: SIGTERM now (unless not `term`), SIGKILL after `grace`."""
+    def stop(self, now: float, grace: float, *, term_after: float = 0.0) -> None:
+        """Asks the replica to go: SIGTERM after `term_after` seconds, SIGKILL `grace` later.
+
+        With `term_after`, the replica first has that long to exit on its own.
+        """
         if self.stopping or not self.running:
             self.stopping = True
             return
         self.stopping = True
-        if term:
-            self.signal(signal.SIGTERM)
-        self.kill_at = now + grace
+        self.term_at = now + term_after
+        self.kill_at = self.term_at + grace
+        self.enforce(now)
 
     def enforce(self, now: float) -> None:
-        if self.running and self.kill_at is not None and now >= self.kill_at:
+        if not self.running:
+            return
+        if self.term_at is not None and now >= self.term_at:
+            self.signal(signal.SIGTERM)
+            self.term_at = None
+        if self.kill_at is not None and now >= self.kill_at:
             self.signal(signal.SIGKILL, group=True)
             self.kill_at = None
 
@@ -467,9 +478,12 @@ class LocalRun:
                 keep = action.keep if isinstance(action, RestartGroup) else ()
                 self._ensure_group(action.attempt, action.resume_from, now, keep)
             elif isinstance(action, Succeed):
-                # Replicas still running are finishing (flushing their last saves).
+                # Replicas still running are closing (a last commit, which SIGTERM does not
+                # stop: the launcher's grace covers it), or wait in a group that can no longer
+                # form (a spare promoted as the last member finished): they get a short while
+                # on their own, then SIGTERM.
                 for replica in self.replicas:
-                    replica.stop(now, self._launcher_grace(), term=False)
+                    replica.stop(now, self._launcher_grace(), term_after=FINISHING_SECONDS)
             elif isinstance(action, Fail):
                 for replica in self.replicas:
                     replica.stop(now, STOP_GRACE_SECONDS)
@@ -588,15 +602,24 @@ class LocalRun:
         self.memory.promoted[attempt] = {rank: slot for slot, rank in pairs}
 
     def _keep_spares(self, now: float) -> None:
-        """Starts the spares that are missing while the job runs (a promoted one's slot too)."""
+        """Starts the spares that are missing while the job runs (a promoted one's slot too).
+
+        A promoted spare's successor waits until the new attempt trains: on one machine a
+        spare's start (two imports of torch, its worker's and its writer's) would take the
+        CPU from the promoted spare still catching up, which the whole group waits for.
+        """
         wanted = self.options.spares
         state = self.status.get("state")
         if not wanted or state in FINISHED or state == SUSPENDED or self.interrupted:
             return
-        if not int(self.status.get("attempt") or 0):
+        attempt = int(self.status.get("attempt") or 0)
+        if not attempt:
             return
+        training = attempt in self.memory.training_since
         for slot in range(wanted):
             if any(s.index == slot for s in self.spares):
+                continue
+            if slot in self.memory.spares_started and not training:
                 continue
             failed = self.memory.spare_failures.get(slot)
             if failed is not None and now < failed[1]:

@@ -19,8 +19,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from spotrun import contract
+from spotrun.train import _exit, regroup, writer
 from spotrun.train import group as process_group
-from spotrun.train import regroup, writer
 from spotrun.train.session import Session, get_session, regroup_session
 
 log = logging.getLogger("spotrun")
@@ -198,4 +198,4 @@ def _first_line(err: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit.run(main)

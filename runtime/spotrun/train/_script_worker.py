@@ -14,7 +14,7 @@ import runpy
 import sys
 from collections.abc import Sequence
 
-from spotrun.train import regroup
+from spotrun.train import _exit, regroup
 from spotrun.train import session as sessions
 from spotrun.train._function_worker import (
     await_next_group,
@@ -55,4 +55,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit.run(main)

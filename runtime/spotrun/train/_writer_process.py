@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 from spotrun._orphans import die_with_parent_now
+from spotrun.train import _exit
 
 
 def main() -> None:
@@ -21,4 +22,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    _exit.run(main)
