@@ -99,7 +99,9 @@ def train_func_steps(config: dict[str, Any]) -> None:
 
     # Extra state for benchmarks (`ballast_mb`): a checkpoint of that many more MiB.
     ballast_mb = int(config.get("ballast_mb", 0))
-    ballast = saved["ballast"] if saved is not None and ballast_mb else torch.zeros(ballast_mb << 18)
+    ballast = (
+        saved["ballast"] if saved is not None and ballast_mb else torch.zeros(ballast_mb << 18)
+    )
 
     step = start
     epoch = loader.epoch

@@ -153,7 +153,9 @@ class KubernetesSink:
     ) -> None:
         # One patch for the lists and the latest: the CRD lets latestCheckpoint go back
         # only when its fellBackFrom names the one it replaces.
-        self._patch(json_patch({}, self.attempt, resumed_fields(commit, retention, entries, replaced)))
+        self._patch(
+            json_patch({}, self.attempt, resumed_fields(commit, retention, entries, replaced))
+        )
         type_ = CHECKPOINT_CORRUPT if reason == "FellBack" else LEDGER_REPAIRED
         self._set_condition(type_, reason, message, time)
 

@@ -71,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _function_worker.main(args[:1])
     args = args[1:]
     if not args:
-        raise SystemExit("spotrun.local._fault_worker: expected module:fn, or -- followed by a script")
+        raise SystemExit(
+            "spotrun.local._fault_worker: expected module:fn, or -- followed by a script"
+        )
     if args[0] == "-m" and len(args) > 1:
         sys.argv = [args[1], *args[2:]]
         runpy.run_module(args[1], run_name="__main__", alter_sys=True)

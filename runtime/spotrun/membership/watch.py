@@ -172,5 +172,3 @@ def wait_until(
     stop.wait(timeout)
     stop.set()
     return found[0] if found else None
-
-
