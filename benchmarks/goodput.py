@@ -26,6 +26,7 @@ repetition see the same schedule; arms alternate between repetitions, and median
     .venv/bin/python benchmarks/goodput.py                      # demo job, a fault every 10 s
     .venv/bin/python benchmarks/goodput.py --every 20 --repeat 3 --steps 400
     .venv/bin/python benchmarks/goodput.py --unavailable-for 30 --faults kill
+    .venv/bin/python benchmarks/goodput.py --arms warm,spare --random-intervals
 """
 
 from __future__ import annotations
@@ -117,6 +118,16 @@ def main() -> int:
         "--spares", type=int, default=1, help="warm spares of the spare and pool arms"
     )
     parser.add_argument(
+        "--random-intervals",
+        action="store_true",
+        help=(
+            "faults as a Poisson process (`spotrun run --random-intervals`: each interval "
+            "drawn from an exponential distribution with that mean) instead of exact "
+            "intervals; in the mixed schedule exact intervals put a kill right after every "
+            "preemption, both clocks having the same period"
+        ),
+    )
+    parser.add_argument(
         "--unavailable-for",
         type=float,
         default=0.0,
@@ -134,6 +145,8 @@ def main() -> int:
         every = [f"--preempt-every={2 * args.every:g}s", f"--kill-every={2 * args.every:g}s"]
     else:
         every = [f"--{args.faults}-every={args.every:g}s"]
+    if args.random_intervals:
+        every.append("--random-intervals")
 
     arms: tuple[str, ...] = ("fault-free", "warm", "spare", "pool", "cold")
     if args.unavailable_for:
@@ -176,8 +189,10 @@ def main() -> int:
 
     base = statistics.median(r["wall"] for r in results["fault-free"])
     print()
+    spacing = "exponential intervals" if args.random_intervals else "exact intervals"
     print(
-        f"fault every {args.every:g}s of training on average ({args.faults}), {args.repeat} repetition(s), medians"
+        f"fault every {args.every:g}s of training on average ({args.faults}, {spacing}), "
+        f"{args.repeat} repetition(s), medians"
     )
     print(
         f"{'arm':>10}  {'wall':>8}  {'goodput':>8}  {'interruptions':>13}  {'recovery (median)':>17}"

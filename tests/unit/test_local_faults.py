@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import random
+import statistics
+from pathlib import Path
 
 import pytest
 
-from spotrun.local.faults import FaultSchedule, format_duration, parse_duration
+from spotrun.local import supervisor
+from spotrun.local.faults import FaultKind, FaultSchedule, format_duration, parse_duration
+from spotrun.local.supervisor import LocalRunError, Options
+from spotrun.local.trainjob import load_trainjob
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trainjob.yaml"
 
 
 @pytest.mark.parametrize(
@@ -103,3 +110,42 @@ def test_victims_are_replayed_by_the_seed() -> None:
 def test_intervals_must_be_positive() -> None:
     with pytest.raises(ValueError, match="positive"):
         FaultSchedule({"kill": 0.0})
+
+
+def intervals(schedule: FaultSchedule, kind: FaultKind, count: int) -> list[float]:
+    """The next `count` intervals of `kind`, read off the schedule's clock."""
+    seen = []
+    for _ in range(count):
+        remaining = schedule.remaining(kind)
+        assert remaining is not None
+        seen.append(remaining)
+        schedule.advance(remaining)
+        assert schedule.due() == kind
+        schedule.fired(kind)
+    return seen
+
+
+def test_random_intervals_have_the_asked_mean_and_are_replayed_by_the_seed() -> None:
+    first = FaultSchedule({"kill": 10.0}, rng=random.Random(3), random_intervals=True)
+    drawn = intervals(first, "kill", 2000)
+    assert statistics.mean(drawn) == pytest.approx(10.0, rel=0.1)
+    # Exponential: P(below a third of the mean) = 0.28, P(above twice the mean) = 0.14.
+    assert 0.2 < sum(d < 10.0 / 3 for d in drawn) / len(drawn) < 0.4
+    assert 0.08 < sum(d > 20.0 for d in drawn) / len(drawn) < 0.2
+    second = FaultSchedule({"kill": 10.0}, rng=random.Random(3), random_intervals=True)
+    assert intervals(second, "kill", 2000) == drawn
+
+
+def test_fixed_intervals_are_exact_and_draw_nothing_from_the_seed() -> None:
+    rng = random.Random(5)
+    schedule = FaultSchedule({"preempt": 4.0}, rng=rng)
+    assert intervals(schedule, "preempt", 3) == [4.0, 4.0, 4.0]
+    # The victims a seed picks do not depend on whether faults are scheduled.
+    assert rng.random() == random.Random(5).random()
+
+
+def test_random_intervals_without_a_fault_interval_is_refused_with_the_flags_to_add() -> None:
+    job = load_trainjob(str(EXAMPLE))
+    with pytest.raises(LocalRunError, match="give --preempt-every or --kill-every too"):
+        supervisor._check(job, Options(random_intervals=True))
+    supervisor._check(job, Options(random_intervals=True, kill_every=10.0))

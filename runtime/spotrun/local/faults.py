@@ -9,7 +9,8 @@ a run can be replayed; the supervisor (spotrun.local.supervisor) sends the signa
 Fault clocks run only while the group is training (every replica of the attempt running
 and a progress report seen from it), and at most one fault hits an attempt: a fault that
 lands while the group is still importing torch, or on a group already going down, would
-test nothing. `--preempt-every 20s` therefore means 20 s of training between preemptions.
+test nothing. `--preempt-every 20s` therefore means 20 s of training between preemptions
+(on average, with `--random-intervals`).
 """
 
 from __future__ import annotations
@@ -74,20 +75,33 @@ class FaultSchedule:
     """When the next fault of each kind is due, counted in seconds of training.
 
     `every` maps each injected kind to its interval; `max_injections` caps the faults of
-    all kinds together (None: no cap). `rng` picks the victims.
+    all kinds together (None: no cap). `rng` picks the victims. With `random_intervals`,
+    each interval is drawn from an exponential distribution whose mean is `every[kind]`
+    (faults of a kind as a Poisson process, the usual model of spot reclaims), from `rng`
+    too, so a seed replays them; otherwise each interval is exactly `every[kind]`.
     """
 
     every: Mapping[FaultKind, float]
     max_injections: int | None = None
     rng: random.Random = field(default_factory=random.Random)
+    random_intervals: bool = False
     injected: int = 0
     _trained: dict[FaultKind, float] = field(default_factory=dict)
+    _interval: dict[FaultKind, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for kind, seconds in self.every.items():
+        for kind in KINDS:
+            seconds = self.every.get(kind)
+            if seconds is None:
+                continue
             if seconds <= 0:
                 raise ValueError(f"the {kind} interval must be positive, got {seconds}")
             self._trained.setdefault(kind, 0.0)
+            self._interval[kind] = self._draw(kind)
+
+    def _draw(self, kind: FaultKind) -> float:
+        mean = self.every[kind]
+        return self.rng.expovariate(1.0 / mean) if self.random_intervals else mean
 
     @property
     def active(self) -> bool:
@@ -106,9 +120,9 @@ class FaultSchedule:
         if not self.active:
             return None
         overdue = [
-            (self._trained[kind] - self.every[kind], kind)
+            (self._trained[kind] - self._interval[kind], kind)
             for kind in KINDS
-            if kind in self.every and self._trained[kind] >= self.every[kind]
+            if kind in self.every and self._trained[kind] >= self._interval[kind]
         ]
         return max(overdue)[1] if overdue else None
 
@@ -116,7 +130,7 @@ class FaultSchedule:
         """Seconds of training before `kind` is due; None if it is not injected (any more)."""
         if kind not in self.every or not self.active:
             return None
-        return max(0.0, self.every[kind] - self._trained[kind])
+        return max(0.0, self._interval[kind] - self._trained[kind])
 
     def choose(self, replicas: Sequence[int]) -> int:
         """The replica index to hit, drawn from `replicas`."""
@@ -125,6 +139,7 @@ class FaultSchedule:
         return self.rng.choice(sorted(replicas))
 
     def fired(self, kind: FaultKind) -> None:
-        """A fault of `kind` was injected: its clock starts again."""
+        """A fault of `kind` was injected: its clock starts again, towards its next interval."""
         self._trained[kind] = 0.0
+        self._interval[kind] = self._draw(kind)
         self.injected += 1

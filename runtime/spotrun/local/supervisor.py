@@ -118,6 +118,7 @@ class Options:
     fail_rank: int | None = None
     fail_after: int = _fault_worker.DEFAULT_FAIL_AFTER
     max_injections: int | None = None
+    random_intervals: bool = False
     seed: int | None = None
     live: bool = True
     spares: int = 0
@@ -362,7 +363,12 @@ class LocalRun:
         }
         every = {kind: seconds for kind, seconds in intervals.items() if seconds}
         self.schedule = (
-            faults.FaultSchedule(every, options.max_injections, random.Random(options.seed))
+            faults.FaultSchedule(
+                every,
+                options.max_injections,
+                random.Random(options.seed),
+                random_intervals=options.random_intervals,
+            )
             if every
             else None
         )
@@ -1029,6 +1035,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"with --fail-rank: fail at that rank's N-th report of each attempt (default {_fault_worker.DEFAULT_FAIL_AFTER})",
     )
     parser.add_argument(
+        "--random-intervals",
+        action="store_true",
+        help=(
+            "draw each interval of --preempt-every/--kill-every from an exponential "
+            "distribution with that mean (faults as a Poisson process, as spot reclaims are "
+            "modelled) instead of using it exactly; --seed replays the draws"
+        ),
+    )
+    parser.add_argument(
         "--seed", type=int, metavar="N", help="seed of the fault and backoff draws, to replay a run"
     )
     parser.add_argument(
@@ -1073,6 +1088,7 @@ def main(args: argparse.Namespace) -> int:
         fail_rank=args.fail_rank,
         fail_after=args.fail_after,
         max_injections=args.max_injections,
+        random_intervals=args.random_intervals,
         seed=args.seed,
         live=args.live,
         spares=args.spares,
@@ -1141,6 +1157,11 @@ def _check(job: TrainJob, options: Options) -> None:
                 f"--spares {options.spares} and spec.spares {pooled} both ask for warm "
                 "spares: give one of them"
             )
+    if options.random_intervals and not (options.preempt_every or options.kill_every):
+        raise LocalRunError(
+            "--random-intervals draws the intervals of injected faults: give --preempt-every "
+            "or --kill-every too"
+        )
     if options.unavailable_for is not None and not (options.preempt_every or options.kill_every):
         raise LocalRunError(
             "--unavailable-for holds back replicas hit by an injected fault: give "
