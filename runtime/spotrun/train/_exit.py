@@ -27,14 +27,14 @@ from typing import NoReturn
 def run(main: Callable[[], int | None]) -> NoReturn:
     """main(), then this process exits with its code (or its SystemExit's) at once."""
     try:
-        code = main()
+        code = exit_code(main())
     except SystemExit as err:
         code = exit_code(err.code)
-    exit_now(0 if code is None else code)
+    exit_now(code)
 
 
 def exit_code(code: object) -> int:
-    """SystemExit's code as the interpreter maps it: None 0, an int itself, else printed and 1."""
+    """An exit code as the interpreter maps SystemExit's: None 0, an int itself, else printed and 1."""
     if code is None:
         return 0
     if isinstance(code, int):
