@@ -139,9 +139,11 @@ def test_a_survivor_waiting_for_a_stuck_upload_still_regroups(
     """A save waits for the rank's previous upload; a lost member ends that wait.
 
     Both replicas' writers are paused (SIGSTOP) mid-job, so their next saves wait for an
-    upload that cannot finish, as with a large state on slow storage. Then one replica is
-    killed (no notice). The survivor leaves the wait once the next group is published,
-    joins it in the same process, and the job ends like the uninterrupted run.
+    upload that cannot finish, as with a large state on slow storage. Meanwhile the memory
+    tier goes on: the snapshots between checkpoints go into the buffer no upload reads.
+    Then one replica is killed (no notice). The survivor leaves the wait once the next
+    group is published, joins it in the same process with the newest of those snapshots,
+    a step no checkpoint holds, and the job ends like the uninterrupted run.
     """
     storage = tmp_path / "runs"
     job = trainjob(tmp_path)
@@ -184,6 +186,11 @@ def test_a_survivor_waiting_for_a_stuck_upload_still_regroups(
     (kept,) = status["group"]["kept"]
     assert (2, kept) not in worker_pids(storage)
     assert "waited for its last save" in replica_log(storage, 1, kept)
+    # The state came from a snapshot kept only in memory: it has no checkpoint number.
+    assert "seq" not in status["restoredFrom"], status["restoredFrom"]
+    assert status["inMemory"]["attempt"] == 2, status["inMemory"]
+    schema = json_schema()["properties"]["status"]
+    assert not [e.message for e in jsonschema.Draft7Validator(schema).iter_errors(status)]
     assert_bitwise_equal(final_state(storage), reference)
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from spotrun.store.tree import flatten
+from spotrun.train.checkpoint import Checkpoint
 from spotrun.train.writer import SaveAbandoned, WriterClient
 from tests.runtime.helpers import writer_config
 
@@ -62,5 +64,57 @@ def test_a_save_that_is_not_asked_to_give_up_waits_for_the_previous_one(tmp_path
         assert torch.equal(
             torch.frombuffer(buffer, dtype=torch.float32, count=10), torch.full((10,), 2.0)
         )
+    finally:
+        writer.close()
+
+
+def test_a_snapshot_kept_in_memory_does_not_wait_for_the_upload_in_flight(
+    tmp_path: Path,
+) -> None:
+    """The memory tier: `keep` copies into the buffer no upload reads, at once.
+
+    The first save's upload is held (its writer paused); a snapshot kept in memory then
+    goes into the second buffer, so it is the newest complete snapshot while the upload
+    still reads the first one, untouched: the committed checkpoint is the first state.
+    """
+    writer = WriterClient(writer_config(tmp_path))
+    assert writer._proc is not None
+    pid = writer._proc.pid
+    skeleton, tensors = flatten({"w": torch.arange(1000, dtype=torch.float32)})
+    first = dict(enumerate(tensors))
+    kept = {0: torch.full((1000,), 7.0)}
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        writer.save(0, "replicated", skeleton, first)
+        assert writer.snapshot is not None
+        _, _, uploading = writer.snapshot
+        writer.keep(kept)  # returns although the upload cannot finish
+        assert writer.snapshot is not None
+        _, _, newest = writer.snapshot
+        assert newest is not uploading
+        assert torch.equal(torch.frombuffer(newest, dtype=torch.float32, count=1000), kept[0])
+        assert torch.equal(torch.frombuffer(uploading, dtype=torch.float32, count=1000), first[0])
+        # A second kept snapshot overwrites the newest in place, still not the upload's.
+        writer.keep({0: torch.full((1000,), 8.0)})
+        assert writer.snapshot is not None and writer.snapshot[2] is newest
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    try:
+        writer.drain_save(timeout=60)
+        job = writer.submit(
+            "commit",
+            seq=0,
+            step=0,
+            kind="replicated",
+            writers=[0],
+            metrics={},
+            runtime={},
+            time_=time.time(),
+        )
+        commit = writer.wait(job, timeout=60)
+        assert torch.equal(Checkpoint.from_uri(commit["uri"]).to_dict()["w"], first[0])
+        # Once the upload is done, the next save reuses the newest snapshot's buffer.
+        writer.save(1, "replicated", None, {0: torch.zeros(1000)})
+        assert writer.snapshot is not None and writer.snapshot[2] is newest
     finally:
         writer.close()

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from spotrun import contract
-from spotrun.ledger.status import RUNTIME_FIELDS
+from spotrun.ledger.status import RUNTIME_FIELDS, in_memory, progress_fields, restored_from
 from spotrun.lifecycle import OWNED_FIELDS, JobSpec, Observation, ReplicaObservation, plan
 from spotrun.lifecycle import spec as lifecycle_spec
 from spotrun.lifecycle.ledger import LEDGER_SIZE
@@ -59,6 +59,7 @@ def test_printer_columns() -> None:
         "Failures": ".status.failures",
         "Checkpoint-Step": ".status.latestCheckpoint.step",
         "Checkpoint-Age": ".status.latestCheckpoint.time",
+        "Memory-Step": ".status.inMemory.step",
         "Age": ".metadata.creationTimestamp",
     }
     for name, path in expected.items():
@@ -218,3 +219,30 @@ def test_trainer_env_may_not_override_the_pod_contract() -> None:
         contract.SPARE,
     ):
         assert f"'{name}'" in rule, name
+
+
+def test_the_runtimes_memory_tier_fields_fit_the_schema() -> None:
+    """status.inMemory from a progress report, and restoredFrom of a step only memory held."""
+    validator = jsonschema.Draft7Validator(json_schema()["properties"]["status"])
+    status = {
+        **progress_fields(
+            {"loss": 0.5},
+            37,
+            1_700_000_000.0,
+            in_memory(36, bucket=False, attempt=2, time=1_700_000_000.0),
+        ),
+        "restoredFrom": restored_from(
+            "memory", step=36, seq=None, attempt=3, uri=None, time=1_700_000_001.0
+        ),
+    }
+    assert not [e.message for e in validator.iter_errors(status)]
+    assert status["inMemory"] == {
+        "step": 36,
+        "bucket": False,
+        "attempt": 2,
+        "time": "2023-11-14T22:13:20Z",
+    }
+    assert "seq" not in status["restoredFrom"]
+    # A bucket step keeps its checkpoint number.
+    assert restored_from("bucket", step=9, seq=1, attempt=2, uri="u", time=0.0)["seq"] == 1
+    assert progress_fields({}, 1, 0.0, None).keys() == {"lastMetrics"}

@@ -18,7 +18,7 @@ import jsonpatch
 import pytest
 
 from spotrun.ledger.kube_sink import KubernetesSink, KubeSinkError, from_pod
-from spotrun.ledger.status import FencingError
+from spotrun.ledger.status import FencingError, in_memory
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -97,6 +97,14 @@ def test_progress_is_a_fenced_json_patch(server: Server) -> None:
         "step": 40,
         "time": "2023-11-14T22:13:20Z",
     }
+    assert "inMemory" not in server.obj["status"]
+
+
+def test_progress_records_the_newest_step_held_in_memory(server: Server) -> None:
+    held = in_memory(39, bucket=False, attempt=2, time=1_700_000_000.0)
+    sink(server).progress({"loss": 0.25}, 40, 1_700_000_000.0, held)
+    assert server.obj["status"]["inMemory"] == held
+    assert server.obj["status"]["lastMetrics"]["step"] == 40
 
 
 def test_an_older_attempt_is_refused_with_a_fencing_error(server: Server) -> None:

@@ -68,3 +68,18 @@ def test_cadence_is_due_first_then_every_interval() -> None:
     cadence.observe(1.0, now=0.0)  # interval sqrt(2*1*50) = 10s
     assert not cadence.due(9.9)
     assert cadence.due(10.0)
+
+
+def test_the_memory_tiers_cadence_has_its_own_floor_and_counts_from_a_reset() -> None:
+    # A snapshot kept in memory costs a copy: with 2 ms and preemptions every 10 s it is
+    # due every 0.2 s, below the bucket's 1 s floor but not below its own.
+    memory = Cadence(mtbf_seconds=10.0, floor_seconds=0.1)
+    memory.observe(0.002, now=0.0)
+    assert memory.interval() == pytest.approx(0.2)
+    assert Cadence(mtbf_seconds=10.0, cost_seconds=0.002).interval() == 1.0
+    assert Cadence(mtbf_seconds=1.0, cost_seconds=0.0001, floor_seconds=0.1).interval() == 0.1
+    # A checkpoint to the bucket holds the step in memory too: the interval restarts there,
+    # and the measured cost stays the memory copy's.
+    memory.reset(5.0)
+    assert not memory.due(5.1) and memory.due(5.2)
+    assert memory.cost_seconds == 0.002

@@ -36,7 +36,7 @@ from spotrun.ledger.status import (
     commit_fields,
     completion,
     json_patch,
-    last_metrics,
+    progress_fields,
     resumed_fields,
 )
 from spotrun.lifecycle.times import format_time
@@ -126,8 +126,14 @@ class KubernetesSink:
         fields = commit_fields({}, commit, retention, entries)
         self._patch(json_patch({}, self.attempt, fields))
 
-    def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
-        fields = {"lastMetrics": last_metrics(metrics, step, time)}
+    def progress(
+        self,
+        metrics: Mapping[str, Any],
+        step: int,
+        time: float,
+        memory: Mapping[str, Any] | None = None,
+    ) -> None:
+        fields = progress_fields(metrics, step, time, memory)
         self._patch(json_patch({}, self.attempt, fields))
 
     def restored(self, restored: Mapping[str, Any]) -> None:

@@ -23,7 +23,7 @@ from spotrun.ledger.status import (
     check_fence,
     commit_fields,
     completion,
-    last_metrics,
+    progress_fields,
     resumed_fields,
 )
 from spotrun.lifecycle.conditions import CHECKPOINT_CORRUPT, LEDGER_REPAIRED, set_condition
@@ -41,8 +41,18 @@ class CheckpointSink(Protocol):
     ) -> None:
         """Records a committed checkpoint; raises FencingError when the fence refuses it."""
 
-    def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
-        """Records the latest metrics: the control plane's evidence that training moves."""
+    def progress(
+        self,
+        metrics: Mapping[str, Any],
+        step: int,
+        time: float,
+        memory: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Records the latest metrics: the control plane's evidence that training moves.
+
+        With `memory` (status.inMemory, see ledger.status.in_memory), also the newest step
+        the group holds in memory.
+        """
 
     def completed(self, step: int | None, time: float) -> None:
         """Records that the training finished (node 0's workers all exited 0)."""
@@ -186,10 +196,15 @@ class FileStatusSink:
 
         self._fenced(None, change)
 
-    def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
-        self._fenced(
-            None, lambda status: status.update(lastMetrics=last_metrics(metrics, step, time))
-        )
+    def progress(
+        self,
+        metrics: Mapping[str, Any],
+        step: int,
+        time: float,
+        memory: Mapping[str, Any] | None = None,
+    ) -> None:
+        fields = progress_fields(metrics, step, time, memory)
+        self._fenced(None, lambda status: status.update(fields))
 
     def restored(self, restored: Mapping[str, Any]) -> None:
         self._fenced(None, lambda status: status.update(restoredFrom=dict(restored)))
@@ -221,7 +236,13 @@ class NullSink:
     ) -> None:
         return None
 
-    def progress(self, metrics: Mapping[str, Any], step: int, time: float) -> None:
+    def progress(
+        self,
+        metrics: Mapping[str, Any],
+        step: int,
+        time: float,
+        memory: Mapping[str, Any] | None = None,
+    ) -> None:
         return None
 
     def restored(self, restored: Mapping[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """The TrainJob status fields that the runtime owns, and the fence that guards them.
 
 The runtime (rank 0) writes `latestCheckpoint`, `checkpoints`, `bestCheckpoints`,
-`lastMetrics` and `completion`; the lifecycle policy owns everything else. These pure
+`lastMetrics`, `inMemory`, `restoredFrom` and `completion`; the lifecycle policy owns everything else. These pure
 functions compute the new fields and the JSON patch that writes them, so the file sink of
 local mode and the Kubernetes sink apply the very same change and the very same fence:
 a writer of an older attempt is refused, and `latestCheckpoint.step` never goes down.
@@ -23,6 +23,7 @@ RUNTIME_FIELDS = (
     "lastMetrics",
     "completion",
     "restoredFrom",
+    "inMemory",
 )
 
 
@@ -96,23 +97,43 @@ def resumed_fields(
 
 
 def restored_from(
-    tier: str, *, step: int, seq: int, attempt: int, uri: str | None, time: float
+    tier: str, *, step: int, seq: int | None, attempt: int, uri: str | None, time: float
 ) -> dict[str, Any]:
-    """`status.restoredFrom`: which tier (memory or bucket) an attempt's state came from."""
+    """`status.restoredFrom`: which tier (memory or bucket) an attempt's state came from.
+
+    `seq` is the step's checkpoint number, None for a step held only in memory.
+    """
     out: dict[str, Any] = {
         "tier": tier,
         "step": step,
-        "seq": seq,
         "attempt": attempt,
         "time": format_time(time),
     }
+    if seq is not None:
+        out["seq"] = seq
     if uri:
         out["uri"] = uri
     return out
 
 
+def in_memory(step: int, *, bucket: bool, attempt: int, time: float) -> dict[str, Any]:
+    """`status.inMemory`: the newest step the group holds in memory, and whether the bucket
+    holds it too (a checkpoint) or only memory does (a snapshot between checkpoints)."""
+    return {"step": step, "bucket": bucket, "attempt": attempt, "time": format_time(time)}
+
+
 def last_metrics(metrics: Mapping[str, Any], step: int, time: float) -> dict[str, Any]:
     return {**json_metrics(metrics), "step": step, "time": format_time(time)}
+
+
+def progress_fields(
+    metrics: Mapping[str, Any], step: int, time: float, memory: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The fields a progress report writes: lastMetrics, and inMemory when given."""
+    fields: dict[str, Any] = {"lastMetrics": last_metrics(metrics, step, time)}
+    if memory is not None:
+        fields["inMemory"] = dict(memory)
+    return fields
 
 
 def completion(attempt: int, step: int | None, time: float) -> dict[str, Any]:

@@ -29,6 +29,9 @@ class Cadence:
     cost_seconds: float | None = None
     last_checkpoint: float | None = None
     smoothing: float = 0.3
+    # The shortest interval: a bucket checkpoint's upload takes longer than its stall, and
+    # a snapshot kept in memory (a cheap copy) may be taken far more often.
+    floor_seconds: float = 1.0
 
     def observe(self, cost_seconds: float, now: float) -> None:
         if self.cost_seconds is None:
@@ -40,7 +43,12 @@ class Cadence:
     def interval(self) -> float | None:
         if self.cost_seconds is None:
             return None
-        return young_daly_interval(self.cost_seconds, self.mtbf_seconds)
+        return young_daly_interval(self.cost_seconds, self.mtbf_seconds, floor=self.floor_seconds)
+
+    def reset(self, now: float) -> None:
+        """A snapshot of this tier was taken by other means (its cost not measured): the
+        interval counts from now."""
+        self.last_checkpoint = now
 
     def due(self, now: float) -> bool:
         """The first checkpoint is due at once (it measures the cost); then every interval."""

@@ -55,13 +55,14 @@ class Checkpoint:
         self._sharded = sharded
         self._committed = committed
         # A dict served from a peer's or this process's memory: where and what it is.
-        self._origin: tuple[str, int, dict[str, Any]] | None = None
+        self._origin: tuple[str | None, int, dict[str, Any]] | None = None
 
     @classmethod
     def served_from_memory(
-        cls, data: Mapping[str, Any], *, uri: str, step: int, metrics: Mapping[str, Any]
+        cls, data: Mapping[str, Any], *, uri: str | None, step: int, metrics: Mapping[str, Any]
     ) -> Checkpoint:
-        """The state of checkpoint `uri` (step `step`) as kept in memory by the group."""
+        """The state of checkpoint `uri` (step `step`) as kept in memory by the group; `uri`
+        is None for a step kept only in memory (a snapshot between checkpoints)."""
         checkpoint = cls(data=data)
         checkpoint._origin = (uri, step, dict(metrics))
         return checkpoint

@@ -236,7 +236,12 @@ class Slot:
 
 @dataclass
 class MemorySnapshot:
-    """A rank's newest complete snapshot: the whole (replicated) state at `step`."""
+    """A rank's newest complete snapshot: the whole (replicated) state at `step`.
+
+    `seq` is the step's checkpoint number when the bucket holds the step too (`in_bucket`);
+    for a step kept only in memory it is the newest checkpoint number begun before it (-1:
+    none), which is what retention accounts from after a recovery from it.
+    """
 
     seq: int
     step: int
@@ -246,6 +251,7 @@ class MemorySnapshot:
     size: int
     metrics: dict[str, Any] = field(default_factory=dict)
     runtime: dict[str, Any] = field(default_factory=dict)
+    in_bucket: bool = True
 
     def view(self) -> torch.Tensor:
         if isinstance(self.buffer, torch.Tensor):
@@ -312,6 +318,7 @@ def send_snapshot(snapshot: MemorySnapshot, to: Sequence[int]) -> None:
         {
             "seq": snapshot.seq,
             "step": snapshot.step,
+            "in_bucket": snapshot.in_bucket,
             "size": snapshot.size,
             "slots": [s.to_json() for s in snapshot.slots],
             "metrics": snapshot.metrics,
@@ -347,6 +354,7 @@ def receive_snapshot(source: int) -> MemorySnapshot:
         size=size,
         metrics=dict(header.get("metrics") or {}),
         runtime=dict(header.get("runtime") or {}),
+        in_bucket=header.get("in_bucket") is not False,
     )
 
 

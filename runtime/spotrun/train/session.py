@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 from spotrun import contract as pod
-from spotrun.ledger.status import restored_from
+from spotrun.ledger.status import in_memory, restored_from
 from spotrun.membership.groupfile import GroupFile
 from spotrun.store import layout
 from spotrun.store.commit import CheckpointStore, Verified, split_uri
@@ -45,6 +45,9 @@ log = logging.getLogger("spotrun")
 PROGRESS_INTERVAL_SECONDS = float(
     os.environ.get(pod.PROGRESS_SECONDS, str(pod.LONGEST_PROGRESS_SECONDS))
 )
+# The shortest interval between snapshots kept only in memory (the memory tier's Young/Daly
+# floor): a copy of the state into this process's memory, with no upload and no commit.
+MEMORY_FLOOR_SECONDS = 0.1
 
 
 class Stateful(Protocol):
@@ -109,11 +112,18 @@ class Session:
         self.root = layout.job_root(storage, contract.namespace, contract.job)
         self.store = CheckpointStore(self.root)
         self.settings = contract.checkpoint
-        self.cadence = Cadence(mtbf_seconds=float(os.environ.get("SPOTRUN_MTBF_SECONDS", "3600")))
+        mtbf = float(os.environ.get("SPOTRUN_MTBF_SECONDS", "3600"))
+        # Two tiers, two cadences: checkpoints to the bucket, and between them (warm groups
+        # with background saves) snapshots of the whole state kept only in memory, which a
+        # warm recovery resumes from. Each interval is Young/Daly's from its own cost.
+        self.cadence = Cadence(mtbf_seconds=mtbf)
+        self.memory_cadence = Cadence(mtbf_seconds=mtbf, floor_seconds=MEMORY_FLOOR_SECONDS)
         self._notice = False
         self._notice_offered = False
         self._agreed_step: int | None = None
         self._agreed_notice = False
+        self._agreed_memory_only = False
+        self._recorded_memory: tuple[int, bool] | None = None
         self._pending: list[int] = []
         self._stateful: dict[str, Stateful] = {}
         self._last_progress = 0.0
@@ -128,6 +138,9 @@ class Session:
         self._resize = regroup.NextGroupProbe(contract.attempt) if self.warm else None
         self._resize_offered = False
         self._agreed_resize = False
+        # Snapshots kept only in memory need a warm group (someone to serve them to) and the
+        # writer process's buffers (background saves).
+        self.memory_tier = self.warm and contract.checkpoint.async_save
         # The newest complete snapshot of the whole state in this process (warm only).
         self.memory: MemorySnapshot | None = None
         self._from_memory: MemorySnapshot | None = None
@@ -171,7 +184,11 @@ class Session:
                 resumed_seq=(
                     self._resume.verified.manifest.seq
                     if self._resume and self._resume.store.root == self.root
-                    else (self._from_memory.seq if self._from_memory else None)
+                    else (
+                        self._from_memory.seq
+                        if self._from_memory and self._from_memory.seq >= 0
+                        else None
+                    )
                 ),
                 corrupt=tuple(
                     split_uri(uri)[1]
@@ -268,9 +285,11 @@ class Session:
 
     def _record_restored(self) -> None:
         """Rank 0 tells the ledger which tier this attempt's state came from (if any)."""
+        seq: int | None
         if self._from_memory is not None:
             snapshot = self._from_memory
-            tier, step, seq, uri = "memory", snapshot.step, snapshot.seq, None
+            tier, step, uri = "memory", snapshot.step, None
+            seq = snapshot.seq if snapshot.in_bucket else None
         elif self._resume is not None:
             manifest = self._resume.verified.manifest
             tier, step, seq, uri = "bucket", manifest.step, manifest.seq, self._resume.verified.uri
@@ -357,7 +376,7 @@ class Session:
             tensors = snapshot.tensors(copy=True)
             return Checkpoint.served_from_memory(
                 unflatten(snapshot.skeleton, tensors.__getitem__),
-                uri=self.store.uri(snapshot.seq),
+                uri=self.store.uri(snapshot.seq) if snapshot.in_bucket else None,
                 step=snapshot.step,
                 metrics=snapshot.metrics,
             )
@@ -380,20 +399,28 @@ class Session:
     def should_checkpoint(self) -> bool:
         """Whether every rank should pass a checkpoint at this step's report (a collective).
 
-        True on a preemption notice, when the checkpoint interval is due, and when the group
-        is about to be resized (its next group is published): it re-forms at this checkpoint.
+        True on a preemption notice, when the checkpoint interval is due, when the group is
+        about to be resized (its next group is published): it re-forms at this checkpoint,
+        and in a warm group when the memory tier's interval is due. A checkpoint passed for
+        that reason alone is kept in memory only (every member's whole state, which a warm
+        recovery resumes from); the others go to the bucket as well.
         """
-        due = 1.0 if self.context.world_rank == 0 and self.cadence.due(time.monotonic()) else 0.0
-        notice, agreed_due, resize = self._all_reduce(
-            [1.0 if self._notice else 0.0, due, self._resize_flag()]
+        now = time.monotonic()
+        lead = self.context.world_rank == 0
+        due = 1.0 if lead and self.cadence.due(now) else 0.0
+        memory_due = 1.0 if lead and self.memory_tier and self.memory_cadence.due(now) else 0.0
+        notice, agreed_due, resize, agreed_memory = self._all_reduce(
+            [1.0 if self._notice else 0.0, due, self._resize_flag(), memory_due]
         )
         self._agreed_step, self._agreed_notice = self._step, notice > 0
         self._agreed_resize = resize > 0
+        bucket = notice > 0 or agreed_due > 0 or resize > 0
+        self._agreed_memory_only = agreed_memory > 0 and not bucket
         if notice > 0:
             self._notice_offered = True
         if resize > 0:
             self._resize_offered = True
-        return notice > 0 or agreed_due > 0 or resize > 0
+        return bucket or agreed_memory > 0
 
     def _resize_flag(self) -> float:
         """1.0 when this rank's launcher published a next group while this one still runs."""
@@ -412,6 +439,14 @@ class Session:
         kind = _agreed_kind(
             {r: int(agreed[1 + r]) for r in writers}, world, self.settings.keep_all_ranks
         )
+        # Every rank decides alike, from agreed values only: this step goes to memory only.
+        memory_only = (
+            self._agreed_memory_only
+            and self._agreed_step == self._step
+            and not notice
+            and not resize
+            and kind == "replicated"
+        )
 
         # spotrun's own count of reports: it orders checkpoints and resumes, whatever the
         # training code reports (a metric named "step" is a metric like any other).
@@ -420,16 +455,27 @@ class Session:
         now = time.time()
         self._last_report = (dict(metrics), step, now)
 
-        if writers:
+        if writers and memory_only:
+            if checkpoint is not None:
+                self._keep_only_in_memory(step, dict(metrics), checkpoint)
+            self.memory_cadence.observe(time.monotonic() - started, time.monotonic())
+        elif writers:
             assert kind is not None
             self._save(step, dict(metrics), checkpoint, writers, kind, now)
             self.cadence.observe(time.monotonic() - started, time.monotonic())
+            self.memory_cadence.reset(time.monotonic())  # memory holds this step too
             self._recorded_step = step
-        elif rank == 0 and now - self._last_progress >= PROGRESS_INTERVAL_SECONDS:
+        throttled = now - self._last_progress < PROGRESS_INTERVAL_SECONDS
+        if (not writers or memory_only) and rank == 0 and not throttled:
             self._last_progress = now
             self._recorded_step = step
             self.writer.submit(
-                "progress", detached=True, metrics=dict(metrics), step=step, time=now
+                "progress",
+                detached=True,
+                metrics=dict(metrics),
+                step=step,
+                time=now,
+                memory=self._memory_entry(now),
             )
 
         if notice:
@@ -560,7 +606,15 @@ class Session:
             )
             raise regroup.Regroup("a newer group was published during a save") from err
 
-    def _keep_in_memory(self, seq: int, step: int, skeleton: Any, metrics: dict[str, Any]) -> None:
+    def _keep_in_memory(
+        self,
+        seq: int,
+        step: int,
+        skeleton: Any,
+        metrics: dict[str, Any],
+        *,
+        in_bucket: bool = True,
+    ) -> None:
         """The snapshot the writer just took is this rank's newest whole state in memory."""
         taken = self.writer.snapshot
         if taken is None:
@@ -574,6 +628,34 @@ class Session:
             buffer=buffer,
             size=size,
             metrics=dict(metrics),
+            in_bucket=in_bucket,
+        )
+
+    def _keep_only_in_memory(
+        self, step: int, metrics: dict[str, Any], checkpoint: Checkpoint
+    ) -> None:
+        """The memory tier: the whole state into this process's memory; no upload, no commit.
+
+        It goes into the writer's buffer that no upload reads, so a checkpoint's upload in
+        flight goes on. Labelled with the newest checkpoint number begun before it.
+        """
+        skeleton, tensors = flatten(checkpoint.to_dict())
+        self.memory = None  # its buffer may be the one overwritten
+        self.writer.keep(dict(enumerate(tensors)))
+        self._keep_in_memory(self._next_seq - 1, step, skeleton, metrics, in_bucket=False)
+        if self.memory is not None:
+            self.memory.runtime = {
+                "stateful": {name: obj.state_dict() for name, obj in self._stateful.items()}
+            }
+
+    def _memory_entry(self, now: float) -> dict[str, Any] | None:
+        """status.inMemory for a progress report: rank 0's newest snapshot, if it changed."""
+        memory = self.memory
+        if memory is None or self._recorded_memory == (memory.step, memory.in_bucket):
+            return None
+        self._recorded_memory = (memory.step, memory.in_bucket)
+        return in_memory(
+            memory.step, bucket=memory.in_bucket, attempt=self.contract.attempt, time=now
         )
 
     def detach_for_regroup(self) -> MemorySnapshot | None:
@@ -585,8 +667,11 @@ class Session:
         """
         memory = self.memory
         taken = self.writer.snapshot
-        if memory is not None and taken is not None and taken[2] is memory.buffer:
-            self.writer.detach_snapshot()
+        if memory is not None and self.writer.holds(memory.buffer):
+            if taken is not None and taken[2] is memory.buffer:
+                self.writer.detach_snapshot()
+            else:  # not complete: the buffer was being overwritten
+                memory = None
         self._closed = True
         self.writer.close(timeout=0)
         return memory
@@ -611,7 +696,9 @@ class Session:
         if self._recorded_step == step:
             return
         self._recorded_step = step
-        job = self.writer.submit("progress", metrics=metrics, step=step, time=now)
+        job = self.writer.submit(
+            "progress", metrics=metrics, step=step, time=now, memory=self._memory_entry(now)
+        )
         try:
             self.writer.wait(job, timeout)
         except Exception as err:  # a status write is not worth failing the exit for

@@ -78,6 +78,20 @@ class TensorSlot:
     count: int
 
 
+@dataclass
+class _Buffer:
+    """A snapshot buffer: a memfd mapped here and, under the same slot, in the writer process."""
+
+    slot: int
+    fd: int
+    mapping: mmap.mmap
+    view: torch.Tensor
+    # Whether it is page-locked for CUDA (a state on the GPU), and whether that was tried
+    # (a refusal is not asked again at every save): see WriterClient._pin.
+    pinned: bool = False
+    pin_tried: bool = False
+
+
 class Worker:
     """Executes writer jobs; runs in the writer process, or inline for synchronous saves."""
 
@@ -226,7 +240,9 @@ class Worker:
             commit = self.commit(**args)
             return {"uri": commit.uri, "seq": commit.manifest.seq, "step": commit.manifest.step}
         if op == "progress":
-            return self.sink.progress(args["metrics"], args["step"], args["time"])
+            return self.sink.progress(
+                args["metrics"], args["step"], args["time"], args.get("memory")
+            )
         if op == "corrupt":
             return self.sink.checkpoint_corrupt(args["message"], args["time"])
         if op == "resumed":
@@ -262,16 +278,15 @@ class WriterClient:
         self._next_id = 0
         self._results: dict[int, tuple[bool, Any]] = {}
         self._cond = threading.Condition()
-        self._buffer: mmap.mmap | None = None
-        self._buffer_fd = -1
-        self._buffer_view: torch.Tensor | None = None
-        # Whether the buffer is page-locked for CUDA (a state on the GPU), and whether that
-        # was tried for this buffer (a refusal is not asked again at every save): see _pin.
-        self._pinned = False
-        self._pin_tried = False
+        # Two snapshot buffers at most: a snapshot kept only in memory (`keep`) goes into the
+        # one not being uploaded, so it never waits for the bucket. The second is made on
+        # the first such snapshot taken while an upload is in flight.
+        self._buffers: list[_Buffer | None] = [None, None]
         self._pending_save: int | None = None
-        # The last complete snapshot in the buffer: (slots, bytes used, the buffer).
+        self._uploading: int | None = None  # the slot the save in flight reads
+        # The last complete snapshot: (slots, bytes used, the buffer), and its slot.
         self.snapshot: tuple[list[TensorSlot], int, mmap.mmap] | None = None
+        self._newest: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
         self._send_lock = threading.Lock()
@@ -386,46 +401,83 @@ class WriterClient:
 
         Returns once the snapshot is taken. The snapshot buffer keeps every tensor given,
         so a warm recovery can serve the whole state from memory while the writer uploads
-        only this rank's share. One save is in flight at a time: the buffer is reused, so
-        this first waits for the previous save of this rank to finish, asking `give_up()`
-        meanwhile; once it says True this raises SaveAbandoned, the buffer untouched (it
-        still holds the previous snapshot).
+        only this rank's share. One save is in flight at a time, so this first waits for
+        the previous save of this rank to finish, asking `give_up()` meanwhile; once it
+        says True this raises SaveAbandoned, the buffers untouched (the newest snapshot is
+        still there).
         """
         chosen = None if write is None else set(write)
         if not self.background:
             mine = {i: t for i, t in tensors.items() if chosen is None or i in chosen}
             return self.submit("save", seq=seq, kind=kind, skeleton=skeleton, tensors=mine)
         self.drain_save(give_up=give_up)
-        self.snapshot = None  # being overwritten: no complete snapshot until the copy is done
-        slots, total = _plan_slots(tensors)
-        self._ensure_buffer(total)
-        if not self._pin_tried and any(t.is_cuda for t in tensors.values()):
-            self._pin()
-        assert self._buffer_view is not None
+        slots = self._copy_in(self._newest if self._newest is not None else 0, tensors)
+        written = [s for s in slots if chosen is None or s.index in chosen]
+        assert self._newest is not None
+        job = self.submit(
+            "save_slots", seq=seq, kind=kind, skeleton=skeleton, slots=written, buffer=self._newest
+        )
+        self._pending_save, self._uploading = job, self._newest
+        return job
+
+    def keep(self, tensors: Mapping[int, torch.Tensor]) -> None:
+        """Snapshots `tensors` into memory only (nothing is written); never waits.
+
+        The snapshot goes into the buffer the save in flight does not read: the newest
+        snapshot's (overwritten in place) when no upload reads it, else the other one, so
+        an upload of a large state goes on while the training loop keeps snapshotting.
+        """
+        assert self.background, "a snapshot kept in memory needs the writer process"
+        busy = self._uploading if self._save_in_flight() else None
+        if self._newest is not None and self._newest != busy:
+            slot = self._newest
+        else:
+            slot = 0 if busy is None else 1 - busy
+        self._copy_in(slot, tensors)
+
+    def _save_in_flight(self) -> bool:
+        with self._cond:
+            return (
+                self._pending_save is not None
+                and self._pending_save not in self._results
+                and not self._dead
+            )
+
+    def _copy_in(self, slot: int, tensors: Mapping[int, torch.Tensor]) -> list[TensorSlot]:
+        """Copies `tensors` into buffer `slot`; it then holds the newest complete snapshot."""
+        plan, total = _plan_slots(tensors)
+        if self._newest == slot:
+            self.snapshot, self._newest = None, None  # overwritten: incomplete until copied
+        buffer = self._ensure_buffer(slot, total)
+        if not buffer.pin_tried and any(t.is_cuda for t in tensors.values()):
+            self._pin(buffer)
         copies = []
-        for slot in slots:
-            src = tensors[slot.index].detach()
-            dst = self._buffer_view[slot.offset : slot.offset + slot.count * src.element_size()]
-            if slot.count:
+        for entry in plan:
+            src = tensors[entry.index].detach()
+            dst = buffer.view[entry.offset : entry.offset + entry.count * src.element_size()]
+            if entry.count:
                 copies.extend(_pieces(dst.view(src.dtype).view(src.shape), src))
         _copy_all(copies)
-        assert self._buffer is not None
-        self.snapshot = (slots, total, self._buffer)
-        written = [s for s in slots if chosen is None or s.index in chosen]
-        job = self.submit("save_slots", seq=seq, kind=kind, skeleton=skeleton, slots=written)
-        self._pending_save = job
-        return job
+        self.snapshot, self._newest = (plan, total, buffer.mapping), slot
+        return plan
+
+    def holds(self, mapping: mmap.mmap | torch.Tensor) -> bool:
+        """Whether `mapping` is one of this client's snapshot buffers."""
+        return any(b is not None and b.mapping is mapping for b in self._buffers)
 
     def detach_snapshot(self) -> tuple[list[TensorSlot], int, mmap.mmap] | None:
         """Takes the last complete snapshot out of this client: it outlives the writer."""
         snapshot, self.snapshot = self.snapshot, None
-        if snapshot is not None and snapshot[2] is self._buffer:
+        slot, self._newest = self._newest, None
+        buffer = None if slot is None else self._buffers[slot]
+        if snapshot is not None and buffer is not None and snapshot[2] is buffer.mapping:
             # The buffer now belongs to the caller (its mapping outlives the descriptor); a
             # later save allocates a new one. Unpinned first: the caller may unmap it.
-            self._unpin()
+            assert slot is not None
+            self._unpin(buffer)
             with contextlib.suppress(OSError):
-                os.close(self._buffer_fd)
-            self._buffer, self._buffer_view, self._buffer_fd = None, None, -1
+                os.close(buffer.fd)
+            self._buffers[slot] = None
         return snapshot
 
     def drain_save(
@@ -447,53 +499,56 @@ class WriterClient:
             with self._cond:
                 self._cond.wait(_GIVE_UP_POLL_SECONDS)
         job, self._pending_save = self._pending_save, None
+        self._uploading = None
         self.wait(job, None if deadline is None else max(0.0, deadline - time.monotonic()))
 
-    def _ensure_buffer(self, size: int) -> None:
-        if self._buffer is not None and len(self._buffer) >= size:
-            return
+    def _ensure_buffer(self, slot: int, size: int) -> _Buffer:
+        current = self._buffers[slot]
+        if current is not None and len(current.mapping) >= size:
+            return current
         size = max(size, 1 << 20)
-        if self._buffer is not None:
-            self._unpin()
-            self._buffer_view = None
-            self._buffer.close()
-            os.close(self._buffer_fd)
-            self.snapshot = None
+        if current is not None:
+            self._unpin(current)
+            current.mapping.close()
+            os.close(current.fd)
+            if self._newest == slot:
+                self.snapshot, self._newest = None, None
         fd = os.memfd_create("spotrun-snapshot", os.MFD_CLOEXEC)
         os.ftruncate(fd, size)
-        self._buffer_fd = fd
-        self._buffer = mmap.mmap(fd, size)
-        self._buffer_view = torch.frombuffer(self._buffer, dtype=torch.uint8)
-        self._pin_tried = False
+        mapping = mmap.mmap(fd, size)
+        buffer = _Buffer(slot, fd, mapping, torch.frombuffer(mapping, dtype=torch.uint8))
+        self._buffers[slot] = buffer
         assert self._sock is not None
         with self._send_lock:
-            socket.send_fds(self._sock, [b"F"], [fd])
+            # The kind byte carries the descriptor; the next byte names the slot.
+            socket.send_fds(self._sock, [b"F" + bytes([slot])], [fd])
+        return buffer
 
-    def _pin(self) -> None:
-        """Page-locks the snapshot buffer for CUDA, as torch.distributed.checkpoint's stager
+    def _pin(self, buffer: _Buffer) -> None:
+        """Page-locks a snapshot buffer for CUDA, as torch.distributed.checkpoint's stager
         pins its shared memory: copies between the GPU and the buffer then run at the copy
         engines' speed, not through the driver's staging buffer (an H200: 54 against 12 GB/s,
         benchmarks/gpu_recovery.py). If CUDA refuses, the copies take the slow path."""
-        assert self._buffer_view is not None
-        self._pin_tried = True
-        view = self._buffer_view
+        buffer.pin_tried = True
+        view = buffer.view
         err = int(_cudart().cudaHostRegister(view.data_ptr(), view.numel(), 1))
         if err != 0:
             log.warning("the snapshot buffer could not be pinned for CUDA (cudaError %d)", err)
             return
-        self._pinned = True
+        buffer.pinned = True
 
-    def _unpin(self) -> None:
-        if not self._pinned:
+    def _unpin(self, buffer: _Buffer) -> None:
+        if not buffer.pinned:
             return
-        self._pinned = False
-        assert self._buffer_view is not None
-        err = int(_cudart().cudaHostUnregister(self._buffer_view.data_ptr()))
+        buffer.pinned = False
+        err = int(_cudart().cudaHostUnregister(buffer.view.data_ptr()))
         if err != 0:
             log.warning("the snapshot buffer could not be unpinned (cudaError %d)", err)
 
     def close(self, timeout: float = 60.0) -> None:
-        self._unpin()  # the buffer may be unmapped from now on (a snapshot kept in memory)
+        for buffer in self._buffers:  # they may be unmapped from now on (a snapshot kept)
+            if buffer is not None:
+                self._unpin(buffer)
         if self._proc is None:
             return
         proc, self._proc = self._proc, None
@@ -645,20 +700,22 @@ def _recv_frame(sock: socket.socket) -> bytes:
 def _serve(sock: socket.socket) -> None:
     config: WriterConfig = pickle.loads(_recv_frame(sock) if _recv_kind(sock)[0] == b"M" else b"")
     worker = Worker(config)
-    buffer: mmap.mmap | None = None
+    buffers: dict[int, mmap.mmap] = {}
     while True:
         kind, fds = _recv_kind(sock)
         if kind == b"Q":
             return
         if kind == b"F":
-            if buffer is not None:
-                buffer.close()
-            buffer = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
+            slot = _recv_exact(sock, 1)[0]
+            if slot in buffers:
+                buffers.pop(slot).close()
+            buffers[slot] = mmap.mmap(fds[0], os.fstat(fds[0]).st_size)
             os.close(fds[0])
             continue
         job_id, op, args = pickle.loads(_recv_frame(sock))
         try:
             if op == "save_slots":
+                buffer = buffers.get(args.pop("buffer", 0))
                 assert buffer is not None, "no snapshot buffer was handed over"
                 tensors = {
                     s.index: torch.frombuffer(
