@@ -62,10 +62,12 @@ def script_trainer(folder: Path) -> dict[str, object]:
     return {"image": "spotrun-runtime:dev", "command": ["python", str(script)]}
 
 
-def run_one_fault(job: Path, storage: Path, fault: str, *flags: str) -> dict[str, Any]:
-    """`spotrun run` with one seeded fault after 3 s of training; the status of its success."""
+def run_one_fault(
+    job: Path, storage: Path, fault: str, *flags: str, after: str = "3s"
+) -> dict[str, Any]:
+    """`spotrun run` with one seeded fault `after` that much training; the status of its success."""
     code, out = run(
-        "run", str(job), "--storage", str(storage), fault, "3s", "--max-injections", "1",
+        "run", str(job), "--storage", str(storage), fault, after, "--max-injections", "1",
         "--seed", "2", *flags,
     )  # fmt: skip
     assert code == 0, out
@@ -233,6 +235,21 @@ def test_a_script_trainer_runs_again_in_the_surviving_process(
     assert_bitwise_equal(final_state(storage), reference)
 
 
+# A spare starts once the group trains and is ready after its two imports of torch, which
+# took 6-7 s on 2 cores beside the training group: the spare tests train 20 s and lose
+# their replica after 12 s of it.
+SPARE_CONFIG = {**CONFIG, "steps": 400}
+
+
+@pytest.fixture(scope="module")
+def spare_reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    folder = tmp_path_factory.mktemp("spare-reference")
+    job = trainjob(folder, config=SPARE_CONFIG)
+    code, out = run("run", str(job), "--storage", str(folder / "runs"))
+    assert code == 0, out
+    return final_state(folder / "runs")
+
+
 def test_the_reference_run_is_not_interrupted(reference: dict[str, object]) -> None:
     assert reference["step"] == CONFIG["steps"] - 1
 
@@ -243,15 +260,15 @@ def spare_log(storage: Path, slot: int, started: int) -> Path:
 
 @pytest.mark.parametrize("kind", ["function", "script"])
 def test_a_warm_spare_takes_the_lost_replicas_place(
-    tmp_path: Path, reference: dict[str, object], kind: str
+    tmp_path: Path, spare_reference: dict[str, object], kind: str
 ) -> None:
     storage = tmp_path / "runs"
     job = (
-        trainjob(tmp_path, trainer=script_trainer(tmp_path))
+        trainjob(tmp_path, trainer=script_trainer(tmp_path), config=SPARE_CONFIG)
         if kind == "script"
-        else trainjob(tmp_path)
+        else trainjob(tmp_path, config=SPARE_CONFIG)
     )
-    status = run_one_fault(job, storage, "--kill-every", "--spares", "1")
+    status = run_one_fault(job, storage, "--kill-every", "--spares", "1", after="12s")
     (kept,) = status["group"]["kept"]
     lost = 1 - kept
     assert status["group"]["promoted"] == [{"spare": 0, "nodeRank": lost}], status["group"]
@@ -271,7 +288,7 @@ def test_a_warm_spare_takes_the_lost_replicas_place(
     assert status["restoredFrom"]["tier"] == "memory"
     # A new spare took the promoted one's place (started after the loss, stopped at the end).
     assert "warm spare 0" in spare_log(storage, 0, 2).read_text()
-    assert_bitwise_equal(final_state(storage), reference)
+    assert_bitwise_equal(final_state(storage), spare_reference)
 
 
 def test_a_spare_that_keeps_failing_is_retried_after_a_growing_pause(tmp_path: Path) -> None:

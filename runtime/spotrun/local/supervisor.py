@@ -610,22 +610,20 @@ class LocalRun:
     def _keep_spares(self, now: float) -> None:
         """Starts the spares that are missing while the job runs (a promoted one's slot too).
 
-        A promoted spare's successor waits until the new attempt trains: on one machine a
-        spare's start (two imports of torch, its worker's and its writer's) would take the
-        CPU from the promoted spare still catching up, which the whole group waits for.
+        A spare starts once the current attempt trains, the first ones too: on one machine
+        a spare's start (two imports of torch, its worker's and its writer's) would take the
+        CPU from the group's own start, or from a promoted spare still catching up, which
+        the whole group waits for. A fault before the spare is ready starts a new replica.
         """
         wanted = self.options.spares
         state = self.status.get("state")
         if not wanted or state in FINISHED or state == SUSPENDED or self.interrupted:
             return
         attempt = int(self.status.get("attempt") or 0)
-        if not attempt:
+        if not attempt or attempt not in self.memory.training_since:
             return
-        training = attempt in self.memory.training_since
         for slot in range(wanted):
             if any(s.index == slot for s in self.spares):
-                continue
-            if slot in self.memory.spares_started and not training:
                 continue
             failed = self.memory.spare_failures.get(slot)
             if failed is not None and now < failed[1]:
