@@ -171,8 +171,12 @@ def replica(
         index=index,
     )
     replaced = preemption == POD_REPLACED
-    if preemption in (POD_DELETED, POD_REPLACED) and evidence and attempt is not None:
-        preemption = evidence.get((attempt, index), preemption)
+    said = evidence.get((attempt, index)) if evidence and attempt is not None else None
+    if said is not None and preemption in (None, POD_DELETED, POD_REPLACED):
+        # An earlier pod in this replica's place said why it went. A pod's own DisruptionTarget
+        # and Failed phase stay once set, so one whose status says nothing is its replacement.
+        replaced = replaced or preemption is None
+        preemption = said
     if preemption in GONE_REASONS:
         phase = "failed"
     if phase == "failed" and preemption is None and exit_code is None:
@@ -223,6 +227,7 @@ def observe(
         )
         for pod in sorted(pods, key=lambda p: str(p.get("metadata", {}).get("name", "")))
     )
+    replicas += _gone_with_evidence(replicas, evidence or {})
     last = (status.get("lastMetrics") or {}).get("time")
     completion = status.get("completion") or {}
     completed = bool(completion) and int(completion.get("attempt", -1)) == current and current > 0
@@ -234,6 +239,39 @@ def observe(
         completed=completed,
         suspended=bool(spec.get("suspend", False)),
         generation=None if generation is None else int(generation),
+    )
+
+
+def forget_evidence(evidence: dict[tuple[int, int], str], current: int) -> None:
+    """Drops what the pods of attempts before the last restarted one said.
+
+    The last one's is kept: it may still name why a replica of it vanished, and the policy
+    refines the ledger with it until the new attempt runs.
+    """
+    for key in [key for key in evidence if key[0] < current - 1]:
+        del evidence[key]
+
+
+def _gone_with_evidence(
+    replicas: tuple[ReplicaObservation, ...], evidence: Evidence
+) -> tuple[ReplicaObservation, ...]:
+    """The replicas whose pod is gone, with nothing in its place, after saying why it went.
+
+    kopf drops a deleted pod from the index before the watch handler keeps what the pod
+    said (direct_evidence), so a pass can see the replica missing first (Vanished) and the
+    reason only later: this is how the policy learns it, even after the restart went out.
+    """
+    there = {(r.attempt, r.index) for r in replicas}
+    return tuple(
+        ReplicaObservation(
+            index=index,
+            attempt=attempt,
+            phase="missing",
+            preempted=True,
+            preemption_reason=reason,
+        )
+        for (attempt, index), reason in sorted(evidence.items())
+        if (attempt, index) not in there
     )
 
 

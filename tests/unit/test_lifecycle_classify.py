@@ -214,6 +214,16 @@ def test_a_replica_absent_after_running_vanished() -> None:
     assert (verdict.kind, verdict.reason, verdict.replicas) == ("preemption", "Vanished", (1,))
 
 
+def test_a_missing_replica_with_a_reason_is_not_also_vanished() -> None:
+    gone = ReplicaObservation(
+        1, 1, phase="missing", preempted=True, preemption_reason="TerminationByKubelet"
+    )
+    verdict = classify([running(0), gone], expected=2, was_running=True, now=0.0)
+    assert verdict is not None
+    assert (verdict.reason, verdict.replicas) == ("TerminationByKubelet", (1,))
+    assert verdict.message == "lost replica 1 (TerminationByKubelet)"
+
+
 def test_a_replica_absent_before_running_is_only_not_started() -> None:
     assert classify([running(0)], expected=2, was_running=False, now=0.0) is None
 

@@ -670,6 +670,25 @@ def test_a_vanished_replica_takes_the_reason_its_replacement_carries() -> None:
     assert (job.status["preemptions"], job.status["failures"]) == (1, 0)
 
 
+def test_a_vanished_replica_takes_the_reason_learnt_after_the_warm_restart_went_out() -> None:
+    # The pass that saw replica 1 missing restarted at once; what the lost pod said comes a
+    # moment later (the observer reports it as a missing replica of attempt 1).
+    job = Job(make_spec(grace=30.0, recovery="warm")).started()
+    result = job.see(running(0), ReplicaObservation(1, 1, phase="missing"), at=T0 + 100)
+    assert [type(a) for a in result.actions] == [RestartGroup]
+    assert (job.state, job.attempt) == ("Restarting", 2)
+    job.see(running(0, 2), pending(1, 2), preempted(1, 1, phase="missing"), at=T0 + 101)
+    entry = job.status["interruptions"][-1]
+    assert (entry["kind"], entry["reason"], entry["attempt"]) == (
+        "preemption",
+        "TerminationByKubelet",
+        1,
+    )
+    assert (job.status["preemptions"], job.status["failures"]) == (1, 0)
+    job.see(running(0, 2), running(1, 2), preempted(1, 1, phase="missing"), at=T0 + 103)
+    assert (job.state, job.attempt, job.status["preemptions"]) == ("Running", 2, 1)
+
+
 def test_draining_is_capped_by_the_grace_period() -> None:
     job = Job(make_spec(grace=30.0)).started()
     still_running = preempted(1, phase="running")

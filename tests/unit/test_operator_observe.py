@@ -269,6 +269,67 @@ def test_after_an_operator_restart_a_pod_created_after_the_attempt_ran_is_a_repl
     assert not see(make_pod(created=T0 + 32), running_since=T0 + 30).preempted
 
 
+def test_the_replacement_of_a_pod_that_said_why_it_went_carries_the_reason() -> None:
+    # The watch handler kept what the lost pod said (direct_evidence); its replacement's
+    # own status says nothing, whether or not this process saw the original's UID.
+    said = {(1, 0): "TerminationByKubelet"}
+    for pod in (make_pod(0, phase="Pending", uid="uid-new"), make_pod(0, uid="uid-new")):
+        found = see(pod, evidence=said)
+        assert (found.preempted, found.preemption_reason, found.replaced) == (
+            True,
+            "TerminationByKubelet",
+            True,
+        )
+    # Another replica, or the same index in another attempt, is not touched.
+    assert not see(make_pod(1), evidence=said).preempted
+    assert not see(make_pod(0, attempt=2), current_attempt=2, evidence=said).preempted
+    # A pod that says it itself keeps its own reason.
+    own = see(make_pod(0, conditions=[disruption("EvictionByEvictionAPI")]), evidence=said)
+    assert (own.preemption_reason, own.replaced) == ("EvictionByEvictionAPI", False)
+
+
+def test_a_replica_gone_after_saying_why_is_lost_for_that_reason_not_vanished() -> None:
+    # kopf drops a deleted pod from its index before the watch handler keeps what it said,
+    # so a pass sees the replica missing; once the evidence is in, it names the loss, also
+    # for the attempt just restarted (the ledger is refined until the new attempt runs).
+    said = {(1, 0): "TerminationByKubelet"}
+    before = observe.observe(job(attempt=1), [make_pod(1)], HEALTHY, now=T0)
+    verdict = classify(before.of_attempt(1), expected=2, was_running=True, now=T0)
+    assert verdict is not None and verdict.reason == "Vanished"
+    after = observe.observe(job(attempt=1), [make_pod(1)], HEALTHY, now=T0, evidence=said)
+    gone = after.of_attempt(1)[0]
+    assert (gone.index, gone.phase, gone.preempted, gone.present) == (0, "missing", True, False)
+    verdict = classify(after.of_attempt(1), expected=2, was_running=True, now=T0)
+    assert verdict is not None
+    assert (verdict.reason, verdict.replicas) == ("TerminationByKubelet", (0,))
+    assert verdict.message == "lost replica 0 (TerminationByKubelet)"
+    restarted = observe.observe(
+        job(attempt=2), [make_pod(1, attempt=2)], HEALTHY, now=T0, evidence=said
+    )
+    assert [(r.attempt, r.index, r.preempted) for r in restarted.replicas] == [
+        (2, 1, False),
+        (1, 0, True),
+    ]
+    assert restarted.stale(2) == ()
+    # While a pod of that replica and attempt exists, it is the one observed.
+    replaced = observe.observe(
+        job(attempt=1),
+        [make_pod(0, phase="Pending", uid="n"), make_pod(1)],
+        HEALTHY,
+        now=T0,
+        evidence=said,
+    )
+    assert [r.index for r in replaced.replicas] == [0, 1]
+
+
+def test_evidence_is_kept_for_the_current_and_the_last_restarted_attempt() -> None:
+    said = {(1, 0): "TerminationByKubelet", (2, 1): "EvictionByEvictionAPI", (3, 0): "Shutdown"}
+    observe.forget_evidence(said, 3)
+    assert said == {(2, 1): "EvictionByEvictionAPI", (3, 0): "Shutdown"}
+    observe.forget_evidence(said, 4)
+    assert said == {(3, 0): "Shutdown"}
+
+
 def test_pods_of_an_older_attempt_being_deleted_are_not_a_preemption() -> None:
     old = make_pod(attempt=1, deleting=True)
     assert not see(old, current_attempt=2).preempted

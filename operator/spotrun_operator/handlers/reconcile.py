@@ -199,8 +199,7 @@ async def reconcile_once(
     status = dict(job.get("status") or {})
     evidence = shared.evidence.get(key, {})
     current = int(status.get("attempt") or 0)
-    for replica in [r for r in evidence if r[0] < current]:
-        del evidence[replica]  # of attempts already restarted
+    observe.forget_evidence(evidence, current)
     observation = observe.observe(
         job, job_pods, facts, now=now, seen=memory.seen, evidence=evidence
     )

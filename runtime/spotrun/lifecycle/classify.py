@@ -124,10 +124,11 @@ def _preemption(
             lost.append((r.index, VANISHED))
     if was_running:
         seen = {r.index for r in replicas if r.phase != "missing"}
+        known = {i for i, _ in lost}
         lost.extend(
             (i, VANISHED)
             for i in (range(expected) if isinstance(expected, int) else expected)
-            if i not in seen and (i, VANISHED) not in lost
+            if i not in seen and i not in known
         )
     if not lost:
         return None
