@@ -123,8 +123,8 @@ def main() -> int:
         help=(
             "faults as a Poisson process (`spotrun run --random-intervals`: each interval "
             "drawn from an exponential distribution with that mean) instead of exact "
-            "intervals; in the mixed schedule exact intervals put a kill right after every "
-            "preemption, both clocks having the same period"
+            "intervals (in the mixed schedule exact intervals alternate: a preemption, "
+            "--every seconds later a kill, and so on)"
         ),
     )
     parser.add_argument(

@@ -111,7 +111,7 @@ def test_the_example_survives_preemptions_and_kills_with_the_weights_of_an_unint
         "--preempt-every",
         "2s",
         "--kill-every",
-        "3s",
+        "2s",
         "--max-injections",
         "3",
         "--seed",
@@ -120,8 +120,9 @@ def test_the_example_survives_preemptions_and_kills_with_the_weights_of_an_unint
     assert code == 0, out
     status = status_of(storage)
     assert status["state"] == "Succeeded"
-    # Fault clocks count training time: preempt at 2 s, kill when its clock reaches 3 s,
-    # then preempt again; each one restarts the group, and none spends the failure budget.
+    # Fault clocks count training time, the kill's staggered by half its interval: preempt
+    # at 2 s, kill at 3 s, preempt at 4 s; each one restarts the group, and none spends the
+    # failure budget.
     reasons = [e["reason"] for e in status["interruptions"]]
     assert reasons == ["InjectedPreemption", "InjectedKill", "InjectedPreemption"], out
     assert (status["preemptions"], status["failures"], status["attempt"]) == (3, 0, 4)

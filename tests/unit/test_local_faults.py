@@ -62,15 +62,55 @@ def test_a_fault_is_due_after_its_interval_of_training() -> None:
 
 def test_firing_restarts_only_that_kinds_clock() -> None:
     schedule = FaultSchedule({"preempt": 2.0, "kill": 3.0})
+    # The second kind's clock is staggered by half its interval: its first kill is at 4.5 s.
+    assert schedule.remaining("kill") == pytest.approx(4.5)
     schedule.advance(2.0)
     assert schedule.due() == "preempt"
     schedule.fired("preempt")
-    schedule.advance(1.0)
-    # The kill clock kept the 2 s trained before the preemption.
+    schedule.advance(1.5)
+    assert schedule.due() is None
+    schedule.advance(0.5)
+    assert schedule.due() == "preempt"
+    schedule.fired("preempt")
+    schedule.advance(0.5)
+    # The kill clock kept the 4 s trained before the preemptions.
     assert schedule.due() == "kill"
     schedule.fired("kill")
-    schedule.advance(1.0)
+    assert schedule.remaining("kill") == pytest.approx(3.0)
+    schedule.advance(1.5)
     assert schedule.due() == "preempt"
+
+
+def test_kinds_of_one_exact_period_alternate_instead_of_coming_in_pairs() -> None:
+    schedule = FaultSchedule({"preempt": 20.0, "kill": 20.0})
+    fired: list[tuple[float, str]] = []
+    trained = 0.0
+    while trained < 100.0:
+        schedule.advance(0.5)
+        trained += 0.5
+        kind = schedule.due()
+        if kind is not None:
+            schedule.fired(kind)
+            fired.append((trained, kind))
+    assert fired == [
+        (20.0, "preempt"),
+        (30.0, "kill"),
+        (40.0, "preempt"),
+        (50.0, "kill"),
+        (60.0, "preempt"),
+        (70.0, "kill"),
+        (80.0, "preempt"),
+        (90.0, "kill"),
+        (100.0, "preempt"),
+    ]
+    # Drawn intervals are not staggered: a Poisson process has no phase.
+    drawn = FaultSchedule(
+        {"preempt": 20.0, "kill": 20.0}, rng=random.Random(5), random_intervals=True
+    )
+    draws = random.Random(5)
+    first_preempt, first_kill = draws.expovariate(1 / 20.0), draws.expovariate(1 / 20.0)
+    assert drawn.remaining("preempt") == pytest.approx(first_preempt)
+    assert drawn.remaining("kill") == pytest.approx(first_kill)
 
 
 def test_the_most_overdue_kind_goes_first() -> None:

@@ -78,7 +78,10 @@ class FaultSchedule:
     all kinds together (None: no cap). `rng` picks the victims. With `random_intervals`,
     each interval is drawn from an exponential distribution whose mean is `every[kind]`
     (faults of a kind as a Poisson process, the usual model of spot reclaims), from `rng`
-    too, so a seed replays them; otherwise each interval is exactly `every[kind]`.
+    too, so a seed replays them; otherwise each interval is exactly `every[kind]`, and the
+    clocks are staggered: of n kinds, the i-th one's first interval is (1 + i/n) of its
+    interval, so kinds of one period alternate (a fault every half period for two) instead
+    of coming in pairs.
     """
 
     every: Mapping[FaultKind, float]
@@ -90,14 +93,14 @@ class FaultSchedule:
     _interval: dict[FaultKind, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for kind in KINDS:
-            seconds = self.every.get(kind)
-            if seconds is None:
-                continue
+        kinds = [kind for kind in KINDS if self.every.get(kind) is not None]
+        for i, kind in enumerate(kinds):
+            seconds = self.every[kind]
             if seconds <= 0:
                 raise ValueError(f"the {kind} interval must be positive, got {seconds}")
             self._trained.setdefault(kind, 0.0)
-            self._interval[kind] = self._draw(kind)
+            stagger = 0.0 if self.random_intervals else seconds * i / len(kinds)
+            self._interval[kind] = self._draw(kind) + stagger
 
     def _draw(self, kind: FaultKind) -> float:
         mean = self.every[kind]
