@@ -106,7 +106,12 @@ def test_a_lost_replica_is_replaced_and_the_survivor_keeps_its_process(
     # Only the lost replica was started again, and got its state from the survivor's memory.
     assert (2, lost) in pids
     assert f"from rank {kept}'s memory" in replica_log(storage, 2, lost)
-    assert status["restoredFrom"]["tier"] == "memory"
+    restored = status["restoredFrom"]
+    assert restored["tier"] == "memory"
+    # The survivor said how far it got; the steps lost count from there (or from the
+    # progress in the status, if that was newer).
+    assert restored["reached"] >= restored["step"], restored
+    assert entry["stepsLost"] == max(entry.get("step", 0), restored["reached"]) - restored["step"]
     if reason == "InjectedPreemption":
         # With a notice the group stops at a step it holds in memory: nothing is redone.
         assert entry["stepsLost"] == 0, entry

@@ -232,7 +232,7 @@ def test_the_runtimes_memory_tier_fields_fit_the_schema() -> None:
             in_memory(36, bucket=False, attempt=2, time=1_700_000_000.0),
         ),
         "restoredFrom": restored_from(
-            "memory", step=36, seq=None, attempt=3, uri=None, time=1_700_000_001.0
+            "memory", step=36, seq=None, attempt=3, uri=None, time=1_700_000_001.0, reached=38
         ),
     }
     assert not [e.message for e in validator.iter_errors(status)]
@@ -242,7 +242,7 @@ def test_the_runtimes_memory_tier_fields_fit_the_schema() -> None:
         "attempt": 2,
         "time": "2023-11-14T22:13:20Z",
     }
-    assert "seq" not in status["restoredFrom"]
+    assert "seq" not in status["restoredFrom"] and status["restoredFrom"]["reached"] == 38
     # A bucket step keeps its checkpoint number.
     assert restored_from("bucket", step=9, seq=1, attempt=2, uri="u", time=0.0)["seq"] == 1
     assert progress_fields({}, 1, 0.0, None).keys() == {"lastMetrics"}

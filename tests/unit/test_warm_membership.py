@@ -100,6 +100,24 @@ def test_steps_lost_of_a_warm_recovery_come_from_where_the_state_was_restored() 
 
 
 @pytest.mark.parametrize(
+    ("known", "reached", "steps_lost"), [(41, 45, 6), (41, 40, 2), (None, 45, 6)]
+)
+def test_steps_lost_count_from_what_a_survivor_reached_when_the_status_lagged(
+    known: int | None, reached: int, steps_lost: int
+) -> None:
+    # Progress reaches the status at most once a second: a survivor that reported steps
+    # 42-45 after the last progress write knows the group got further than the status.
+    spec = JobSpec(replicas=2)
+    status = started(spec)
+    if known is not None:
+        status["lastMetrics"] = {"step": known, "time": "2023-11-14T22:13:30Z"}
+    status = plan(spec, status, Observation(T0 + 50, (running(0), lost(1)))).status
+    status["restoredFrom"] = {"tier": "memory", "step": 39, "attempt": 2, "reached": reached}
+    status = plan(spec, status, Observation(T0 + 60, (running(0, 2), running(1, 2)))).status
+    assert status["interruptions"][-1]["stepsLost"] == steps_lost
+
+
+@pytest.mark.parametrize(
     "raw",
     [
         None,

@@ -97,11 +97,21 @@ def resumed_fields(
 
 
 def restored_from(
-    tier: str, *, step: int, seq: int | None, attempt: int, uri: str | None, time: float
+    tier: str,
+    *,
+    step: int,
+    seq: int | None,
+    attempt: int,
+    uri: str | None,
+    time: float,
+    reached: int | None = None,
 ) -> dict[str, Any]:
     """`status.restoredFrom`: which tier (memory or bucket) an attempt's state came from.
 
-    `seq` is the step's checkpoint number, None for a step held only in memory.
+    `seq` is the step's checkpoint number, None for a step held only in memory. `reached`
+    is the newest step a member of the group reported before this attempt formed (a warm
+    recovery's survivors know theirs; None when no member did): the steps lost are counted
+    from it, since the progress the status holds is written at most once a second.
     """
     out: dict[str, Any] = {
         "tier": tier,
@@ -113,6 +123,8 @@ def restored_from(
         out["seq"] = seq
     if uri:
         out["uri"] = uri
+    if reached is not None:
+        out["reached"] = reached
     return out
 
 

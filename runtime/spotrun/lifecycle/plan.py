@@ -575,9 +575,14 @@ class _Step:
         if not entries or restored.get("attempt") != attempt or "step" not in restored:
             return
         last = entries[-1]
-        if "stepsLost" in last or last.get("attempt") != attempt - 1 or "step" not in last:
+        if "stepsLost" in last or last.get("attempt") != attempt - 1:
             return
-        lost = max(0, int(last["step"]) - int(restored["step"]))
+        # The progress the status knew at the loss, or what a survivor reported after it
+        # (progress is written at most once a second): the newer of the two.
+        reached = [int(v) for v in (last.get("step"), restored.get("reached")) if v is not None]
+        if not reached:
+            return
+        lost = max(0, max(reached) - int(restored["step"]))
         st["interruptions"] = ledger_.update(entries, len(entries) - 1, stepsLost=lost)
 
     def _fail(self, st: dict[str, Any], verdict: Exhausted) -> list[Action]:

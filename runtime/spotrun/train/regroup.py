@@ -286,16 +286,18 @@ class Holding:
     step: int  # -1: no snapshot in memory
     seq: int
     highest_seq: int  # the highest checkpoint number this rank has begun writing (-1: none)
+    # The newest step this process reported in an earlier group (a survivor's); -1: none.
+    reached: int = -1
 
 
 def gather_holdings(mine: Holding, world_size: int) -> list[Holding]:
     """Every rank's Holding, by rank (one all_gather of small integers)."""
-    local = torch.tensor([mine.step, mine.seq, mine.highest_seq], dtype=torch.int64)
+    local = torch.tensor([mine.step, mine.seq, mine.highest_seq, mine.reached], dtype=torch.int64)
     if world_size == 1:
         return [mine]
-    out = [torch.zeros(3, dtype=torch.int64) for _ in range(world_size)]
+    out = [torch.zeros(4, dtype=torch.int64) for _ in range(world_size)]
     dist.all_gather(out, local)
-    return [Holding(int(t[0]), int(t[1]), int(t[2])) for t in out]
+    return [Holding(int(t[0]), int(t[1]), int(t[2]), int(t[3])) for t in out]
 
 
 def choose_source(holdings: Sequence[Holding]) -> tuple[int, list[int]] | None:

@@ -94,6 +94,7 @@ class Session:
         world_size: int,
         local_world_size: int,
         carried: MemorySnapshot | None = None,
+        reached: int | None = None,
     ) -> None:
         storage = layout.resolve_storage(contract.storage)
         self.contract = contract
@@ -144,6 +145,9 @@ class Session:
         # The newest complete snapshot of the whole state in this process (warm only).
         self.memory: MemorySnapshot | None = None
         self._from_memory: MemorySnapshot | None = None
+        # The newest step a member reported in the group before this one (survivors know
+        # theirs): the steps a warm recovery lost are counted from it (status.restoredFrom).
+        self._reached = reached
 
         if world_size > 1 and not dist.is_initialized():
             from spotrun.train import group
@@ -223,8 +227,11 @@ class Session:
             step=carried.step if carried else -1,
             seq=carried.seq if carried else -1,
             highest_seq=max(-1 if highest is None else highest, carried.seq if carried else -1),
+            reached=-1 if self._reached is None else self._reached,
         )
         holdings = regroup.gather_holdings(mine, world)
+        reached = max(h.reached for h in holdings)
+        self._reached = reached if reached >= 0 else None
         chosen = regroup.choose_source(holdings)
         if chosen is None:
             return None
@@ -296,7 +303,13 @@ class Session:
         else:
             return
         restored = restored_from(
-            tier, step=step, seq=seq, attempt=self.contract.attempt, uri=uri, time=time.time()
+            tier,
+            step=step,
+            seq=seq,
+            attempt=self.contract.attempt,
+            uri=uri,
+            time=time.time(),
+            reached=self._reached,
         )
         self.writer.submit("restored", detached=True, restored=restored)
 
@@ -676,6 +689,13 @@ class Session:
         self.writer.close(timeout=0)
         return memory
 
+    @property
+    def reached(self) -> int | None:
+        """The newest step this process reported, in this session or the groups before it."""
+        last = self._last_report[1] if self._last_report is not None else None
+        known = [step for step in (self._reached, last) if step is not None]
+        return max(known) if known else None
+
     def flush(self, timeout: float | None = None) -> None:
         """Waits until every save this rank started is written (and on rank 0, committed)."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -815,6 +835,7 @@ _session: Session | None = None
 _lock = threading.Lock()
 # The state a survivor carries into the session of its next group (warm recovery).
 _carried: MemorySnapshot | None = None
+_reached: int | None = None
 
 
 def regroup_session(group: GroupFile) -> None:
@@ -823,17 +844,18 @@ def regroup_session(group: GroupFile) -> None:
     The current session's in-memory snapshot is carried over; the process group is left and
     the environment of the next one set. The next get_session() joins it.
     """
-    global _session, _carried
+    global _session, _carried, _reached
     with _lock:
         if _session is not None:
             _carried = _session.detach_for_regroup() or _carried
+            _reached = _session.reached
             atexit.unregister(_session.close)
             _session = None
         regroup.rejoin(group)
 
 
 def get_session() -> Session:
-    global _session, _carried
+    global _session, _carried, _reached
     with _lock:
         if _session is None:
             env: dict[str, str] = dict(os.environ)
@@ -848,8 +870,10 @@ def get_session() -> Session:
                 world_size=int(env.get("WORLD_SIZE", "1")),
                 local_world_size=int(env.get("LOCAL_WORLD_SIZE", "1")),
                 carried=_carried,
+                reached=_reached,
             )
             _carried = None
+            _reached = None
         return _session
 
 
