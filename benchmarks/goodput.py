@@ -19,6 +19,13 @@ for that long (`spotrun run --unavailable-for`), side by side:
   away-elastic   the warm job with spec.elastic (minReplicas 1): the survivors go on alone
                  after elastic.waitSeconds (2 s here) and the group grows back later
 
+With --real-node, the same demo job runs as a TrainJob under the operator on the real node
+of `hack/cluster up --real-node` (a kubelet on containerd; --run-dir names a running one,
+else one is started and stopped), the benchmark injecting the same seeded faults into pods
+(benchmarks/goodput_node.py): a graceful pod deletion for a preemption, SIGKILL to the
+trainer container and a forced deletion for a kill. Its arms: fault-free, warm, pool
+(spec.spares, the spares a cluster has) and cold.
+
 Goodput is the fault-free wall time divided by the faulted wall time (1.0: faults cost
 nothing). The faults are drawn from one seed per repetition, so the warm and cold arms of a
 repetition see the same schedule; arms alternate between repetitions, and medians print.
@@ -27,6 +34,7 @@ repetition see the same schedule; arms alternate between repetitions, and median
     .venv/bin/python benchmarks/goodput.py --every 20 --repeat 3 --steps 400
     .venv/bin/python benchmarks/goodput.py --unavailable-for 30 --faults kill
     .venv/bin/python benchmarks/goodput.py --arms warm,spare --random-intervals
+    .venv/bin/python benchmarks/goodput.py --real-node --run-dir DIR --arms warm,pool
 """
 
 from __future__ import annotations
@@ -139,7 +147,22 @@ def main() -> int:
         help="comma-separated arms to run (default: all); fault-free always runs, as the base",
     )
     parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--real-node",
+        action="store_true",
+        help="run the arms as TrainJobs on the real node of `hack/cluster up --real-node`",
+    )
+    parser.add_argument(
+        "--run-dir",
+        type=Path,
+        default=None,
+        help="with --real-node: a running cluster's run dir (default: start one, stop it after)",
+    )
     args = parser.parse_args()
+    if args.run_dir is not None and not args.real_node:
+        parser.error("--run-dir needs --real-node")
+    if args.real_node and args.unavailable_for:
+        parser.error("--unavailable-for is local mode's (spotrun run --unavailable-for) only")
 
     if args.faults == "mixed":
         every = [f"--preempt-every={2 * args.every:g}s", f"--kill-every={2 * args.every:g}s"]
@@ -149,14 +172,75 @@ def main() -> int:
         every.append("--random-intervals")
 
     arms: tuple[str, ...] = ("fault-free", "warm", "spare", "pool", "cold")
+    if args.real_node:
+        import goodput_node  # benchmarks/goodput_node.py, beside this file
+
+        arms = tuple(goodput_node.ARMS)
     if args.unavailable_for:
         arms += ("away-fixed", "away-elastic")
     if args.arms:
         wanted = {"fault-free", *args.arms.split(",")}
         unknown = wanted - set(arms)
         if unknown:
-            parser.error(f"unknown arms {sorted(unknown)}; the arms are {', '.join(arms)}")
+            where = " on the real node (its spares are the pool arm's)" if args.real_node else ""
+            parser.error(f"unknown arms {sorted(unknown)}; the arms{where} are {', '.join(arms)}")
         arms = tuple(arm for arm in arms if arm in wanted)
+    results = run_node(args, arms) if args.real_node else run_local(args, arms, every)
+    report(args, arms, results)
+    return 0
+
+
+def run_node(args: argparse.Namespace, arms: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+    """The arms on the real node, each repetition's faults from one seed, arms alternating."""
+    import goodput_node
+    import recovery
+    from spotrun.local.faults import FaultKind
+
+    if args.faults == "mixed":
+        every: dict[FaultKind, float] = {"preempt": 2 * args.every, "kill": 2 * args.every}
+    else:
+        every = {"preempt" if args.faults == "preempt" else "kill": args.every}
+    own = args.run_dir is None
+    run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="goodput-cluster-"))
+    if own:
+        print(f"starting a cluster with a real node in {run_dir}", flush=True)
+        recovery.hack_cluster("up", "--real-node", f"--run-dir={run_dir}")
+    results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
+    try:
+        for rep in range(args.repeat):
+            for arm in list(arms) if rep % 2 == 0 else list(reversed(arms)):
+                result = goodput_node.run_arm(
+                    run_dir,
+                    arm,
+                    rep,
+                    every,
+                    random_intervals=args.random_intervals,
+                    spares=args.spares,
+                    steps=args.steps,
+                    timeout=args.timeout,
+                )
+                results[arm].append(result)
+                print_run(rep, arm, result)
+    finally:
+        if own:
+            recovery.hack_cluster("down", f"--run-dir={run_dir}")
+    return results
+
+
+def print_run(rep: int, arm: str, result: dict[str, Any]) -> None:
+    print(
+        f"rep {rep} {arm:>10}: {result['wall']:7.1f}s, {result['interruptions']} "
+        f"interruption(s) {','.join(result['recovery']) or '-'}, "
+        f"{result['steps_lost']} step(s) lost, recovered in "
+        + (", ".join(f"{s:.1f}s" for s in result["recover_seconds"]) or "-"),
+        flush=True,
+    )
+
+
+def run_local(
+    args: argparse.Namespace, arms: tuple[str, ...], every: list[str]
+) -> dict[str, list[dict[str, Any]]]:
+    """The arms through `spotrun run`, each repetition's faults from one seed."""
     results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="spotrun-goodput-") as tmp:
         folder = Path(tmp)
@@ -179,20 +263,20 @@ def main() -> int:
                 job = jobs["warm" if arm == "fault-free" else arm]
                 result = run_once(job, storage, faults, args.timeout)
                 results[arm].append(result)
-                print(
-                    f"rep {rep} {arm:>10}: {result['wall']:7.1f}s, {result['interruptions']} "
-                    f"interruption(s) {','.join(result['recovery']) or '-'}, "
-                    f"{result['steps_lost']} step(s) lost, recovered in "
-                    + (", ".join(f"{s:.1f}s" for s in result["recover_seconds"]) or "-"),
-                    flush=True,
-                )
+                print_run(rep, arm, result)
+    return results
 
+
+def report(
+    args: argparse.Namespace, arms: tuple[str, ...], results: dict[str, list[dict[str, Any]]]
+) -> None:
     base = statistics.median(r["wall"] for r in results["fault-free"])
     print()
     spacing = "exponential intervals" if args.random_intervals else "exact intervals"
+    where = "the real node (TrainJobs under the operator)" if args.real_node else "local mode"
     print(
-        f"fault every {args.every:g}s of training on average ({args.faults}, {spacing}), "
-        f"{args.repeat} repetition(s), medians"
+        f"{where}: fault every {args.every:g}s of training on average ({args.faults}, "
+        f"{spacing}), {args.repeat} repetition(s), medians"
     )
     print(
         f"{'arm':>10}  {'wall':>8}  {'goodput':>8}  {'interruptions':>13}  {'recovery (median)':>17}"
@@ -229,7 +313,6 @@ def main() -> int:
             f"{base / elastic:.3f}, fixed size {base / fixed:.3f}: elastic/fixed wall ratio "
             f"{elastic / fixed:.3f}"
         )
-    return 0
 
 
 if __name__ == "__main__":

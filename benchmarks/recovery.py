@@ -40,12 +40,14 @@ import argparse
 import json
 import os
 import re
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from datetime import datetime
 from pathlib import Path
@@ -124,6 +126,8 @@ c.close()
 
 
 class Bench:
+    name = JOB  # the TrainJob's name in the bench's namespace
+
     def __init__(
         self,
         run_dir: Path,
@@ -164,13 +168,18 @@ class Bench:
         return proc.stdout
 
     def status(self) -> dict[str, Any]:
-        out = self.kubectl("get", "trainjob", JOB, "-n", self.namespace, "-o", "json")
+        out = self.kubectl("get", "trainjob", self.name, "-n", self.namespace, "-o", "json")
         status: dict[str, Any] = json.loads(out).get("status") or {}
         return status
 
     # -- set-up ------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.prepare()
+        self.submit()
+
+    def prepare(self) -> None:
+        """The CRD, the namespace and its workload, and an operator for it, ready to serve."""
         self.kubectl(
             "apply", "--server-side", "-f", str(ROOT / "crds" / "trainjobs.spotrun.dev.yaml")
         )
@@ -185,6 +194,9 @@ class Bench:
             *("create", "configmap", WORKLOAD_CONFIGMAP, "-n", self.namespace),
             f"--from-file={WORKLOAD.name}={WORKLOAD}",
         )
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            health = f"http://127.0.0.1:{probe.getsockname()[1]}/healthz"
         log_path = Path(tempfile.gettempdir()) / f"recovery-operator-{self.namespace}.log"
         with open(log_path, "wb") as out:
             self.operator = subprocess.Popen(
@@ -196,6 +208,7 @@ class Bench:
                     "--metrics-address=127.0.0.1:0",
                     "--log-format=json",
                     "--resync-seconds=15",
+                    f"--liveness={health}",
                 ],
                 cwd=ROOT,
                 env={**os.environ, "KUBECONFIG": self.kubeconfig},
@@ -204,6 +217,20 @@ class Bench:
             )
         log(f"operator log: {log_path}")
         threading.Thread(target=self._watch, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(health, timeout=2):
+                    break
+            except OSError as err:
+                if self.operator.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"the operator is not serving ({err}); see {log_path}"
+                    ) from err
+                time.sleep(0.2)
+
+    def submit(self) -> None:
+        """Creates the TrainJob."""
         self.kubectl("apply", "-n", self.namespace, "-f", "-", input=json.dumps(self.job()))
 
     def job(self) -> dict[str, Any]:
@@ -211,7 +238,7 @@ class Bench:
         from clusterlib.dev_node_job import dev_node_job
 
         body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "trainjob.yaml").read_text())
-        body["metadata"] = {"name": JOB}
+        body["metadata"] = {"name": self.name}
         spec = body["spec"]
         spec["config"] = {
             "steps": 10**7,
@@ -282,7 +309,9 @@ class Bench:
 
     def stop(self) -> None:
         self._stop.set()
-        self.kubectl("delete", "trainjob", JOB, "-n", self.namespace, "--wait=true", check=False)
+        self.kubectl(
+            "delete", "trainjob", self.name, "-n", self.namespace, "--wait=true", check=False
+        )
         if self.operator is not None and self.operator.poll() is None:
             self.operator.terminate()
             self.operator.wait(30)
@@ -293,7 +322,7 @@ class Bench:
     def pods(self) -> list[str]:
         """The job's pods now (members and waiting spares), by name."""
         out = self.kubectl(
-            *("get", "pods", "-n", self.namespace, "-l", f"spotrun.dev/job={JOB}"),
+            *("get", "pods", "-n", self.namespace, "-l", f"spotrun.dev/job={self.name}"),
             *("-o", "jsonpath={.items[*].metadata.name}"),
             check=False,
         )
@@ -304,7 +333,7 @@ class Bench:
         status = self.status() if status is None else status
         group = status.get("group") or {}
         ordinals = group.get("members") or range(int(group.get("replicas") or REPLICAS))
-        return [f"{JOB}-{i}" for i in ordinals]
+        return [f"{self.name}-{i}" for i in ordinals]
 
     def marks(self, attempt: int) -> dict[str, dict[str, float]]:
         """pod -> mark -> time, from the trainer logs of ATTEMPT (whichever pods ran it)."""
@@ -353,9 +382,10 @@ class Bench:
                 raise RuntimeError(f"no ready spare within {timeout:.0f}s (waiting: {waiting})")
             time.sleep(0.5)
 
-    def interrupt(self) -> float:
-        pod = self.members()[1]
-        if self.notice:
+    def interrupt(self, pod: str | None = None, notice: bool | None = None) -> float:
+        """Takes POD (default: node rank 1's) away, with notice or without; when it began."""
+        pod = self.members()[1] if pod is None else pod
+        if self.notice if notice is None else notice:
             t0 = time.time()
             self.kubectl("delete", "pod", pod, "-n", self.namespace, "--wait=false")
             return t0
@@ -451,10 +481,9 @@ class Bench:
             phases["raw MB/s"] = self.raw_copy(size, *members[:2])
         return phases
 
-    @staticmethod
-    def kept_names(status: dict[str, Any]) -> set[str]:
+    def kept_names(self, status: dict[str, Any]) -> set[str]:
         """The pods the last warm restart kept (survivors and waiting spares)."""
-        return {f"{JOB}-{i}" for i in (status.get("group") or {}).get("kept") or ()}
+        return {f"{self.name}-{i}" for i in (status.get("group") or {}).get("kept") or ()}
 
     def raw_copy(self, size: int, receiver: str, sender: str) -> float:
         """MB/s of a plain TCP copy of `size` bytes from SENDER's pod to RECEIVER's."""
