@@ -232,7 +232,12 @@ def print_run(rep: int, arm: str, result: dict[str, Any]) -> None:
         f"rep {rep} {arm:>10}: {result['wall']:7.1f}s, {result['interruptions']} "
         f"interruption(s) {','.join(result['recovery']) or '-'}, "
         f"{result['steps_lost']} step(s) lost, recovered in "
-        + (", ".join(f"{s:.1f}s" for s in result["recover_seconds"]) or "-"),
+        + (", ".join(f"{s:.1f}s" for s in result["recover_seconds"]) or "-")
+        + (
+            ", training again in " + ", ".join(f"{s:.1f}s" for s in result["training_again"])
+            if result.get("training_again")
+            else ""
+        ),
         flush=True,
     )
 

@@ -110,8 +110,8 @@ class NodeJob(recovery.Bench):
         started = time.monotonic()
         self.submit()
         first_progress: dict[int, Any] = {}  # attempt -> lastMetrics when first seen
-        training: set[int] = set()
-        hit: set[int] = set()  # attempts a fault was injected into
+        training: dict[int, float] = {}  # attempt -> when its progress was first seen
+        hit: dict[int, float] = {}  # attempt -> when a fault was injected into it
         last = time.monotonic()
         while True:
             now = time.monotonic()
@@ -133,7 +133,7 @@ class NodeJob(recovery.Bench):
             metrics = status.get("lastMetrics")
             first_progress.setdefault(attempt, metrics)
             if metrics != first_progress[attempt]:
-                training.add(attempt)
+                training.setdefault(attempt, now)
             elapsed, last = now - last, now
             if (
                 schedule is not None
@@ -145,10 +145,18 @@ class NodeJob(recovery.Bench):
                 kind = schedule.due()
                 if kind is not None:
                     self.inject(kind, schedule, status, attempt)
-                    hit.add(attempt)
+                    hit[attempt] = time.monotonic()
             time.sleep(POLL_SECONDS)
         entries = status.get("interruptions") or []
+        # From each fault until the benchmark saw the next attempt's progress (written at
+        # most once a second, so up to a second late): `spotrun run`'s "training again in".
+        back = [
+            min(t for a, t in training.items() if a > attempt) - at
+            for attempt, at in sorted(hit.items())
+            if any(a > attempt for a in training)
+        ]
         return {
+            "training_again": back,
             "wall": wall,
             "interruptions": int(status.get("preemptions", 0)) + int(status.get("failures", 0)),
             "injected": schedule.injected if schedule is not None else 0,
