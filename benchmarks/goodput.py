@@ -164,12 +164,13 @@ def main() -> int:
     if args.real_node and args.unavailable_for:
         parser.error("--unavailable-for is local mode's (spotrun run --unavailable-for) only")
 
-    if args.faults == "mixed":
-        every = [f"--preempt-every={2 * args.every:g}s", f"--kill-every={2 * args.every:g}s"]
-    else:
-        every = [f"--{args.faults}-every={args.every:g}s"]
-    if args.random_intervals:
-        every.append("--random-intervals")
+    # Seconds of training between faults, by kind: in the mixed schedule each kind at twice
+    # the interval, so that together they come every --every seconds.
+    every: dict[str, float] = (
+        {"preempt": 2 * args.every, "kill": 2 * args.every}
+        if args.faults == "mixed"
+        else {args.faults: args.every}
+    )
 
     arms: tuple[str, ...] = ("fault-free", "warm", "spare", "pool", "cold")
     if args.real_node:
@@ -185,21 +186,18 @@ def main() -> int:
             where = " on the real node (its spares are the pool arm's)" if args.real_node else ""
             parser.error(f"unknown arms {sorted(unknown)}; the arms{where} are {', '.join(arms)}")
         arms = tuple(arm for arm in arms if arm in wanted)
-    results = run_node(args, arms) if args.real_node else run_local(args, arms, every)
+    results = (run_node if args.real_node else run_local)(args, arms, every)
     report(args, arms, results)
     return 0
 
 
-def run_node(args: argparse.Namespace, arms: tuple[str, ...]) -> dict[str, list[dict[str, Any]]]:
+def run_node(
+    args: argparse.Namespace, arms: tuple[str, ...], every: dict[str, float]
+) -> dict[str, list[dict[str, Any]]]:
     """The arms on the real node, each repetition's faults from one seed, arms alternating."""
     import goodput_node
     import recovery
-    from spotrun.local.faults import FaultKind
 
-    if args.faults == "mixed":
-        every: dict[FaultKind, float] = {"preempt": 2 * args.every, "kill": 2 * args.every}
-    else:
-        every = {"preempt" if args.faults == "preempt" else "kill": args.every}
     own = args.run_dir is None
     run_dir = args.run_dir or Path(tempfile.mkdtemp(prefix="goodput-cluster-"))
     if own:
@@ -243,9 +241,12 @@ def print_run(rep: int, arm: str, result: dict[str, Any]) -> None:
 
 
 def run_local(
-    args: argparse.Namespace, arms: tuple[str, ...], every: list[str]
+    args: argparse.Namespace, arms: tuple[str, ...], every: dict[str, float]
 ) -> dict[str, list[dict[str, Any]]]:
     """The arms through `spotrun run`, each repetition's faults from one seed."""
+    clocks = [f"--{kind}-every={seconds:g}s" for kind, seconds in every.items()]
+    if args.random_intervals:
+        clocks.append("--random-intervals")
     results: dict[str, list[dict[str, Any]]] = {arm: [] for arm in arms}
     with tempfile.TemporaryDirectory(prefix="spotrun-goodput-") as tmp:
         folder = Path(tmp)
@@ -260,7 +261,7 @@ def run_local(
             order = list(arms) if rep % 2 == 0 else list(reversed(arms))
             for arm in order:
                 storage = folder / f"{arm}-{rep}"
-                faults = [] if arm == "fault-free" else [*every, "--seed", str(1000 + rep)]
+                faults = [] if arm == "fault-free" else [*clocks, "--seed", str(1000 + rep)]
                 if arm == "spare":
                     faults += ["--spares", str(args.spares)]
                 if arm.startswith("away-"):

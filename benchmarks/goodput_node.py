@@ -26,9 +26,7 @@ from __future__ import annotations
 import random
 import time
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import Any, cast
 
 import recovery  # benchmarks/recovery.py: the real node's TrainJob harness
 from spotrun.local.faults import FaultKind, FaultSchedule
@@ -62,34 +60,19 @@ class NodeJob(recovery.Bench):
         self._api: Any = None
 
     def job(self) -> dict[str, Any]:
-        import sys
-
-        sys.path.insert(0, str(recovery.ROOT / "hack"))
-        from clusterlib.dev_node_job import dev_node_job
-
-        body: dict[str, Any] = yaml.safe_load(
-            (recovery.ROOT / "examples" / "trainjob.yaml").read_text()
-        )
-        body["metadata"] = {"name": self.name}
+        body = self.demo_body()
         spec = body["spec"]
-        spec["recovery"] = self.recovery
-        if self.spares:
-            spec["spares"] = self.spares
         if self.steps is not None:
             spec["config"]["steps"] = self.steps
         spec["template"] = {"spec": {"terminationGracePeriodSeconds": self.grace}}
         if self.mtbf is not None:
             # What `spotrun run` tells its workers of injected faults: their mean interval,
             # the MTBF of the checkpoint cadences (Young/Daly; 3600 s when unset).
-            env = [*spec["trainer"].get("env", [])]
             spec["trainer"]["env"] = [
-                *env,
+                *spec["trainer"].get("env", []),
                 {"name": "SPOTRUN_MTBF_SECONDS", "value": f"{self.mtbf:g}"},
             ]
-        result: dict[str, Any] = dev_node_job(
-            body, storage=f"gs://spotrun/{self.namespace}", gcs_endpoint=self.gcs
-        )
-        return result
+        return self.on_node(body)
 
     def fast_status(self) -> dict[str, Any]:
         """The TrainJob's status through one API client (a kubectl per poll costs a core)."""
@@ -186,7 +169,7 @@ def run_arm(
     run_dir: Path,
     arm: str,
     rep: int,
-    every: dict[FaultKind, float],
+    every: dict[str, float],
     *,
     random_intervals: bool,
     spares: int,
@@ -208,7 +191,9 @@ def run_arm(
         None
         if arm == "fault-free"
         else FaultSchedule(
-            every=every, rng=random.Random(1000 + rep), random_intervals=random_intervals
+            every=cast(dict[FaultKind, float], every),
+            rng=random.Random(1000 + rep),
+            random_intervals=random_intervals,
         )
     )
     try:

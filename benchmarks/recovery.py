@@ -233,12 +233,27 @@ class Bench:
         """Creates the TrainJob."""
         self.kubectl("apply", "-n", self.namespace, "-f", "-", input=json.dumps(self.job()))
 
-    def job(self) -> dict[str, Any]:
+    def demo_body(self) -> dict[str, Any]:
+        """examples/trainjob.yaml named for this bench, with its recovery and spares."""
+        body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "trainjob.yaml").read_text())
+        body["metadata"] = {"name": self.name}
+        body["spec"]["recovery"] = self.recovery
+        if self.spares:
+            body["spec"]["spares"] = self.spares
+        return body
+
+    def on_node(self, body: dict[str, Any]) -> dict[str, Any]:
+        """BODY on the node's examples image, its checkpoints in this namespace's bucket."""
         sys.path.insert(0, str(ROOT / "hack"))
         from clusterlib.dev_node_job import dev_node_job
 
-        body: dict[str, Any] = yaml.safe_load((ROOT / "examples" / "trainjob.yaml").read_text())
-        body["metadata"] = {"name": self.name}
+        result: dict[str, Any] = dev_node_job(
+            body, storage=f"gs://spotrun/{self.namespace}", gcs_endpoint=self.gcs
+        )
+        return result
+
+    def job(self) -> dict[str, Any]:
+        body = self.demo_body()
         spec = body["spec"]
         spec["config"] = {
             "steps": 10**7,
@@ -247,9 +262,6 @@ class Bench:
             "seed": 0,
             "ballast_mb": self.ballast_mb,
         }
-        spec["recovery"] = self.recovery
-        if self.spares:
-            spec["spares"] = self.spares
         spec["trainer"].pop("function", None)
         # The examples image runs the workload from a ConfigMap (no host path in any pod);
         # `examples` is imported from the image's /workspace.
@@ -272,10 +284,7 @@ class Bench:
             }
         }
         spec["failurePolicy"]["maxFailures"] = 100
-        result: dict[str, Any] = dev_node_job(
-            body, storage=f"gs://spotrun/{self.namespace}", gcs_endpoint=self.gcs
-        )
-        return result
+        return self.on_node(body)
 
     def _watch(self) -> None:
         """Records when each pod is first seen and when its container is first running."""
