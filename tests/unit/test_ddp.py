@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import socket
+import threading
+import time
+from datetime import timedelta
+
 import pytest
 import torch
 from torch import nn
+from torch.distributed import TCPStore  # type: ignore[attr-defined]  # exported at run time
 
 from spotrun.train.ddp import prepare_model
-from spotrun.train.group import ProcessGroupError, get_device, init_process_group
+from spotrun.train.group import (
+    ProcessGroupError,
+    get_device,
+    init_process_group,
+    wait_for_listener,
+)
 
 
 def test_one_worker_gets_its_model_back_unwrapped(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -31,3 +42,42 @@ def test_joining_a_group_without_the_launcher_environment_says_what_is_missing(
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     with pytest.raises(ProcessGroupError, match="MASTER_PORT, RANK, WORLD_SIZE not set"):
         init_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_a_member_ahead_of_rank_0_joins_its_store_once_it_listens() -> None:
+    """A spare promoted at once reaches the rendezvous before rank 0's store is up."""
+    port = _free_port()
+    stores: list[TCPStore] = []
+
+    def rank_0() -> None:
+        time.sleep(0.3)
+        stores.append(TCPStore("127.0.0.1", port, 2, is_master=True, timeout=timedelta(seconds=30)))
+
+    server = threading.Thread(target=rank_0)
+    server.start()
+    try:
+        assert wait_for_listener("127.0.0.1", port, give_up=lambda: False)
+        client = TCPStore("127.0.0.1", port, 2, is_master=False, timeout=timedelta(seconds=30))
+        client.set("joined", "rank 1")
+    finally:
+        server.join()
+    # The probe's bare connection did not disturb the store: rank 0 sees rank 1's key.
+    assert stores[0].get("joined") == b"rank 1"
+
+
+def test_waiting_for_a_listener_stops_when_told_to() -> None:
+    port = _free_port()  # nothing listens there
+    asked: list[int] = []
+
+    def give_up() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    assert wait_for_listener("127.0.0.1", port, give_up=give_up) is False
+    assert len(asked) == 4

@@ -123,6 +123,13 @@ def init_process_group(
         backend = "gloo"
     before = _open_fds()
     if abandon is None:
+        if env_rank() != 0:
+            deadline = time.monotonic() + timeout.total_seconds()
+            wait_for_listener(
+                os.environ[MASTER_ADDR],
+                _env_int(MASTER_PORT, 0),
+                give_up=lambda: time.monotonic() > deadline,
+            )
         dist.init_process_group(
             backend=backend,
             init_method="env://",
@@ -189,11 +196,34 @@ def _open_fds() -> set[int]:
         return set()
 
 
+def wait_for_listener(host: str, port: int, give_up: Callable[[], bool]) -> bool:
+    """Returns True once `host:port` accepts a TCP connection, False once `give_up()` says so.
+
+    A member that reaches the rendezvous before rank 0's store listens (a promoted spare, a
+    survivor re-forming its group, a pod of a cold restart that started first) would have
+    its connection refused, and TCPStore's client retries only after a backoff of about
+    0.3 s. Polling with a plain connection first (from 10 ms apart, growing to 100 ms, so an
+    address that does not resolve yet costs few DNS queries) joins within milliseconds of
+    the store coming up; the store's own connect then succeeds at once.
+    """
+    pause = 0.01
+    while not give_up():
+        try:
+            with socket.create_connection((host, port), timeout=1.0):
+                return True
+        except OSError:  # refused, unreachable, or the name does not resolve (yet)
+            time.sleep(pause)
+            pause = min(0.1, pause * 1.3)
+    return False
+
+
 def _rendezvous(rank: int, world: int, timeout: timedelta, abandon: Callable[[], bool]) -> TCPStore:
     """The TCPStore of a group every member joined, polled so that it can be given up."""
     host, port = os.environ[MASTER_ADDR], _env_int(MASTER_PORT, 0)
     deadline = time.monotonic() + timeout.total_seconds()
     store: TCPStore | None = None
+    if rank != 0:
+        wait_for_listener(host, port, give_up=lambda: abandon() or time.monotonic() > deadline)
     while store is None:
         try:
             store = TCPStore(
