@@ -54,6 +54,7 @@ RESERVED_ENV = frozenset(
         contract.MEMBER_ADDR,
         contract.SPARES,
         contract.SPARE,
+        contract.OBSERVED_MTBF,
     }
 )
 
@@ -244,8 +245,11 @@ def statefulset(
     resume_from: str | None,
     replicas: int,
     defaults: Defaults = NO_DEFAULTS,
+    mtbf_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The StatefulSet that runs incarnation `attempt` of the group with `replicas` pods.
+
+    `mtbf_seconds` is the attempt's status.group.mtbfSeconds (its pods' checkpoint cadences).
 
     `OnDelete`: a template change (a new attempt) reaches pods only when the operator
     deletes the old ones, all at once, so no pod of a new attempt runs beside an old one
@@ -259,7 +263,13 @@ def statefulset(
         "updateStrategy": {"type": "OnDelete"},
         "revisionHistoryLimit": 2,
         "selector": {"matchLabels": labels(name)},
-        "template": pod_template(job, attempt=attempt, resume_from=resume_from, defaults=defaults),
+        "template": pod_template(
+            job,
+            attempt=attempt,
+            resume_from=resume_from,
+            defaults=defaults,
+            mtbf_seconds=mtbf_seconds,
+        ),
     }
     return _owned(
         {
@@ -307,6 +317,7 @@ def contract_env(
     attempt: int,
     resume_from: str | None,
     defaults: Defaults = NO_DEFAULTS,
+    mtbf_seconds: float | None = None,
 ) -> list[dict[str, Any]]:
     """The pod contract as container env; the node rank comes from the pod-index label."""
     name, namespace = _meta(job)
@@ -367,6 +378,9 @@ def contract_env(
     # The launcher's deadline follows the pod's grace period, and the progress reports the
     # hang deadline (spotrun.contract.timing_env, the same rule as `spotrun run`).
     env.extend({"name": k, "value": v} for k, v in contract.timing_env(spec).items())
+    if mtbf_seconds is not None:
+        # The job's mean time between interruptions so far: its checkpoint cadences' MTBF.
+        env.append({"name": contract.OBSERVED_MTBF, "value": f"{mtbf_seconds:g}"})
     return env
 
 
@@ -376,6 +390,7 @@ def pod_template(
     attempt: int,
     resume_from: str | None,
     defaults: Defaults = NO_DEFAULTS,
+    mtbf_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The pod template of one attempt: the user's overrides merged under the contract."""
     name, _ = _meta(job)
@@ -389,7 +404,9 @@ def pod_template(
     metadata: dict[str, Any] = {"labels": pod_labels}
     if user_meta.get("annotations"):
         metadata["annotations"] = {str(k): str(v) for k, v in user_meta["annotations"].items()}
-    spec = pod_spec(job, attempt=attempt, resume_from=resume_from, defaults=defaults)
+    spec = pod_spec(
+        job, attempt=attempt, resume_from=resume_from, defaults=defaults, mtbf_seconds=mtbf_seconds
+    )
     return {"metadata": metadata, "spec": spec}
 
 
@@ -399,6 +416,7 @@ def pod_spec(
     attempt: int,
     resume_from: str | None,
     defaults: Defaults = NO_DEFAULTS,
+    mtbf_seconds: float | None = None,
 ) -> dict[str, Any]:
     """The pod spec: the contract's trainer container, restricted defaults, user overrides.
 
@@ -419,7 +437,13 @@ def pod_spec(
         "command": command(trainer),
         "env": [
             *[dict(e) for e in trainer.get("env") or [] if e.get("name") not in RESERVED_ENV],
-            *contract_env(job, attempt=attempt, resume_from=resume_from, defaults=defaults),
+            *contract_env(
+                job,
+                attempt=attempt,
+                resume_from=resume_from,
+                defaults=defaults,
+                mtbf_seconds=mtbf_seconds,
+            ),
         ],
         "ports": [{"name": names.RENDEZVOUS_PORT_NAME, "containerPort": master_port(job)}],
         "volumeMounts": [{"name": names.SHM_VOLUME, "mountPath": "/dev/shm"}],

@@ -47,6 +47,12 @@ MEMBER_ADDR = "SPOTRUN_MEMBER_ADDR"
 # Set by the operator from spec.spares (unset when 0): the pool runs replicas + spares pods;
 # a pod outside the group waits, as a spare, until a group names it.
 SPARES = "SPOTRUN_SPARES"
+# The MTBF (seconds) of the checkpoint cadences: SPOTRUN_MTBF_SECONDS is the user's own
+# (trainer.env; `spotrun run` sets it to the injected faults' mean interval) and wins over
+# the job's observed one, which the operator sets from status.group.mtbfSeconds on new pods
+# and the launcher hands kept workers in their next group file.
+MTBF = "SPOTRUN_MTBF_SECONDS"
+OBSERVED_MTBF = "SPOTRUN_OBSERVED_MTBF_SECONDS"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
 

@@ -75,6 +75,7 @@ def test_lost_capacity_shrinks_the_group_and_returned_capacity_grows_it_back(
             "replicas": 2,
             "kept": [0, 2],
             "members": [0, 2],
+            "mtbfSeconds": st["group"]["mtbfSeconds"],
         }
         kinds = [(e["kind"], e["reason"]) for e in st["interruptions"]]
         assert kinds[1:] == [("resize", "CapacityUnavailable")], kinds
@@ -94,7 +95,13 @@ def test_lost_capacity_shrinks_the_group_and_returned_capacity_grows_it_back(
             cluster.add_node(back, gpus=1, labels=pool)
 
             st = sized(api, namespace, "3/3", attempt=4)
-            assert st["group"] == {"attempt": 4, "mode": "warm", "replicas": 3, "kept": [0, 1, 2]}
+            assert st["group"] == {
+                "attempt": 4,
+                "mode": "warm",
+                "replicas": 3,
+                "kept": [0, 1, 2],
+                "mtbfSeconds": st["group"]["mtbfSeconds"],
+            }
             kinds = [(e["kind"], e["reason"]) for e in st["interruptions"]]
             assert kinds[-1] == ("resize", "CapacityReturned"), kinds
             assert (st["preemptions"], st["failures"]) == (1, 0)

@@ -57,7 +57,15 @@ def assert_one_restart(
     [interruption] = st["interruptions"]
     assert (interruption["kind"], interruption["recovery"]) == ("preemption", "warm")
     index = int(survivor["metadata"]["labels"]["apps.kubernetes.io/pod-index"])
-    assert st["group"] == {"attempt": 2, "mode": "warm", "replicas": 2, "kept": [index]}
+    mtbf = st["group"]["mtbfSeconds"]  # the seconds since the job started: one preemption
+    assert st["group"] == {
+        "attempt": 2,
+        "mode": "warm",
+        "replicas": 2,
+        "kept": [index],
+        "mtbfSeconds": mtbf,
+    }
+    assert 0 < mtbf < 3600, st
     live = pods(api, namespace, JOB)
     assert {p["metadata"]["labels"]["spotrun.dev/attempt"] for p in live} == {"2"}
     for pod in live:
@@ -67,6 +75,9 @@ def assert_one_restart(
             continue
         assert env_of(pod)["SPOTRUN_RESUME_FROM"] == uri
         assert env_of(pod)["SPOTRUN_ATTEMPT"] == "2"
+        # Its checkpoint cadences assume the job's MTBF so far (the survivor's come from
+        # its next group file).
+        assert env_of(pod)["SPOTRUN_OBSERVED_MTBF_SECONDS"] == f"{mtbf:g}"
 
     def still_one() -> bool:
         now = status(api, namespace, JOB)

@@ -63,6 +63,7 @@ def test_a_waiting_spare_takes_the_lost_members_place_at_once(
             "replicas": 2,
             "kept": [0, 2],
             "members": [0, 2],
+            "mtbfSeconds": st["group"]["mtbfSeconds"],  # one preemption since the start
         }, st["group"]
         assert (st["size"], st["readyReplicas"]) == ("2/2", 2)
         assert (st["preemptions"], st["failures"]) == (1, 0)

@@ -190,6 +190,27 @@ def test_application_failures_fail_the_job_after_max_failures_and_preemptions_do
     assert "InjectedFailure: injected by `spotrun run --fail-rank 1`" in out
 
 
+def test_after_an_interruption_the_next_attempt_checkpoints_for_the_observed_mtbf(
+    tmp_path: Path,
+) -> None:
+    """No MTBF given: the second attempt's cadences assume the job's own, from its ledger."""
+    job = trainjob(tmp_path, failurePolicy={"maxFailures": 1, "backoff": {"initialSeconds": 0.5}})
+    storage = tmp_path / "runs"
+    code, out = run(
+        "run", str(job), "--storage", str(storage), "--fail-rank", "1", "--fail-after", "20"
+    )
+    assert code == 1, out  # the injected bug strikes every attempt
+    status = status_of(storage)
+    assert status["attempt"] == 2 and status["failures"] == 2, status["interruptions"]
+    mtbf = status["group"]["mtbfSeconds"]
+    assert 0 < mtbf < 3600, status["group"]
+    logs = storage / "default" / "linear-demo" / "logs"
+    first = (logs / "attempt-001" / "replica-0.log").read_text()
+    second = (logs / "attempt-002" / "replica-0.log").read_text()
+    assert "assume an MTBF of 3600s (the default: no interruption yet)" in first
+    assert f"assume an MTBF of {mtbf:g}s (observed: status.group.mtbfSeconds)" in second
+
+
 def test_a_script_that_crashes_at_once_trips_the_circuit_breaker(tmp_path: Path) -> None:
     job = trainjob(
         tmp_path,

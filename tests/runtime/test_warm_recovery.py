@@ -216,7 +216,10 @@ def test_cold_recovery_restarts_every_replica(tmp_path: Path) -> None:
         "replicas": 2,
         "kept": [],
         "masterPort": status["group"]["masterPort"],
+        "mtbfSeconds": status["group"]["mtbfSeconds"],
     }
+    # The injected faults' own interval wins over the job's observed MTBF.
+    assert "assume an MTBF of 3s (SPOTRUN_MTBF_SECONDS)" in replica_log(storage, 2, 0)
     pids = worker_pids(storage)
     assert {(2, 0), (2, 1)} <= set(pids)
     assert status["restoredFrom"]["tier"] == "bucket"

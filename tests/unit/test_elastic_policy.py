@@ -68,7 +68,8 @@ def test_an_unschedulable_replacement_is_waited_for_until_wait_seconds() -> None
 def test_after_wait_seconds_the_survivors_go_on_as_a_smaller_group() -> None:
     status = shrunk()
     record = GroupRecord.from_status(status)
-    assert record == GroupRecord(3, "warm", 3, (0, 2, 3), members=(0, 2, 3))
+    # One preemption 81 s into the job: the next cadences assume it of the next one.
+    assert record == GroupRecord(3, "warm", 3, (0, 2, 3), members=(0, 2, 3), mtbf_seconds=81.0)
     assert record.node_rank_of(2) == 1 and record.node_rank_of(1) is None
     assert status["size"] == "3/4" and status["state"] == "Restarting"
     entry = status["interruptions"][-1]
@@ -107,7 +108,7 @@ def test_a_replica_that_runs_again_grows_the_group_back() -> None:
     status = decision.status
     assert status["attempt"] == 4 and status["state"] == "Restarting"
     record = GroupRecord.from_status(status)
-    assert record == GroupRecord(4, "warm", 4, (0, 1, 2, 3))  # the whole group again
+    assert record == GroupRecord(4, "warm", 4, (0, 1, 2, 3), mtbf_seconds=120.0)  # the whole group
     assert status["size"] == "4/4"
     entry = status["interruptions"][-1]
     assert (entry["kind"], entry["reason"]) == ("resize", "CapacityReturned")
@@ -155,7 +156,7 @@ def test_a_member_lost_from_a_shrunk_group_is_replaced_within_the_same_members()
         ELASTIC, status, 200, running(0, 3), unschedulable(1, 3), lost(2, 3), running(3, 3)
     )
     record = GroupRecord.from_status(decision.status)
-    assert record == GroupRecord(4, "warm", 3, (0, 3), members=(0, 2, 3))
+    assert record == GroupRecord(4, "warm", 3, (0, 3), members=(0, 2, 3), mtbf_seconds=100.0)
     # The lost member's replacement cannot be scheduled either: down to two.
     later = step(
         ELASTIC,
@@ -166,8 +167,9 @@ def test_a_member_lost_from_a_shrunk_group_is_replaced_within_the_same_members()
         unschedulable(2, 4),
         running(3, 4),
     )
+    # Two preemptions in 231 s (a resize is no interruption of the work).
     assert GroupRecord.from_status(later.status) == GroupRecord(
-        5, "warm", 2, (0, 3), members=(0, 3)
+        5, "warm", 2, (0, 3), members=(0, 3), mtbf_seconds=115.5
     )
     assert later.status["size"] == "2/4"
 

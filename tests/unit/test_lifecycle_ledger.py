@@ -91,3 +91,16 @@ def test_times_round_trip_with_milliseconds() -> None:
     assert format_time(1_700_000_000.0) == "2023-11-14T22:13:20Z"
     assert format_time(1_700_000_000.5) == "2023-11-14T22:13:20.500Z"
     assert parse_time("2023-11-14T23:13:20+01:00") == 1_700_000_000.0
+
+
+def test_the_observed_mtbf_is_the_time_since_the_start_over_the_interruptions() -> None:
+    started = {"startTime": format_time(1000.0)}
+    # Nothing known before the first interruption: the cadences keep their prior.
+    assert ledger.observed_mtbf({**started, "preemptions": 0, "failures": 0}, 5000.0) is None
+    assert ledger.observed_mtbf({**started, "preemptions": 3, "failures": 1}, 1100.0) == 25.0
+    # Two interruptions within the first second make no sub-second MTBF.
+    assert ledger.observed_mtbf({**started, "preemptions": 2}, 1000.4) == 1.0
+    # A status without a start (or mangled by hand) gives no estimate rather than an error.
+    assert ledger.observed_mtbf({"preemptions": 2}, 1100.0) is None
+    assert ledger.observed_mtbf({**started, "preemptions": "many"}, 1100.0) is None
+    assert ledger.observed_mtbf({"startTime": "yesterday", "failures": 1}, 1100.0) is None

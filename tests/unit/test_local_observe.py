@@ -173,7 +173,13 @@ def test_the_policy_restarts_a_group_after_an_injected_kill_and_its_collateral_c
     status = decision.status
     assert (status["preemptions"], status["failures"]) == (1, 0)
     assert status["interruptions"][-1]["reason"] == "InjectedKill"
-    assert status["group"] == {"attempt": 2, "mode": "cold", "replicas": 2, "kept": []}
+    assert status["group"] == {
+        "attempt": 2,
+        "mode": "cold",
+        "replicas": 2,
+        "kept": [],
+        "mtbfSeconds": 10.0,
+    }
 
 
 def test_the_policy_keeps_the_survivor_of_an_injected_kill() -> None:
@@ -182,7 +188,13 @@ def test_the_policy_keeps_the_survivor_of_an_injected_kill() -> None:
     killed = [facts(0), facts(1, returncode=KILLED, fault="kill")]
     decision = plan(spec, status, observe(killed, status, now=T0 + 10), jitter=0.0)
     assert decision.actions == (RestartGroup(2, None, "InjectedKill", T0 + 10, keep=(0,)),)
-    assert decision.status["group"] == {"attempt": 2, "mode": "warm", "replicas": 2, "kept": [0]}
+    assert decision.status["group"] == {
+        "attempt": 2,
+        "mode": "warm",
+        "replicas": 2,
+        "kept": [0],
+        "mtbfSeconds": 10.0,
+    }
     assert decision.status["interruptions"][-1]["recovery"] == "warm"
 
 

@@ -14,6 +14,7 @@ from typing import Any, cast
 
 import pytest
 
+from spotrun.lifecycle.group import GroupRecord
 from spotrun_operator import children
 from spotrun_operator.apply import Api, Conflict
 from spotrun_operator.config import Config, Shared
@@ -135,7 +136,12 @@ def pod(index: int, attempt: int, *, uid: str, deleting: bool = False) -> dict[s
 
 
 def statefulset(job: dict[str, Any], attempt: int, *, observed: bool = True) -> dict[str, Any]:
-    built = children.statefulset(job, attempt=attempt, resume_from=None, replicas=2)
+    # As the operator wrote it for `attempt`: with the MTBF its status.group recorded.
+    record = GroupRecord.from_status(job.get("status") or {})
+    mtbf = record.mtbf_seconds if record is not None and record.attempt == attempt else None
+    built = children.statefulset(
+        job, attempt=attempt, resume_from=None, replicas=2, mtbf_seconds=mtbf
+    )
     built["metadata"].update(uid="sts-uid", generation=attempt)
     built["status"] = {"observedGeneration": attempt if observed else attempt - 1}
     return slim_statefulset(built)
@@ -242,6 +248,7 @@ def test_a_warm_recovery_keeps_the_surviving_pod_and_relabels_it() -> None:
         "mode": "warm",
         "replicas": 2,
         "kept": [1],
+        "mtbfSeconds": 1.0,  # one preemption in the job's first second
     }
     template = [c for c in h.api.calls if c[0] == "replace_statefulset_spec"][-1][1]
     env = {
@@ -253,6 +260,8 @@ def test_a_warm_recovery_keeps_the_surviving_pod_and_relabels_it() -> None:
         "29502",
         "warm",
     )
+    # The replacement's checkpoint cadences assume the job's observed MTBF.
+    assert env["SPOTRUN_OBSERVED_MTBF_SECONDS"] == "1"
     h.sts = statefulset(h.api.job, 2)
     h.run()
     # The survivor is not deleted: it joins attempt 2 where it stands (same UID).

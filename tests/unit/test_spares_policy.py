@@ -52,7 +52,7 @@ def test_a_waiting_spare_takes_the_lost_members_place_and_every_waiting_pod_stay
     decision = step(SPARES, status, 50, running(0, 1), lost(1, 1), running(2, 1), running(3, 1))
     record = GroupRecord.from_status(decision.status)
     # The spare takes node rank 1, the lost member's; the survivors keep theirs.
-    assert record == GroupRecord(2, "warm", 3, (0, 2, 3), members=(0, 3, 2))
+    assert record == GroupRecord(2, "warm", 3, (0, 2, 3), members=(0, 3, 2), mtbf_seconds=50.0)
     assert record.node_rank_of(3) == 1
     restarts = [a for a in decision.actions if isinstance(a, RestartGroup)]
     assert restarts and restarts[0].keep == (0, 2, 3)  # pod 1 is replaced; pods 0, 2, 3 stay
@@ -72,7 +72,8 @@ def test_the_replaced_pod_waits_as_the_next_spare_and_the_group_runs_without_it(
     status = step(SPARES, decision.status, 60, *(running(i, 2) for i in range(4))).status
     decision = step(SPARES, status, 70, running(0, 2), running(1, 2), running(2, 2), lost(3, 2))
     record = GroupRecord.from_status(decision.status)
-    assert record == GroupRecord(3, "warm", 3, (0, 1, 2))  # members 0, 1, 2: written as none
+    # Members 0, 1, 2: written as none. Two preemptions in 70 s.
+    assert record == GroupRecord(3, "warm", 3, (0, 1, 2), mtbf_seconds=35.0)
     assert "members" not in decision.status["group"]
 
 
@@ -80,7 +81,7 @@ def test_without_a_waiting_spare_the_lost_members_replacement_is_waited_for() ->
     status = started()
     decision = step(SPARES, status, 50, running(0, 1), lost(1, 1), running(2, 1), pending(3, 1))
     record = GroupRecord.from_status(decision.status)
-    assert record == GroupRecord(2, "warm", 3, (0, 2))
+    assert record == GroupRecord(2, "warm", 3, (0, 2), mtbf_seconds=50.0)
     assert record.indices == (0, 1, 2)
 
 
@@ -101,7 +102,7 @@ def test_a_failure_restarts_the_whole_pool_cold() -> None:
         SPARES, decision.status, 50 + 3600, running(0, 1), crashed, running(2, 1), running(3, 1)
     )
     record = GroupRecord.from_status(later.status)
-    assert record == GroupRecord(2, "cold", 3)
+    assert record == GroupRecord(2, "cold", 3, mtbf_seconds=3650.0)
 
 
 def test_without_spares_the_policy_is_unchanged() -> None:
@@ -110,4 +111,6 @@ def test_without_spares_the_policy_is_unchanged() -> None:
     status = step(spec, status, 1, *(running(i, 1) for i in range(3))).status
     # A stray pod 3 (a StatefulSet being scaled down) is not a spare.
     decision = step(spec, status, 50, running(0, 1), lost(1, 1), running(2, 1), running(3, 1))
-    assert GroupRecord.from_status(decision.status) == GroupRecord(2, "warm", 3, (0, 2))
+    assert GroupRecord.from_status(decision.status) == GroupRecord(
+        2, "warm", 3, (0, 2), mtbf_seconds=50.0
+    )

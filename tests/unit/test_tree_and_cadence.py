@@ -8,7 +8,12 @@ import pytest
 import torch
 
 from spotrun.store.tree import flatten, partition, unflatten
-from spotrun.train.cadence import Cadence, young_daly_interval
+from spotrun.train.cadence import (
+    DEFAULT_MTBF_SECONDS,
+    Cadence,
+    mtbf_seconds,
+    young_daly_interval,
+)
 
 
 def test_flatten_round_trips_nested_state_with_int_keys() -> None:
@@ -83,3 +88,18 @@ def test_the_memory_tiers_cadence_has_its_own_floor_and_counts_from_a_reset() ->
     memory.reset(5.0)
     assert not memory.due(5.1) and memory.due(5.2)
     assert memory.cost_seconds == 0.002
+
+
+def test_the_users_mtbf_wins_over_the_observed_one_which_wins_over_the_prior() -> None:
+    user, observed = "SPOTRUN_MTBF_SECONDS", "SPOTRUN_OBSERVED_MTBF_SECONDS"
+    assert mtbf_seconds({}) == (DEFAULT_MTBF_SECONDS, "the default: no interruption yet")
+    assert mtbf_seconds({observed: "42.5"}) == (42.5, "observed: status.group.mtbfSeconds")
+    assert mtbf_seconds({user: "600", observed: "42.5"}) == (600.0, user)
+    # The observed value is the ledger's: one that is no positive number is ignored.
+    for bad in ("", "0", "-3", "nan", "inf", "soon"):
+        assert mtbf_seconds({observed: bad})[0] == DEFAULT_MTBF_SECONDS
+    # The user's own must be usable, and the error says what it is for.
+    with pytest.raises(ValueError, match="SPOTRUN_MTBF_SECONDS must be a positive number"):
+        mtbf_seconds({user: "an hour"})
+    with pytest.raises(ValueError, match="got '-5'"):
+        mtbf_seconds({user: "-5"})

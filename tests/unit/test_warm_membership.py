@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
+from spotrun.contract import PodContract
 from spotrun.lifecycle import JobSpec, Observation, ReplicaObservation, RestartGroup, plan
 from spotrun.lifecycle.group import GroupRecord, rendezvous_port
 from spotrun.membership.groupfile import GroupFile
+from spotrun.pod.launcher import _Membership
 from spotrun.train.regroup import Holding, Slot, choose_source, is_group_failure
 
 T0 = 1_700_000_000.0
@@ -56,7 +60,8 @@ def test_a_preemption_keeps_the_survivors_only_in_warm_recovery(
     assert isinstance(action, RestartGroup) and action.keep == keep
     assert action.not_before == T0 + 50  # no backoff for a preemption
     record = GroupRecord.from_status(decision.status)
-    assert record == GroupRecord(2, "warm" if keep else "cold", 3, keep)
+    # The one preemption came 50 s into the job: the next cadences assume that of the next.
+    assert record == GroupRecord(2, "warm" if keep else "cold", 3, keep, mtbf_seconds=50.0)
     assert decision.status["interruptions"][-1]["recovery"] == ("warm" if keep else "cold")
 
 
@@ -151,6 +156,37 @@ def test_a_group_record_names_the_spares_it_promotes() -> None:
     assert GroupRecord.from_status({"group": raw}) == record
     assert record.promotes(1) == 1 and record.promotes(0) is None
     assert "promoted" not in GroupRecord(4, "warm", 3, (0, 2)).to_status()
+
+
+def test_a_group_record_carries_the_observed_mtbf_and_ignores_a_bad_one() -> None:
+    record = GroupRecord(4, "warm", 3, (0, 2), mtbf_seconds=12.5)
+    raw = record.to_status()
+    assert raw["mtbfSeconds"] == 12.5
+    assert GroupRecord.from_status({"group": raw}) == record
+    assert "mtbfSeconds" not in GroupRecord(4, "warm", 3, (0, 2)).to_status()
+    # A bad estimate (status.json edited by hand) costs the estimate, not the membership.
+    for bad in ("soon", -1, 0, True, float("nan"), [3]):
+        assert GroupRecord.from_status({"group": {**raw, "mtbfSeconds": bad}}) == GroupRecord(
+            4, "warm", 3, (0, 2)
+        )
+
+
+def test_a_kept_replicas_next_group_file_carries_the_observed_mtbf(tmp_path: Path) -> None:
+    pod = PodContract(job="j", replicas=2, node_rank=1, storage=str(tmp_path))
+    membership = _Membership(pod, 1, {})
+    try:
+        group = GroupRecord(2, "warm", 2, (1,), master_port=40002, mtbf_seconds=12.5)
+        membership.on_status({"group": group.to_status()})
+        written = GroupFile.from_bytes(Path(membership.path).read_bytes())
+        assert (written.attempt, written.node_rank) == (2, 1)
+        assert written.worker_env(0)["SPOTRUN_OBSERVED_MTBF_SECONDS"] == "12.5"
+        # Before the first interruption there is none: the cadences keep their prior.
+        membership.on_status({"group": GroupRecord(3, "warm", 2, (1,)).to_status()})
+        written = GroupFile.from_bytes(Path(membership.path).read_bytes())
+        assert written.attempt == 3
+        assert "SPOTRUN_OBSERVED_MTBF_SECONDS" not in written.worker_env(0)
+    finally:
+        membership.stop()
 
 
 def test_the_group_file_gives_each_worker_its_rank_in_the_next_group() -> None:

@@ -35,6 +35,7 @@ from spotrun.lifecycle import (
     parse_time,
     plan,
 )
+from spotrun.lifecycle.group import GroupRecord
 from spotrun_operator import children, metrics, names, observe, transitions
 from spotrun_operator.apply import Conflict, Gone
 from spotrun_operator.config import Shared
@@ -220,6 +221,7 @@ async def reconcile_once(
     next_at = now + shared.config.resync_seconds
     for action in decision.actions:
         if isinstance(action, StartGroup | RestartGroup):
+            record = GroupRecord.from_status(decision.status)
             await _run_attempt(
                 shared,
                 memory,
@@ -232,6 +234,11 @@ async def reconcile_once(
                 replicas=spec.pool,
                 defaults=defaults,
                 keep=action.keep if isinstance(action, RestartGroup) else (),
+                mtbf_seconds=(
+                    record.mtbf_seconds
+                    if record is not None and record.attempt == action.attempt
+                    else None
+                ),
             )
         elif isinstance(action, Wait):
             next_at = min(next_at, action.until)
@@ -303,6 +310,7 @@ async def _run_attempt(
     replicas: int,
     defaults: children.Defaults,
     keep: tuple[int, ...] = (),
+    mtbf_seconds: float | None = None,
 ) -> None:
     """Makes the StatefulSet run `attempt`, then removes the pods of any other attempt.
 
@@ -315,7 +323,12 @@ async def _run_attempt(
     """
     api = shared.api
     desired = children.statefulset(
-        job, attempt=attempt, resume_from=resume_from, replicas=replicas, defaults=defaults
+        job,
+        attempt=attempt,
+        resume_from=resume_from,
+        replicas=replicas,
+        defaults=defaults,
+        mtbf_seconds=mtbf_seconds,
     )
     want_hash = desired["metadata"]["annotations"][names.SPEC_HASH_ANNOTATION]
     if sts is None or sts.get("specHash") != want_hash or sts.get("replicas") != replicas:

@@ -17,10 +17,15 @@ until a later group names it.
 With warm spares (spec.spares: K) the job runs replicas + K pods: the group is `members`
 (or 0 to replicas - 1), the other pods wait outside it, and a warm recovery puts a waiting
 one in a lost member's place. Those waiting pods are in `kept` too (their pods stay).
+
+`mtbfSeconds` is the job's mean time between interruptions when the group was formed
+(`spotrun.lifecycle.ledger.observed_mtbf`): the launchers hand it to the members' checkpoint
+cadences, survivors through their next group file, new pods through their environment.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -46,6 +51,8 @@ class GroupRecord:
     promoted: tuple[tuple[int, int], ...] = ()
     # The replica indices of an elastic group, in node-rank order; () means 0..replicas-1.
     members: tuple[int, ...] = ()
+    # The job's mean time between interruptions when the group was formed (None: none yet).
+    mtbf_seconds: float | None = None
 
     def to_status(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -60,6 +67,8 @@ class GroupRecord:
             out["promoted"] = [{"spare": slot, "nodeRank": rank} for slot, rank in self.promoted]
         if self.members:
             out["members"] = list(self.members)
+        if self.mtbf_seconds is not None:
+            out["mtbfSeconds"] = self.mtbf_seconds
         return out
 
     @classmethod
@@ -87,7 +96,8 @@ class GroupRecord:
             len(members) != replicas or len(set(members)) != replicas or min(members) < 0
         ):
             return None  # members that do not make a group of `replicas` ranks
-        return cls(attempt, mode, replicas, kept, master_port, promoted, members)
+        mtbf = _positive(raw.get("mtbfSeconds"))
+        return cls(attempt, mode, replicas, kept, master_port, promoted, members, mtbf)
 
     def keeps(self, index: int) -> bool:
         """Whether replica `index` of the previous attempt stays, in place, in this one.
@@ -110,6 +120,17 @@ class GroupRecord:
     def promotes(self, spare: int) -> int | None:
         """The node rank spare slot `spare` takes in this group, or None."""
         return next((rank for slot, rank in self.promoted if slot == spare), None)
+
+
+def _positive(raw: Any) -> float | None:
+    """A positive, finite number of seconds, or None (absent or unusable: the prior stands)."""
+    if raw is None or isinstance(raw, bool):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def rendezvous_port(base: int, attempt: int) -> int:

@@ -16,6 +16,8 @@ from spotrun.lifecycle.classify import Interruption, Kind
 from spotrun.lifecycle.times import format_time, parse_time
 
 LEDGER_SIZE = 10
+# The shortest mean time between interruptions an estimate gives (two at once are one).
+SHORTEST_MTBF_SECONDS = 1.0
 
 
 def record(
@@ -151,6 +153,26 @@ def failure_times(ledger: Sequence[Mapping[str, Any]]) -> list[float]:
     """Times of the failures (hangs included) in the ledger, for the circuit breaker."""
     failures: tuple[Kind, ...] = ("failure", "hang")
     return [parse_time(str(e["time"])) for e in ledger if e.get("kind") in failures]
+
+
+def observed_mtbf(status: Mapping[str, Any], now: float) -> float | None:
+    """The job's mean time between interruptions so far, in seconds, or None before the first.
+
+    The seconds since `startTime` over the interruptions counted (preemptions and failures:
+    each loses the work since the last snapshot, whatever its cause), the maximum-likelihood
+    estimate of a constant rate. The span includes the recoveries and any wait for capacity,
+    so it errs long (checkpoints a little less often than the optimum), never short. Before
+    the first interruption nothing is known of this job: None, and the checkpoint cadences
+    keep their prior (spotrun.train.cadence.DEFAULT_MTBF_SECONDS).
+    """
+    try:
+        count = int(status.get("preemptions") or 0) + int(status.get("failures") or 0)
+        started = parse_time(str(status["startTime"]))
+    except (KeyError, TypeError, ValueError):
+        return None
+    if count <= 0:
+        return None
+    return round(max(SHORTEST_MTBF_SECONDS, (now - started) / count), 1)
 
 
 def _max_known(a: Any, b: int | None) -> int | None:

@@ -408,6 +408,8 @@ class _Step:
             len(members) or self.spec.replicas,
             keep,
             members=members,
+            # What the members' checkpoint cadences assume of the next interruption.
+            mtbf_seconds=ledger_.observed_mtbf(st, self.now),
         ).to_status()
         st.pop("restartNotBefore")
         return [RestartGroup(following, resume_point(self.spec, st), reason, self.now, keep)]
@@ -535,7 +537,14 @@ class _Step:
         partial = after if len(after) < self.spec.replicas else ()
         st.update(state=RESTARTING, attempt=following)
         st.pop("attemptStartTime", None)
-        st["group"] = GroupRecord(following, "warm", len(after), after, members=partial).to_status()
+        st["group"] = GroupRecord(
+            following,
+            "warm",
+            len(after),
+            after,
+            members=partial,
+            mtbf_seconds=ledger_.observed_mtbf(st, self.now),
+        ).to_status()
         self._condition(st, cond.RUNNING, False, reason, message)
         return [RestartGroup(following, resume_point(self.spec, st), reason, self.now, after)]
 

@@ -63,6 +63,7 @@ from spotrun.lifecycle import (
     resume_point,
 )
 from spotrun.lifecycle.conditions import find as find_condition
+from spotrun.lifecycle.group import GroupRecord
 from spotrun.local import _fault_worker, faults, ownership
 from spotrun.local.observe import ReplicaFacts, describe_exit, observe
 from spotrun.local.progress import (
@@ -720,7 +721,13 @@ class LocalRun:
         env.update(contract.timing_env(job.spec, longest_progress=LONGEST_PROGRESS_SECONDS))
         mtbf = mtbf_seconds(self.options)
         if mtbf is not None:
-            env.setdefault("SPOTRUN_MTBF_SECONDS", f"{mtbf:g}")
+            env.setdefault(contract.MTBF, f"{mtbf:g}")
+        # The job's observed MTBF, as the operator puts it in a new attempt's pod template
+        # (kept replicas get it in their next group file); trainer.env's own MTBF wins.
+        env.pop(contract.OBSERVED_MTBF, None)
+        record = GroupRecord.from_status(self.status)
+        if record is not None and record.attempt == attempt and record.mtbf_seconds is not None:
+            env[contract.OBSERVED_MTBF] = f"{record.mtbf_seconds:g}"
         if self.options.fail_rank is not None:
             env[_fault_worker.FAIL_RANK] = str(self.options.fail_rank)
             env[_fault_worker.FAIL_AFTER] = str(self.options.fail_after)

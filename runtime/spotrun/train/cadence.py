@@ -8,9 +8,45 @@ between preemptions M, the interval that minimises expected lost work is about s
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
+from spotrun import contract
+
 DEFAULT_MTBF_SECONDS = 3600.0  # spot VMs: roughly hourly preemptions is a cautious prior
+
+
+def mtbf_seconds(env: Mapping[str, str] | None = None) -> tuple[float, str]:
+    """The MTBF the cadences assume, and where it came from (for the log).
+
+    SPOTRUN_MTBF_SECONDS (trainer.env) is the user's word and must be a positive number;
+    else SPOTRUN_OBSERVED_MTBF_SECONDS, the job's own from its ledger (status.group.
+    mtbfSeconds, from the second attempt on), ignored unless a positive number; else the
+    prior, DEFAULT_MTBF_SECONDS.
+    """
+    env = os.environ if env is None else env
+    raw = env.get(contract.MTBF, "").strip()
+    if raw:
+        value = _positive(raw)
+        if value is None:
+            raise ValueError(
+                f"{contract.MTBF} must be a positive number of seconds (the mean time between "
+                f"preemptions the checkpoint cadences assume), got {raw!r}"
+            )
+        return value, contract.MTBF
+    observed = _positive(env.get(contract.OBSERVED_MTBF, "").strip())
+    if observed is not None:
+        return observed, "observed: status.group.mtbfSeconds"
+    return DEFAULT_MTBF_SECONDS, "the default: no interruption yet"
+
+
+def _positive(raw: str) -> float | None:
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value > 0 else None
 
 
 def young_daly_interval(

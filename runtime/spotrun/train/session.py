@@ -34,7 +34,7 @@ from spotrun.store.commit import CheckpointStore, Verified, split_uri
 from spotrun.store.manifest import CheckpointKind
 from spotrun.store.tree import flatten, nbytes, partition, unflatten
 from spotrun.train import regroup, resume
-from spotrun.train.cadence import Cadence
+from spotrun.train.cadence import Cadence, mtbf_seconds
 from spotrun.train.checkpoint import Checkpoint, _Committed
 from spotrun.train.regroup import MemorySnapshot
 from spotrun.train.resume import ResumeChoice
@@ -113,7 +113,11 @@ class Session:
         self.root = layout.job_root(storage, contract.namespace, contract.job)
         self.store = CheckpointStore(self.root)
         self.settings = contract.checkpoint
-        mtbf = float(os.environ.get("SPOTRUN_MTBF_SECONDS", "3600"))
+        mtbf, source = mtbf_seconds()
+        if rank == 0:  # the lead: its cadences decide when the group checkpoints
+            # Shown like the attempt's other lines (the workers' log has no handler of its
+            # own: warnings reach stderr): once an attempt, what its checkpoints are paced by.
+            log.warning("rank 0: the checkpoint cadences assume an MTBF of %gs (%s)", mtbf, source)
         # Two tiers, two cadences: checkpoints to the bucket, and between them (warm groups
         # with background saves) snapshots of the whole state kept only in memory, which a
         # warm recovery resumes from. Each interval is Young/Daly's from its own cost.
