@@ -115,6 +115,12 @@ def test_a_lost_replica_is_replaced_and_the_survivor_keeps_its_process(
     if reason == "InjectedPreemption":
         # With a notice the group stops at a step it holds in memory: nothing is redone.
         assert entry["stepsLost"] == 0, entry
+        # Rank 0 recorded the step the group stopped at, after its final checkpoint: the
+        # restart went out without waiting for the reclaimed replica to be gone.
+        honoured = status["noticeHonoured"]
+        assert (honoured["attempt"], honoured["step"]) == (1, restored["step"]), honoured
+        # The step resumed from memory is the final checkpoint's, numbered in the bucket.
+        assert "seq" in restored, restored
     assert_bitwise_equal(final_state(storage), reference)
 
 

@@ -98,12 +98,23 @@ def test_progress_is_a_fenced_json_patch(server: Server) -> None:
         "time": "2023-11-14T22:13:20Z",
     }
     assert "inMemory" not in server.obj["status"]
+    assert "noticeHonoured" not in server.obj["status"]
 
 
 def test_progress_records_the_newest_step_held_in_memory(server: Server) -> None:
     held = in_memory(39, bucket=False, attempt=2, time=1_700_000_000.0)
     sink(server).progress({"loss": 0.25}, 40, 1_700_000_000.0, held)
     assert server.obj["status"]["inMemory"] == held
+    assert server.obj["status"]["lastMetrics"]["step"] == 40
+
+
+def test_the_last_report_of_a_notice_records_that_the_group_honoured_it(server: Server) -> None:
+    sink(server).progress({"loss": 0.25}, 40, 1_700_000_000.0, honoured=True)
+    assert server.obj["status"]["noticeHonoured"] == {
+        "attempt": 2,
+        "step": 40,
+        "time": "2023-11-14T22:13:20Z",
+    }
     assert server.obj["status"]["lastMetrics"]["step"] == 40
 
 

@@ -641,6 +641,25 @@ def test_restart_waits_for_a_preempted_replica_to_write_its_final_checkpoint() -
     assert [type(a) for a in result.actions] == [RestartGroup]
 
 
+def test_once_rank_0_recorded_the_notice_honoured_the_restart_does_not_wait_for_the_pod() -> None:
+    """The kubelet reports the reclaimed pod gone a second or so after its workers exited."""
+    job = Job(make_spec(grace=30.0)).started()
+    still_running = preempted(1, phase="running")
+    assert job.see(running(0), still_running, at=T0 + 100).actions == (
+        Wait(T0 + 130, "CommittingFinalCheckpoint"),
+    )
+    # The mark of an older attempt says nothing of this one's final checkpoint.
+    job.status["noticeHonoured"] = {"attempt": 0, "step": 40, "time": format_time(T0 + 50)}
+    assert job.see(running(0), still_running, at=T0 + 101).actions == (
+        Wait(T0 + 130, "CommittingFinalCheckpoint"),
+    )
+    # Rank 0 wrote it after the group's final checkpoint was recorded: restart at once.
+    job.status["noticeHonoured"] = {"attempt": 1, "step": 90, "time": format_time(T0 + 101)}
+    result = job.see(running(0), still_running, at=T0 + 102)
+    assert [type(a) for a in result.actions] == [RestartGroup]
+    assert job.attempt == 2 and job.status["preemptions"] == 1
+
+
 def test_a_running_replacement_of_a_lost_pod_does_not_hold_the_restart() -> None:
     # A force-deleted pod (grace 0) is replaced by the StatefulSet at once; the new pod
     # runs, but it never got the notice: there is no final checkpoint to wait for.

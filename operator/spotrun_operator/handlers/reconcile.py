@@ -387,7 +387,8 @@ RESEND_AFTER_SECONDS = 15.0
 # whatever it would still commit (its attempt is fenced), and its StatefulSet name is what
 # the new attempt's pod waits for: a pod's full grace (30 s by default) would only delay
 # the replacement. A preemption's final checkpoint is not cut short by it: the policy
-# restarts only once the preempted replicas finished writing it. A pod whose trainer never
+# restarts only once the preempted replicas finished writing it (or rank 0 recorded that
+# the group honoured the notice, after its final checkpoint). A pod whose trainer never
 # ran goes with none (_trainer_never_ran).
 FENCED_POD_GRACE_SECONDS = 1
 

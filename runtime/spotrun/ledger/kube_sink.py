@@ -132,8 +132,9 @@ class KubernetesSink:
         step: int,
         time: float,
         memory: Mapping[str, Any] | None = None,
+        honoured: bool = False,
     ) -> None:
-        fields = progress_fields(metrics, step, time, memory)
+        fields = progress_fields(metrics, step, time, memory, self.attempt if honoured else None)
         self._patch(json_patch({}, self.attempt, fields))
 
     def restored(self, restored: Mapping[str, Any]) -> None:

@@ -47,11 +47,13 @@ class CheckpointSink(Protocol):
         step: int,
         time: float,
         memory: Mapping[str, Any] | None = None,
+        honoured: bool = False,
     ) -> None:
         """Records the latest metrics: the control plane's evidence that training moves.
 
         With `memory` (status.inMemory, see ledger.status.in_memory), also the newest step
-        the group holds in memory.
+        the group holds in memory. `honoured`: the group stopped at `step` for a
+        preemption notice and its final checkpoint is recorded (status.noticeHonoured).
         """
 
     def completed(self, step: int | None, time: float) -> None:
@@ -202,8 +204,9 @@ class FileStatusSink:
         step: int,
         time: float,
         memory: Mapping[str, Any] | None = None,
+        honoured: bool = False,
     ) -> None:
-        fields = progress_fields(metrics, step, time, memory)
+        fields = progress_fields(metrics, step, time, memory, self.attempt if honoured else None)
         self._fenced(None, lambda status: status.update(fields))
 
     def restored(self, restored: Mapping[str, Any]) -> None:
@@ -242,6 +245,7 @@ class NullSink:
         step: int,
         time: float,
         memory: Mapping[str, Any] | None = None,
+        honoured: bool = False,
     ) -> None:
         return None
 

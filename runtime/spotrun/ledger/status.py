@@ -139,12 +139,26 @@ def last_metrics(metrics: Mapping[str, Any], step: int, time: float) -> dict[str
 
 
 def progress_fields(
-    metrics: Mapping[str, Any], step: int, time: float, memory: Mapping[str, Any] | None
+    metrics: Mapping[str, Any],
+    step: int,
+    time: float,
+    memory: Mapping[str, Any] | None,
+    honoured_by: int | None = None,
 ) -> dict[str, Any]:
-    """The fields a progress report writes: lastMetrics, and inMemory when given."""
+    """The fields a progress report writes: lastMetrics, and inMemory when given.
+
+    With `honoured_by` (an attempt), also noticeHonoured: that attempt's group stopped at
+    `step` for a preemption notice, and its final checkpoint, if any, is recorded.
+    """
     fields: dict[str, Any] = {"lastMetrics": last_metrics(metrics, step, time)}
     if memory is not None:
         fields["inMemory"] = dict(memory)
+    if honoured_by is not None:
+        fields["noticeHonoured"] = {
+            "attempt": honoured_by,
+            "step": step,
+            "time": format_time(time),
+        }
     return fields
 
 

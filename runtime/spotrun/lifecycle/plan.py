@@ -355,7 +355,7 @@ class _Step:
 
         until, why = parse_time(str(st["restartNotBefore"])), "Backoff"
         if entry["kind"] == "preemption" and _committing_final_checkpoint(
-            replicas, warm=self.spec.recovery == "warm"
+            replicas, warm=self.spec.recovery == "warm", honoured=_honoured(st, attempt)
         ):
             # The group is writing its final checkpoint within the grace period; rank 0
             # records it last, so restarting now would fence that checkpoint out.
@@ -762,8 +762,14 @@ def _last_open(entries: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None
 __all__ = ["FINISHED", "OWNED_FIELDS", "Plan", "plan", "resume_point"]
 
 
+def _honoured(status: Mapping[str, Any], attempt: int) -> bool:
+    """Rank 0 of `attempt` recorded that its group honoured a preemption notice."""
+    mark = status.get("noticeHonoured")
+    return isinstance(mark, Mapping) and mark.get("attempt") == attempt
+
+
 def _committing_final_checkpoint(
-    replicas: Sequence[ReplicaObservation], *, warm: bool = False
+    replicas: Sequence[ReplicaObservation], *, warm: bool = False, honoured: bool = False
 ) -> bool:
     """The group is writing the final checkpoint of a preemption notice.
 
@@ -771,8 +777,13 @@ def _committing_final_checkpoint(
     honoured the notice (exit 75) while the rest still run: every rank agreed on the same
     final step, and rank 0 records it last. A replica lost without notice (killed, node
     gone) leaves nothing to wait for, and neither does its replacement (a new pod in its
-    place, force-deleted or not): that process never got the notice.
+    place, force-deleted or not): that process never got the notice. Once rank 0 recorded
+    that the group honoured the notice (status.noticeHonoured of the attempt, written after
+    its final checkpoint was), nothing is left to wait for either: the reclaimed pods are
+    only exiting, and the kubelet reports that a second or so later.
     """
+    if honoured:
+        return False
     running = [r for r in replicas if r.phase == "running" and not r.replaced]
     if any(r.preempted for r in running):
         return True

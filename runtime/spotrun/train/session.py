@@ -502,7 +502,9 @@ class Session:
             self._notice = True
             if writers or self._notice_offered:
                 self.flush()
-                self._record_last_metrics()
+                # Rank 0 records the step the group stopped at, and that nothing of this
+                # attempt is left to record: the restart need not wait for the pods to go.
+                self._record_last_metrics(honoured=True)
                 if self.warm and not self._own_notice:
                     # Another replica was reclaimed; this one stays, with the final state in
                     # memory, and re-forms the group with a replacement.
@@ -712,16 +714,25 @@ class Session:
         for job in pending:
             self.writer.wait(job, left())
 
-    def _record_last_metrics(self, timeout: float | None = None) -> None:
-        """Rank 0: the status's lastMetrics becomes the last report, if progress was throttled."""
+    def _record_last_metrics(self, timeout: float | None = None, *, honoured: bool = False) -> None:
+        """Rank 0: the status's lastMetrics becomes the last report, if progress was throttled.
+
+        `honoured`: the group stopped for a preemption notice after its final checkpoint
+        was recorded (flushed): status.noticeHonoured says so, whatever was recorded before.
+        """
         if self.context.world_rank != 0 or self._last_report is None:
             return
         metrics, step, now = self._last_report
-        if self._recorded_step == step:
+        if self._recorded_step == step and not honoured:
             return
         self._recorded_step = step
         job = self.writer.submit(
-            "progress", metrics=metrics, step=step, time=now, memory=self._memory_entry(now)
+            "progress",
+            metrics=metrics,
+            step=step,
+            time=now,
+            memory=self._memory_entry(now),
+            honoured=honoured,
         )
         try:
             self.writer.wait(job, timeout)

@@ -241,7 +241,11 @@ class Worker:
             return {"uri": commit.uri, "seq": commit.manifest.seq, "step": commit.manifest.step}
         if op == "progress":
             return self.sink.progress(
-                args["metrics"], args["step"], args["time"], args.get("memory")
+                args["metrics"],
+                args["step"],
+                args["time"],
+                args.get("memory"),
+                honoured=bool(args.get("honoured")),
             )
         if op == "corrupt":
             return self.sink.checkpoint_corrupt(args["message"], args["time"])
