@@ -158,9 +158,21 @@ def main() -> int:
         default=None,
         help="with --real-node: a running cluster's run dir (default: start one, stop it after)",
     )
+    parser.add_argument(
+        "--mtbf-env",
+        action="store_true",
+        help=(
+            "with --real-node: give the faulted arms' trainers SPOTRUN_MTBF_SECONDS, the "
+            "faults' mean interval, as `spotrun run` does (default: as a user's job runs, "
+            "the cadences assume 3600 s until the first interruption, then the job's own "
+            "from its ledger, status.group.mtbfSeconds)"
+        ),
+    )
     args = parser.parse_args()
     if args.run_dir is not None and not args.real_node:
         parser.error("--run-dir needs --real-node")
+    if args.mtbf_env and not args.real_node:
+        parser.error("--mtbf-env is --real-node's (`spotrun run` sets it for injected faults)")
     if args.real_node and args.unavailable_for:
         parser.error("--unavailable-for is local mode's (spotrun run --unavailable-for) only")
 
@@ -216,6 +228,7 @@ def run_node(
                     spares=args.spares,
                     steps=args.steps,
                     timeout=args.timeout,
+                    mtbf_env=args.mtbf_env,
                 )
                 results[arm].append(result)
                 print_run(rep, arm, result)

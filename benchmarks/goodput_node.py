@@ -14,8 +14,10 @@ one operator per run, and injects the faults itself, the way `spotrun run` does 
 - a preemption deletes its pod gracefully (SIGTERM to the trainer: a final checkpoint, the
   way a node's shutdown reclaims a spot VM); a kill SIGKILLs every process of its trainer
   container through containerd and force-deletes the pod (a node lost without notice);
-- the faulted arms' trainers get SPOTRUN_MTBF_SECONDS, the faults' mean interval, as
-  `spotrun run` sets it for injected faults (the checkpoint cadences' MTBF).
+- the checkpoint cadences' MTBF is what a user's job gets: 3600 s until the first
+  interruption, then the job's observed one (status.group.mtbfSeconds); with --mtbf-env
+  the faulted arms' trainers get SPOTRUN_MTBF_SECONDS, the faults' mean interval, as
+  `spotrun run` sets it for injected faults.
 
 The wall time runs from the TrainJob's creation (the operator already serving) until the
 benchmark sees it Succeeded, for the fault-free arm as for the others.
@@ -175,6 +177,7 @@ def run_arm(
     spares: int,
     steps: int | None,
     timeout: float,
+    mtbf_env: bool = False,
 ) -> dict[str, Any]:
     """One run of ARM on the real node, in a namespace of its own, torn down after."""
     mode, pool = ARMS[arm]
@@ -185,7 +188,9 @@ def run_arm(
         spares=spares if pool else 0,
         steps=steps,
         # All kinds together (the local supervisor's mtbf_seconds): 1 / the sum of the rates.
-        mtbf=None if arm == "fault-free" else 1 / sum(1 / s for s in every.values()),
+        mtbf=None
+        if arm == "fault-free" or not mtbf_env
+        else 1 / sum(1 / s for s in every.values()),
     )
     schedule = (
         None
