@@ -160,6 +160,49 @@ def test_preemption_signal_restarts_the_group_once_from_the_checkpoint(
     assert not operator.tracebacks(), operator.log()
 
 
+def test_a_recorded_notice_restarts_the_group_before_the_reclaimed_pod_is_gone(
+    api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    """Rank 0's status.noticeHonoured ends the wait for the final checkpoint at once.
+
+    The reclaimed pod takes 20 s to go (KWOK's delete delay: a kubelet reporting its
+    container's exit late); without the mark the policy waits for it, up to the pod's
+    grace (30 s), since it may still be writing the final checkpoint.
+    """
+    template = {
+        "metadata": {"annotations": {"pod-delete.stage.kwok.x-k8s.io/delay": "20s"}},
+        "spec": {"nodeSelector": {"cloud.google.com/gke-spot": "true"}},
+    }
+    start_with_checkpoint(api, cluster, namespace, template=template)
+    core = client.CoreV1Api(api)
+    reclaimed = core.read_namespaced_pod(f"{JOB}-0", namespace)
+    core.delete_namespaced_pod(f"{JOB}-0", namespace)
+    wait_until(
+        "the preemption counted",
+        lambda: (
+            (st := status(api, namespace, JOB))["preemptions"] == 1 and st["state"] == "Restarting"
+        ),
+    )
+    holds(
+        "no restart while the reclaimed replica may still write",
+        lambda: status(api, namespace, JOB)["attempt"] == 1,
+        seconds=3,
+    )
+
+    sink = runtime_sink(cluster, api, namespace, JOB, attempt=1)
+    sink.progress({"loss": 0.5}, 800, time.time(), honoured=True)
+
+    st = wait_until(
+        "the restart", lambda: (s := status(api, namespace, JOB))["attempt"] == 2 and s, timeout=10
+    )
+    assert st["noticeHonoured"]["attempt"] == 1 and st["preemptions"] == 1, st
+    # The restart did not wait for the reclaimed pod: it is still going.
+    still = core.read_namespaced_pod(f"{JOB}-0", namespace)
+    assert still.metadata.uid == reclaimed.metadata.uid and still.metadata.deletion_timestamp
+    wait_running(api, namespace, JOB, attempt=2, replicas=2)
+    assert not operator.tracebacks(), operator.log()
+
+
 def test_node_deleted_restarts_the_group_once_from_the_checkpoint(
     api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator
 ) -> None:
