@@ -378,9 +378,8 @@ def contract_env(
     # The launcher's deadline follows the pod's grace period, and the progress reports the
     # hang deadline (spotrun.contract.timing_env, the same rule as `spotrun run`).
     env.extend({"name": k, "value": v} for k, v in contract.timing_env(spec).items())
-    if mtbf_seconds is not None:
-        # The job's mean time between interruptions so far: its checkpoint cadences' MTBF.
-        env.append({"name": contract.OBSERVED_MTBF, "value": f"{mtbf_seconds:g}"})
+    # The job's mean time between interruptions so far: its checkpoint cadences' MTBF.
+    env.extend({"name": k, "value": v} for k, v in contract.observed_mtbf_env(mtbf_seconds).items())
     return env
 
 

@@ -62,6 +62,12 @@ MASTER_PORT = "MASTER_PORT"
 GRACE_SECONDS = "SPOTRUN_GRACE_SECONDS"
 PROGRESS_SECONDS = "SPOTRUN_PROGRESS_SECONDS"
 
+
+def observed_mtbf_env(seconds: float | None) -> dict[str, str]:
+    """The environment that hands a group's observed MTBF to its workers ({} when none)."""
+    return {} if seconds is None else {OBSERVED_MTBF: f"{seconds:g}"}
+
+
 DEFAULT_NAMESPACE = "default"
 DEFAULT_MASTER_PORT = 29500
 

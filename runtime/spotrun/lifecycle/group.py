@@ -25,10 +25,11 @@ cadences, survivors through their next group file, new pods through their enviro
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from spotrun.lifecycle.times import positive_seconds
 
 Mode = Literal["warm", "cold"]
 
@@ -96,7 +97,7 @@ class GroupRecord:
             len(members) != replicas or len(set(members)) != replicas or min(members) < 0
         ):
             return None  # members that do not make a group of `replicas` ranks
-        mtbf = _positive(raw.get("mtbfSeconds"))
+        mtbf = positive_seconds(raw.get("mtbfSeconds"))  # unusable: the prior stands
         return cls(attempt, mode, replicas, kept, master_port, promoted, members, mtbf)
 
     def keeps(self, index: int) -> bool:
@@ -120,17 +121,6 @@ class GroupRecord:
     def promotes(self, spare: int) -> int | None:
         """The node rank spare slot `spare` takes in this group, or None."""
         return next((rank for slot, rank in self.promoted if slot == spare), None)
-
-
-def _positive(raw: Any) -> float | None:
-    """A positive, finite number of seconds, or None (absent or unusable: the prior stands)."""
-    if raw is None or isinstance(raw, bool):
-        return None
-    try:
-        value = float(raw)
-    except (TypeError, ValueError):
-        return None
-    return value if math.isfinite(value) and value > 0 else None
 
 
 def rendezvous_port(base: int, attempt: int) -> int:

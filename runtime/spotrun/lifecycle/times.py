@@ -8,6 +8,8 @@ recovery time measured in local mode is not rounded to whole seconds.
 from __future__ import annotations
 
 import datetime as dt
+import math
+from typing import Any
 
 
 def format_time(seconds: float) -> str:
@@ -26,3 +28,14 @@ def parse_time(text: str) -> float:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=dt.UTC)
     return moment.timestamp()
+
+
+def positive_seconds(raw: Any) -> float | None:
+    """A positive, finite number of seconds from a status field or an env value, else None."""
+    if raw is None or isinstance(raw, bool):
+        return None
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None

@@ -726,8 +726,8 @@ class LocalRun:
         # (kept replicas get it in their next group file); trainer.env's own MTBF wins.
         env.pop(contract.OBSERVED_MTBF, None)
         record = GroupRecord.from_status(self.status)
-        if record is not None and record.attempt == attempt and record.mtbf_seconds is not None:
-            env[contract.OBSERVED_MTBF] = f"{record.mtbf_seconds:g}"
+        if record is not None and record.attempt == attempt:
+            env.update(contract.observed_mtbf_env(record.mtbf_seconds))
         if self.options.fail_rank is not None:
             env[_fault_worker.FAIL_RANK] = str(self.options.fail_rank)
             env[_fault_worker.FAIL_AFTER] = str(self.options.fail_after)

@@ -629,10 +629,9 @@ class _Membership:
         rank = record.node_rank_of(self.index)
         if rank is None:
             return  # kept outside the group: a spare pod that goes on waiting
-        if record.mtbf_seconds is not None:
-            # The job's mean time between interruptions now: the next cadences' MTBF (new
-            # pods get it in their environment from the operator).
-            env[contract.OBSERVED_MTBF] = f"{record.mtbf_seconds:g}"
+        # The job's mean time between interruptions now: the next cadences' MTBF (new pods
+        # get it in their environment from the operator).
+        env.update(contract.observed_mtbf_env(record.mtbf_seconds))
         self.node_rank, self.replicas = rank, record.replicas
         port = record.master_port or rendezvous_port(contract.DEFAULT_MASTER_PORT, record.attempt)
         group = GroupFile(

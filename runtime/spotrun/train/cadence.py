@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from spotrun import contract
+from spotrun.lifecycle.times import positive_seconds
 
 DEFAULT_MTBF_SECONDS = 3600.0  # spot VMs: roughly hourly preemptions is a cautious prior
 
@@ -28,25 +29,17 @@ def mtbf_seconds(env: Mapping[str, str] | None = None) -> tuple[float, str]:
     env = os.environ if env is None else env
     raw = env.get(contract.MTBF, "").strip()
     if raw:
-        value = _positive(raw)
+        value = positive_seconds(raw)
         if value is None:
             raise ValueError(
                 f"{contract.MTBF} must be a positive number of seconds (the mean time between "
                 f"preemptions the checkpoint cadences assume), got {raw!r}"
             )
         return value, contract.MTBF
-    observed = _positive(env.get(contract.OBSERVED_MTBF, "").strip())
+    observed = positive_seconds(env.get(contract.OBSERVED_MTBF))
     if observed is not None:
         return observed, "observed: status.group.mtbfSeconds"
     return DEFAULT_MTBF_SECONDS, "the default: no interruption yet"
-
-
-def _positive(raw: str) -> float | None:
-    try:
-        value = float(raw)
-    except ValueError:
-        return None
-    return value if math.isfinite(value) and value > 0 else None
 
 
 def young_daly_interval(
