@@ -24,7 +24,8 @@ of `hack/cluster up --real-node` (a kubelet on containerd; --run-dir names a run
 else one is started and stopped), the benchmark injecting the same seeded faults into pods
 (benchmarks/goodput_node.py): a graceful pod deletion for a preemption, SIGKILL to the
 trainer container and a forced deletion for a kill. Its arms: fault-free, warm, pool
-(spec.spares, the spares a cluster has) and cold.
+(spec.spares, the spares a cluster has), cold, and idle-pool (the pool arm's job without
+faults: what its waiting spares cost a group that loses nothing).
 
 Goodput is the fault-free wall time divided by the faulted wall time (1.0: faults cost
 nothing). The faults are drawn from one seed per repetition, so the warm and cold arms of a

@@ -34,7 +34,16 @@ import recovery  # benchmarks/recovery.py: the real node's TrainJob harness
 from spotrun.local.faults import FaultKind, FaultSchedule
 
 # The arms a cluster has: spares are spec.spares (pods by ordinal), the only spares there are.
-ARMS = {"fault-free": ("Warm", 0), "warm": ("Warm", 0), "pool": ("Warm", 1), "cold": ("Cold", 0)}
+ARMS = {
+    "fault-free": ("Warm", 0),
+    "warm": ("Warm", 0),
+    "pool": ("Warm", 1),
+    "cold": ("Cold", 0),
+    # The pool arm's job without faults: what its waiting spares cost a group that loses nothing.
+    "idle-pool": ("Warm", 1),
+}
+# The arms without injected faults.
+FAULT_FREE = ("fault-free", "idle-pool")
 POLL_SECONDS = 0.2
 
 
@@ -188,13 +197,11 @@ def run_arm(
         spares=spares if pool else 0,
         steps=steps,
         # All kinds together (the local supervisor's mtbf_seconds): 1 / the sum of the rates.
-        mtbf=None
-        if arm == "fault-free" or not mtbf_env
-        else 1 / sum(1 / s for s in every.values()),
+        mtbf=None if arm in FAULT_FREE or not mtbf_env else 1 / sum(1 / s for s in every.values()),
     )
     schedule = (
         None
-        if arm == "fault-free"
+        if arm in FAULT_FREE
         else FaultSchedule(
             every=cast(dict[FaultKind, float], every),
             rng=random.Random(1000 + rep),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from spotrun.contract import PodContract
 from spotrun.lifecycle import JobSpec, Observation, ReplicaObservation, RestartGroup, plan
 from spotrun.lifecycle.group import GroupRecord, rendezvous_port
 from spotrun.membership.groupfile import GroupFile
+from spotrun.pod import launcher
 from spotrun.pod.launcher import _Membership
 from spotrun.train.regroup import Holding, Slot, choose_source, is_group_failure
 
@@ -186,6 +190,79 @@ def test_a_kept_replicas_next_group_file_carries_the_observed_mtbf(tmp_path: Pat
         assert written.attempt == 3
         assert "SPOTRUN_OBSERVED_MTBF_SECONDS" not in written.worker_env(0)
     finally:
+        membership.stop()
+
+
+def test_a_spare_pods_workers_may_start_once_its_attempt_reports_progress(
+    tmp_path: Path,
+) -> None:
+    pod = PodContract(job="j", replicas=2, node_rank=2, attempt=1, storage=str(tmp_path))
+    membership = _Membership(pod, 1, {})
+    membership.joining = True
+    try:
+        group = GroupRecord(1, "warm", 2, (0, 1, 2)).to_status()
+        membership.on_status({"attempt": 1, "group": group})
+        membership.on_status({"attempt": 1, "group": group, "state": "Running"})
+        assert not membership.may_start.is_set()  # the group's pods run, it trains not yet
+        progress = {"step": 0, "time": "2026-12-07T00:00:00Z"}
+        membership.on_status({"attempt": 1, "group": group, "lastMetrics": progress})
+        assert membership.may_start.is_set()
+        assert not Path(membership.path).exists()  # still a spare: no group names it
+    finally:
+        membership.stop()
+
+
+def test_a_spare_started_mid_attempt_waits_for_that_attempts_next_progress(
+    tmp_path: Path,
+) -> None:
+    """A promoted spare's successor sees the attempt's progress so far; it waits for more."""
+    pod = PodContract(job="j", replicas=2, node_rank=1, attempt=2, storage=str(tmp_path))
+    membership = _Membership(pod, 1, {})
+    membership.joining = True
+    try:
+        group = GroupRecord(2, "warm", 2, (0, 2), members=(0, 2)).to_status()
+        seen = {"attempt": 2, "group": group, "lastMetrics": {"step": 40}}
+        membership.on_status(seen)
+        membership.on_status(dict(seen))
+        assert not membership.may_start.is_set()
+        membership.on_status({**seen, "lastMetrics": {"step": 47}})
+        assert membership.may_start.is_set()
+    finally:
+        membership.stop()
+
+
+def test_a_spare_named_by_a_group_before_it_started_starts_at_once(tmp_path: Path) -> None:
+    pod = PodContract(job="j", replicas=2, node_rank=2, attempt=1, storage=str(tmp_path))
+    membership = _Membership(pod, 1, {})
+    membership.joining = True
+    try:
+        first = GroupRecord(1, "warm", 2, (0, 1, 2)).to_status()
+        membership.on_status({"attempt": 1, "group": first, "state": "Running"})
+        assert not membership.may_start.is_set()
+        # Member 1 lost before the group reported progress: spare 2 takes its place.
+        promoted = GroupRecord(2, "warm", 2, (0, 2), members=(0, 2)).to_status()
+        membership.on_status({"attempt": 2, "group": promoted, "state": "Restarting"})
+        assert membership.may_start.is_set()
+        written = GroupFile.from_bytes(Path(membership.path).read_bytes())
+        assert (written.attempt, written.node_rank) == (2, 1)
+    finally:
+        membership.stop()
+
+
+def test_a_held_spare_stopped_by_sigterm_starts_nothing(tmp_path: Path) -> None:
+    pod = PodContract(job="j", replicas=2, node_rank=2, attempt=1, storage=str(tmp_path))
+    membership = _Membership(pod, 1, {})
+    membership.joining = True
+    before = signal.getsignal(signal.SIGTERM)
+    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        assert launcher._hold_spare(membership) is False
+        assert signal.getsignal(signal.SIGTERM) == before
+        membership.may_start.set()
+        assert launcher._hold_spare(membership) is True
+    finally:
+        timer.cancel()
         membership.stop()
 
 

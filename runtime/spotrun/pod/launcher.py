@@ -477,11 +477,16 @@ def launch(
             env[contract.SPARE] = f"replica-{pod.node_rank}"
             membership.joining = True
             until = "a member is lost" if pool else "the group grows back to include it"
+            start = "once the group trains, then " if pool else ""
             _log(
                 f"replica {pod.node_rank} is not a member of attempt {pod.attempt}'s group; "
-                f"its workers import and wait until {until}"
+                f"its workers start {start}import and wait until {until}"
             )
         membership.start()
+        if pool and membership.joining and not _hold_spare(membership):
+            membership.stop()
+            _log("stopped before its workers started; exiting with code 0")
+            return 0
     if threading.current_thread() is not threading.main_thread():
         # Only the main thread can take signals; preexec_fn is unsafe beside other threads.
         raise LaunchError("launch() must run in the main thread of its process")
@@ -575,6 +580,11 @@ class _Membership:
         )
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Set once the status shows the current attempt training (its lastMetrics changed
+        # since this launcher first saw that attempt), or a group names this replica: when
+        # a spare pod's workers may start (_hold_spare).
+        self.may_start = threading.Event()
+        self._metrics_at: dict[Any, Any] = {}
 
     def outside_group(self, timeout: float = 10.0) -> bool:
         """Whether the status says this replica's attempt formed its group without it.
@@ -593,6 +603,7 @@ class _Membership:
     def start(self) -> None:
         if self.feed is None:
             _log("warm recovery: no status to follow from this pod; a lost member fails the group")
+            self.may_start.set()
             return
         self._thread = threading.Thread(
             target=self.feed.follow, args=(self.on_status, self._stop), daemon=True
@@ -600,6 +611,9 @@ class _Membership:
         self._thread.start()
 
     def on_status(self, status: Mapping[str, Any]) -> None:
+        metrics = status.get("lastMetrics")
+        if metrics != self._metrics_at.setdefault(status.get("attempt"), metrics):
+            self.may_start.set()
         record = GroupRecord.from_status(status)
         if record is None or record.attempt <= self.attempt:
             return
@@ -648,6 +662,7 @@ class _Membership:
             handle.write(group.to_bytes())
         os.replace(tmp, self.path)
         self.attempt = record.attempt
+        self.may_start.set()
         what = promoted or "this replica is kept (warm recovery)"
         _log(
             f"attempt {record.attempt}: {what}; its workers "
@@ -688,6 +703,31 @@ def _record_completion(pod: PodContract) -> None:
         sink.completed(None, time.time())
     except Exception as err:  # the exit code still says success, and the supervisor sees it
         _log(f"could not record completion in the status: {err}")
+
+
+def _hold_spare(membership: _Membership) -> bool:
+    """A spare pod (spec.spares): waits to start its workers until the group trains.
+
+    A spare's start (two imports of torch: its worker's and its writer's) would take the
+    CPU from the group's own start, or from a promoted spare still catching up, which the
+    whole group waits for. It starts at once if a group names it first (a member lost
+    before it was ready: it then joins as a replacement would, its pod already running).
+    False when SIGTERM or SIGINT came first (the pod is going; nothing was started).
+    """
+    stopped = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stopped.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not membership.may_start.wait(0.2):
+            if stopped.is_set():
+                return False
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return not stopped.is_set()
 
 
 def _hold_until_signal() -> None:
