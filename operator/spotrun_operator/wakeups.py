@@ -63,18 +63,12 @@ class Wakeups:
         return len(self._slots)
 
 
-def settle_seconds(
-    last_pass_started: float, now: float, debounce: float, *, due: bool = False
-) -> float:
-    """How long a loop woken by news at `now` waits before its next pass (monotonic seconds).
+def settle_seconds(last_pass_started: float, now: float, debounce: float) -> float:
+    """How long a loop woken at `now` waits before its next pass (monotonic seconds).
 
     A leading-edge debounce: news after a quiet spell (a pod lost, a notice honoured) is
     acted on at once, and news within `debounce` of the last pass's start (the dozens of
-    events of a restart) waits for the rest of that window, so a job's loop runs at most
-    one pass per `debounce`. `due`: the last pass asked for the next one at once (it
-    recorded a preemption, whose restart has no backoff): that pass does not wait, or a
-    loss would cost a detection and then a debounce before its restart.
+    events of a restart) waits for the rest of that window, so a job's loop still runs at
+    most one pass per `debounce`.
     """
-    if due:
-        return 0.0
     return max(0.0, last_pass_started + debounce - now)

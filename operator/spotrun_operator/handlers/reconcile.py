@@ -101,8 +101,6 @@ async def run(
     key = (namespace, name)
     memory = JobMemory()
     failures = 0
-    # Whether the last pass asked for the next one at once (see settle_seconds).
-    was_due = False
     stop_task = asyncio.ensure_future(_stopped(stopped))
     try:
         while not stopped:
@@ -146,17 +144,13 @@ async def run(
                 metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
                 shared.last_pass = time.time()
             timeout = min(max(0.0, next_at - time.time()), shared.config.resync_seconds)
-            # Never twice in a row: a policy that kept asking would not spin the loop.
-            due, was_due = timeout == 0 and not was_due, timeout == 0
             woken = asyncio.ensure_future(shared.wakeups.wait(key, seen_version, timeout))
             await asyncio.wait({woken, stop_task}, return_when=asyncio.FIRST_COMPLETED)
             if not woken.done():
                 woken.cancel()
                 break
             if woken.result() != seen_version:
-                settle = settle_seconds(
-                    started, time.monotonic(), shared.config.debounce_seconds, due=due
-                )
+                settle = settle_seconds(started, time.monotonic(), shared.config.debounce_seconds)
                 if settle:
                     await asyncio.sleep(settle)
     finally:
