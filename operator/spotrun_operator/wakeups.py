@@ -61,14 +61,3 @@ class Wakeups:
 
     def __len__(self) -> int:
         return len(self._slots)
-
-
-def settle_seconds(last_pass_started: float, now: float, debounce: float) -> float:
-    """How long a loop woken at `now` waits before its next pass (monotonic seconds).
-
-    A leading-edge debounce: news after a quiet spell (a pod lost, a notice honoured) is
-    acted on at once, and news within `debounce` of the last pass's start (the dozens of
-    events of a restart) waits for the rest of that window, so a job's loop still runs at
-    most one pass per `debounce`.
-    """
-    return max(0.0, last_pass_started + debounce - now)

@@ -10,13 +10,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import pytest
-
 from spotrun.lifecycle import JobSpec, Observation, ReplicaObservation, plan
 from spotrun.lifecycle.spec import Backoff, Elastic, FailurePolicy
 from spotrun_operator import transitions
 from spotrun_operator.handlers.reconcile import freshest
-from spotrun_operator.wakeups import Wakeups, settle_seconds
+from spotrun_operator.wakeups import Wakeups
 
 T0 = 1_700_000_000.0
 SPEC = JobSpec(replicas=2, failure_policy=FailurePolicy(backoff=Backoff(1.0, 2.0, 0.0)))
@@ -118,21 +116,6 @@ def test_wait_returns_after_the_timeout_without_a_poke() -> None:
         return await wakeups.wait(("ns", "a"), wakeups.version(("ns", "a")), timeout=0.05)
 
     assert asyncio.run(scenario()) == 0
-
-
-@pytest.mark.parametrize(
-    ("since_last_pass", "settle"),
-    [
-        (5.0, 0.0),  # news after a quiet spell (a pod lost): the next pass at once
-        (0.2, 0.0),
-        (0.05, 0.15),  # within a burst: the rest of the window
-        (0.0, 0.2),
-    ],
-)
-def test_a_woken_loop_waits_only_for_the_rest_of_its_debounce_window(
-    since_last_pass: float, settle: float
-) -> None:
-    assert settle_seconds(100.0, 100.0 + since_last_pass, 0.2) == pytest.approx(settle)
 
 
 def _corrupt(message: str, when: str = "2026-12-03T10:00:00Z") -> dict[str, object]:

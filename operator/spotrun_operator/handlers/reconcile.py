@@ -40,7 +40,7 @@ from spotrun_operator import children, metrics, names, observe, transitions
 from spotrun_operator.apply import Conflict, Gone
 from spotrun_operator.config import Shared
 from spotrun_operator.observe import GONE_REASONS, NodeFacts, SeenPods
-from spotrun_operator.wakeups import JobKey, settle_seconds
+from spotrun_operator.wakeups import JobKey
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,7 @@ async def run(
                 woken.cancel()
                 break
             if woken.result() != seen_version:
-                settle = settle_seconds(started, time.monotonic(), shared.config.debounce_seconds)
-                if settle:
-                    await asyncio.sleep(settle)
+                await asyncio.sleep(shared.config.debounce_seconds)
     finally:
         stop_task.cancel()
         shared.wakeups.forget(key)
