@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -193,13 +195,24 @@ def test_a_kept_replicas_next_group_file_carries_the_observed_mtbf(tmp_path: Pat
         membership.stop()
 
 
-def test_a_spare_pods_workers_may_start_once_its_attempt_reports_progress(
-    tmp_path: Path,
-) -> None:
-    pod = PodContract(job="j", replicas=2, node_rank=2, attempt=1, storage=str(tmp_path))
+@contextlib.contextmanager
+def spare_pod(tmp_path: Path, node_rank: int, attempt: int) -> Iterator[_Membership]:
+    """The membership of a pool pod outside its group (a spare of spec.spares), stopped after."""
+    pod = PodContract(
+        job="j", replicas=2, node_rank=node_rank, attempt=attempt, storage=str(tmp_path)
+    )
     membership = _Membership(pod, 1, {})
     membership.joining = True
     try:
+        yield membership
+    finally:
+        membership.stop()
+
+
+def test_a_spare_pods_workers_may_start_once_its_attempt_reports_progress(
+    tmp_path: Path,
+) -> None:
+    with spare_pod(tmp_path, 2, 1) as membership:
         group = GroupRecord(1, "warm", 2, (0, 1, 2)).to_status()
         membership.on_status({"attempt": 1, "group": group})
         membership.on_status({"attempt": 1, "group": group, "state": "Running"})
@@ -208,18 +221,13 @@ def test_a_spare_pods_workers_may_start_once_its_attempt_reports_progress(
         membership.on_status({"attempt": 1, "group": group, "lastMetrics": progress})
         assert membership.may_start.is_set()
         assert not Path(membership.path).exists()  # still a spare: no group names it
-    finally:
-        membership.stop()
 
 
 def test_a_spare_started_mid_attempt_waits_for_that_attempts_next_progress(
     tmp_path: Path,
 ) -> None:
     """A promoted spare's successor sees the attempt's progress so far; it waits for more."""
-    pod = PodContract(job="j", replicas=2, node_rank=1, attempt=2, storage=str(tmp_path))
-    membership = _Membership(pod, 1, {})
-    membership.joining = True
-    try:
+    with spare_pod(tmp_path, 1, 2) as membership:
         group = GroupRecord(2, "warm", 2, (0, 2), members=(0, 2)).to_status()
         seen = {"attempt": 2, "group": group, "lastMetrics": {"step": 40}}
         membership.on_status(seen)
@@ -227,15 +235,10 @@ def test_a_spare_started_mid_attempt_waits_for_that_attempts_next_progress(
         assert not membership.may_start.is_set()
         membership.on_status({**seen, "lastMetrics": {"step": 47}})
         assert membership.may_start.is_set()
-    finally:
-        membership.stop()
 
 
 def test_a_spare_named_by_a_group_before_it_started_starts_at_once(tmp_path: Path) -> None:
-    pod = PodContract(job="j", replicas=2, node_rank=2, attempt=1, storage=str(tmp_path))
-    membership = _Membership(pod, 1, {})
-    membership.joining = True
-    try:
+    with spare_pod(tmp_path, 2, 1) as membership:
         first = GroupRecord(1, "warm", 2, (0, 1, 2)).to_status()
         membership.on_status({"attempt": 1, "group": first, "state": "Running"})
         assert not membership.may_start.is_set()
@@ -245,25 +248,20 @@ def test_a_spare_named_by_a_group_before_it_started_starts_at_once(tmp_path: Pat
         assert membership.may_start.is_set()
         written = GroupFile.from_bytes(Path(membership.path).read_bytes())
         assert (written.attempt, written.node_rank) == (2, 1)
-    finally:
-        membership.stop()
 
 
 def test_a_held_spare_stopped_by_sigterm_starts_nothing(tmp_path: Path) -> None:
-    pod = PodContract(job="j", replicas=2, node_rank=2, attempt=1, storage=str(tmp_path))
-    membership = _Membership(pod, 1, {})
-    membership.joining = True
     before = signal.getsignal(signal.SIGTERM)
-    timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        assert launcher._hold_spare(membership) is False
+    with spare_pod(tmp_path, 2, 1) as membership:
+        timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
+        timer.start()
+        try:
+            assert launcher._hold_spare(membership) is False
+        finally:
+            timer.cancel()
         assert signal.getsignal(signal.SIGTERM) == before
         membership.may_start.set()
         assert launcher._hold_spare(membership) is True
-    finally:
-        timer.cancel()
-        membership.stop()
 
 
 def test_the_group_file_gives_each_worker_its_rank_in_the_next_group() -> None:
