@@ -33,6 +33,7 @@ from spotrun_operator.transitions import Event
 log = logging.getLogger(__name__)
 
 MERGE_PATCH = "application/merge-patch+json"
+STRATEGIC_MERGE_PATCH = "application/strategic-merge-patch+json"
 JSON_PATCH = "application/json-patch+json"
 FIELD_MANAGER = "spotrun-operator"
 
@@ -209,6 +210,21 @@ class Api:
             field_manager=FIELD_MANAGER,
             _content_type=MERGE_PATCH,
         )
+
+    async def patch_statefulset(self, namespace: str, name: str, patch: Mapping[str, Any]) -> None:
+        """A strategic merge patch of StatefulSet `name` (lists such as env merge by name)."""
+        try:
+            await self._call(
+                self.apps.patch_namespaced_stateful_set,
+                name,
+                namespace,
+                patch,
+                field_manager=FIELD_MANAGER,
+                _content_type=STRATEGIC_MERGE_PATCH,
+            )
+        except ApiException as err:
+            if err.status != 404:
+                raise
 
     async def scale_statefulset(self, namespace: str, name: str, replicas: int) -> None:
         try:

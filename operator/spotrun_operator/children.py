@@ -269,6 +269,7 @@ def statefulset(
             resume_from=resume_from,
             defaults=defaults,
             mtbf_seconds=mtbf_seconds,
+            pods=replicas,
         ),
     }
     return _owned(
@@ -318,6 +319,7 @@ def contract_env(
     resume_from: str | None,
     defaults: Defaults = NO_DEFAULTS,
     mtbf_seconds: float | None = None,
+    pods: int | None = None,
 ) -> list[dict[str, Any]]:
     """The pod contract as container env; the node rank comes from the pod-index label."""
     name, namespace = _meta(job)
@@ -361,16 +363,7 @@ def contract_env(
         batch = "perReplica" if elastic.get("batch") == "perReplica" else "global"
         env.append({"name": contract.ELASTIC_BATCH, "value": batch})
         env.append({"name": contract.TARGET_REPLICAS, "value": str(int(spec.get("replicas", 1)))})
-    spares = int(spec.get("spares") or 0)
-    if spares:
-        # The pool's pods beyond spec.replicas wait outside the group until a warm recovery
-        # puts one in a lost member's place.
-        env.append({"name": contract.SPARES, "value": str(spares)})
-    if elastic is not None or spares:
-        # Rank 0 moves when a group re-forms without replica 0 (an elastic group without it,
-        # or a spare in its place): every replica's address.
-        member = f"{names.statefulset(name)}-{{index}}.{names.service(name)}.{namespace}.svc"
-        env.append({"name": contract.MEMBER_ADDR, "value": member})
+    env.extend(pool_env(job, pods))
     # The launcher then keeps the container alive after training returned, so that
     # `restartPolicy: Always` does not rerun it; the operator marks the job Succeeded and
     # scales the StatefulSet to 0.
@@ -383,6 +376,43 @@ def contract_env(
     return env
 
 
+def pool_env(job: Mapping[str, Any], pods: int | None = None) -> list[dict[str, Any]]:
+    """What a pod learns of the pool (spec.spares) from its env, for a StatefulSet of `pods`.
+
+    SPOTRUN_SPARES is how many pods run beyond spec.replicas (`pods` - replicas; spec.spares
+    when `pods` is None): they wait outside the group until a warm recovery puts one in a
+    lost member's place. It can exceed spec.spares for a while after spec.spares is lowered,
+    while a member still sits at an ordinal beyond the new pool. A warm job's pods also get
+    every replica's address: rank 0 moves when a group re-forms without replica 0 (an
+    elastic group without it, or a spare in its place), and spec.spares may be raised later.
+    """
+    name, namespace = _meta(job)
+    spec = job.get("spec") or {}
+    replicas = int(spec.get("replicas", 1))
+    spares = int(spec.get("spares") or 0) if pods is None else max(0, pods - replicas)
+    env: list[dict[str, Any]] = []
+    if spares:
+        env.append({"name": contract.SPARES, "value": str(spares)})
+    if str(spec.get("recovery", "Warm")).lower() != "cold":
+        member = f"{names.statefulset(name)}-{{index}}.{names.service(name)}.{namespace}.svc"
+        env.append({"name": contract.MEMBER_ADDR, "value": member})
+    return env
+
+
+def pool_patch(job: Mapping[str, Any], pods: int) -> dict[str, Any]:
+    """A strategic merge patch that resizes a running attempt's StatefulSet to `pods`.
+
+    spec.spares changed: the StatefulSet controller adds or removes the pods beyond the
+    group, and those it adds get the pool's new size (pool_env) from the template; nothing
+    else of the attempt's template changes (OnDelete: no running pod is touched).
+    """
+    env = pool_env(job, pods)
+    if not any(e["name"] == contract.SPARES for e in env):
+        env.append({"name": contract.SPARES, "value": "0"})
+    container = {"name": names.TRAINER_CONTAINER, "env": env}
+    return {"spec": {"replicas": pods, "template": {"spec": {"containers": [container]}}}}
+
+
 def pod_template(
     job: Mapping[str, Any],
     *,
@@ -390,6 +420,7 @@ def pod_template(
     resume_from: str | None,
     defaults: Defaults = NO_DEFAULTS,
     mtbf_seconds: float | None = None,
+    pods: int | None = None,
 ) -> dict[str, Any]:
     """The pod template of one attempt: the user's overrides merged under the contract."""
     name, _ = _meta(job)
@@ -404,7 +435,12 @@ def pod_template(
     if user_meta.get("annotations"):
         metadata["annotations"] = {str(k): str(v) for k, v in user_meta["annotations"].items()}
     spec = pod_spec(
-        job, attempt=attempt, resume_from=resume_from, defaults=defaults, mtbf_seconds=mtbf_seconds
+        job,
+        attempt=attempt,
+        resume_from=resume_from,
+        defaults=defaults,
+        mtbf_seconds=mtbf_seconds,
+        pods=pods,
     )
     return {"metadata": metadata, "spec": spec}
 
@@ -416,6 +452,7 @@ def pod_spec(
     resume_from: str | None,
     defaults: Defaults = NO_DEFAULTS,
     mtbf_seconds: float | None = None,
+    pods: int | None = None,
 ) -> dict[str, Any]:
     """The pod spec: the contract's trainer container, restricted defaults, user overrides.
 
@@ -442,6 +479,7 @@ def pod_spec(
                 resume_from=resume_from,
                 defaults=defaults,
                 mtbf_seconds=mtbf_seconds,
+                pods=pods,
             ),
         ],
         "ports": [{"name": names.RENDEZVOUS_PORT_NAME, "containerPort": master_port(job)}],

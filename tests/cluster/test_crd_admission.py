@@ -236,11 +236,6 @@ INVALID: list[tuple[str, dict[str, Any], list[str]]] = [
         ["spec.spares", "spec.replicas of at least 2"],
     ),
     (
-        "spares-with-elastic",
-        edit("spec.elastic", {}, edit("spec.spares", 1)),
-        ["spec.spares", "spec.spares and spec.elastic cannot be combined"],
-    ),
-    (
         "spares-negative",
         edit("spec.spares", -1),
         ["spec.spares", "greater than or equal to 0"],
@@ -287,7 +282,6 @@ IMMUTABLE: list[tuple[str, dict[str, Any], str]] = [
     ("replicas", {"replicas": 3}, "spec.replicas and spec.nprocPerNode cannot change"),
     ("replicas", {"replicas": 3}, "create the job with spec.elastic"),
     ("elastic", {"elastic": {"minReplicas": 1}}, "spec.elastic cannot change after creation"),
-    ("spares", {"spares": 1}, "spec.spares cannot change after creation"),
     ("trainer", {"trainer": {"image": "other:2", "function": "a:b"}}, "spec.trainer cannot change"),
     ("storage", {"checkpoint": {"storage": "gs://elsewhere/x"}}, "spec.checkpoint cannot change"),
     ("config", {"config": {"lr": 1}}, "spec.config cannot change"),
@@ -322,6 +316,21 @@ def test_a_good_elastic_spec_is_accepted_with_its_defaults(
     assert spec["elastic"] == {"minReplicas": 1, "waitSeconds": 60, "batch": "global"}
     create(api, namespace, trainjob("not-elastic", replicas=4))
     assert "elastic" not in get_job(api, namespace, "not-elastic")["spec"]
+
+
+def test_spares_may_change_on_a_running_job_and_combine_with_elastic(
+    api: client.ApiClient, namespace: str
+) -> None:
+    create(api, namespace, trainjob("pool", replicas=2))
+    for spares in (2, 1, 0):
+        patch_spec(api, namespace, "pool", {"spares": spares})
+        assert get_job(api, namespace, "pool")["spec"]["spares"] == spares
+    create(api, namespace, trainjob("pool-elastic", replicas=3, elastic={}, spares=1))
+    spec = get_job(api, namespace, "pool-elastic")["spec"]
+    assert (spec["spares"], spec["elastic"]["minReplicas"]) == (1, 1)
+    # Still refused: spares on a job that goes Cold.
+    err = api_error(lambda: patch_spec(api, namespace, "pool-elastic", {"recovery": "Cold"}))
+    assert err.status == 422 and "needs spec.recovery: Warm" in message_of(err)
 
 
 def test_an_elastic_job_cannot_switch_to_cold_recovery(

@@ -25,19 +25,22 @@ JOB = "elastic-demo"
 CONFIG = {"samples": 256, "batch": 4, "epochs": 10, "checkpoint_every": 4, "step_seconds": 0.2}
 
 
-def elastic_job(folder: Path, batch: str = "global") -> Path:
+def elastic_job(
+    folder: Path, batch: str = "global", *, replicas: int = 4, spares: int = 0, **config: Any
+) -> Path:
     manifest = {
         "apiVersion": "spotrun.dev/v1alpha1",
         "kind": "TrainJob",
         "metadata": {"name": JOB},
         "spec": {
-            "replicas": 4,
+            "replicas": replicas,
+            **({"spares": spares} if spares else {}),
             "elastic": {"minReplicas": 2, "waitSeconds": 1, "batch": batch},
             "trainer": {
                 "image": "spotrun-runtime:dev",
                 "function": "tests.runtime.workloads.elastic_samples:train",
             },
-            "config": {**CONFIG, "out": str(folder / "final.pt")},
+            "config": {**CONFIG, **config, "out": str(folder / "final.pt")},
             "failurePolicy": {
                 "maxFailures": 0,
                 "progressDeadlineSeconds": 120,
@@ -134,3 +137,40 @@ def test_survivors_keep_their_processes_through_every_resize(
         if p.parent.name != "attempt-001"
     ]
     assert any("joins the group again" in text for text in later), later
+
+
+def test_a_spare_fills_the_first_loss_and_the_group_shrinks_only_when_none_is_left(
+    tmp_path: Path,
+) -> None:
+    """spec.spares with spec.elastic: 3 replicas and a spare (pod 3), two kills 4 s of
+    training apart, each victim's capacity away for 15 s. The first loss promotes the
+    spare (the group stays at 3); the second finds no spare waiting and no capacity, so the
+    group goes on with 2; it grows back to 3 when the first victim's pod runs again, and
+    the second victim's then waits as the spare."""
+    storage = tmp_path / "runs"
+    job = elastic_job(tmp_path, replicas=3, spares=1, samples=240, epochs=12)
+    code, out = run(
+        "run", str(job), "--storage", str(storage),
+        "--kill-every", "4s", "--max-injections", "2", "--unavailable-for", "15s",
+        "--seed", "1",
+        timeout=600,
+    )  # fmt: skip
+    assert code == 0, out
+    status = status_of(storage, job=JOB)
+    assert status["state"] == "Succeeded" and status["preemptions"] == 2, status
+    sizes = [
+        (e["reason"], e["fromReplicas"], e["toReplicas"])
+        for e in status["interruptions"]
+        if e["kind"] == "resize"
+    ]
+    assert sizes == [("CapacityUnavailable", 3, 2), ("CapacityReturned", 2, 3)], sizes
+    first, second = [e for e in status["interruptions"] if e["kind"] == "preemption"]
+    assert first["recovery"] == second["recovery"] == "warm"
+    assert status["size"] == "3/3" and status["group"]["replicas"] == 3
+    # The spare trained: pod 3 is a member of the first recovery's group or a later one.
+    logs = storage / "default" / JOB / "logs"
+    spare = [p.read_text() for p in logs.glob("attempt-*/replica-3.log")]
+    assert any("joins the group again" in text for text in spare), spare
+    # Neither the promotion nor the resizes trained a sample twice or skipped one.
+    seen = final_state(tmp_path)["seen"]
+    assert torch.equal(seen, torch.ones_like(seen)), (seen != 1).nonzero()[:10]

@@ -168,10 +168,11 @@ def test_every_rule_is_mirrored_locally_or_left_to_the_cluster_on_purpose() -> N
 
 
 def test_immutable_fields() -> None:
-    """Every spec field is immutable except suspend, failurePolicy, ttlSecondsAfterFinished and
-    recovery (how the next preemption is handled: a running group may change its mind)."""
+    """Every spec field is immutable except suspend, failurePolicy, ttlSecondsAfterFinished,
+    recovery (how the next preemption is handled: a running group may change its mind) and
+    spares (the pool grows or shrinks beside the group)."""
     rules = " ".join(r for p, r in crd_rules() if p == ("spec",))
-    mutable = {"suspend", "failurePolicy", "ttlSecondsAfterFinished", "recovery"}
+    mutable = {"suspend", "failurePolicy", "ttlSecondsAfterFinished", "recovery", "spares"}
     for name in SPEC:
         guarded = f"self.{name} == oldSelf.{name}" in rules
         assert guarded != (name in mutable), name

@@ -39,7 +39,9 @@ def make_job(**spec: Any) -> dict[str, Any]:
 
 
 def pod(job: dict[str, Any], attempt: int = 3, resume: str | None = "gs://bucket/runs/x") -> Any:
-    sts = children.statefulset(job, attempt=attempt, resume_from=resume, replicas=4)
+    spec = job["spec"]
+    pool = int(spec.get("replicas", 1)) + int(spec.get("spares") or 0)
+    sts = children.statefulset(job, attempt=attempt, resume_from=resume, replicas=pool)
     return sts["spec"]["template"]
 
 
@@ -161,7 +163,31 @@ def test_a_job_with_spares_tells_its_pods_the_pool_and_every_members_address() -
     assert env["SPOTRUN_MEMBER_ADDR"].replace("{index}", "0") == env["MASTER_ADDR"]
     assert "SPOTRUN_ELASTIC_BATCH" not in env
     for absent in (make_job(), make_job(spares=0)):
-        assert {"SPOTRUN_SPARES", "SPOTRUN_MEMBER_ADDR"}.isdisjoint(env_of(pod(absent)))
+        assert "SPOTRUN_SPARES" not in env_of(pod(absent))
+        # spec.spares may be raised later, and then a spare may take node rank 0.
+        assert env_of(pod(absent))["SPOTRUN_MEMBER_ADDR"] == env["SPOTRUN_MEMBER_ADDR"]
+    assert "SPOTRUN_MEMBER_ADDR" not in env_of(pod(make_job(recovery="Cold")))
+
+
+def test_a_pool_larger_than_spec_spares_tells_new_pods_its_real_size() -> None:
+    # spec.spares lowered to 1 while a member sits at ordinal 6: the set keeps 7 pods.
+    job = make_job(spares=1)
+    sts = children.statefulset(job, attempt=3, resume_from=None, replicas=7)
+    assert env_of(sts["spec"]["template"])["SPOTRUN_SPARES"] == "3"
+
+
+def test_the_pool_patch_resizes_the_set_and_touches_only_the_pools_env() -> None:
+    patch = children.pool_patch(make_job(spares=2), 6)
+    assert patch["spec"]["replicas"] == 6
+    (container,) = patch["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == "trainer"
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["SPOTRUN_SPARES"] == "2" and "{index}" in env["SPOTRUN_MEMBER_ADDR"]
+    assert set(env) == {"SPOTRUN_SPARES", "SPOTRUN_MEMBER_ADDR"}
+    # Lowered to none: the value is written as 0, which a launcher reads as none.
+    lowered = children.pool_patch(make_job(spares=0), 4)
+    (container,) = lowered["spec"]["template"]["spec"]["containers"]
+    assert {"name": "SPOTRUN_SPARES", "value": "0"} in container["env"]
 
 
 def test_user_env_cannot_set_the_elastic_contract() -> None:

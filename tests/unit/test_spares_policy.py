@@ -114,3 +114,53 @@ def test_without_spares_the_policy_is_unchanged() -> None:
     assert GroupRecord.from_status(decision.status) == GroupRecord(
         2, "warm", 3, (0, 2), mtbf_seconds=50.0
     )
+
+
+# -- spec.spares changed on a running job ----------------------------------------------------
+
+
+def test_the_pool_follows_spec_spares_and_never_drops_a_member() -> None:
+    from spotrun.lifecycle import pool_size
+
+    status = started()
+    assert pool_size(SPARES, status) == 4
+    assert pool_size(JobSpec(replicas=3, spares=3), status) == 6  # raised: two more pods
+    # The spare (pod 3) took member 1's place; spec.spares is then lowered to 0.
+    status = step(
+        SPARES, status, 50, running(0, 1), lost(1, 1), running(2, 1), running(3, 1)
+    ).status
+    lowered = JobSpec(replicas=3)
+    assert pool_size(lowered, status) == 4  # pod 3 is a member: the set cannot drop it yet
+    assert pool_size(SPARES, {}) == 4
+
+
+def test_lowered_spares_hand_a_members_place_beyond_the_pool_to_a_spare_inside_it() -> None:
+    from spotrun.lifecycle import pool_size
+
+    status = step(
+        SPARES, started(), 50, running(0, 1), lost(1, 1), running(2, 1), running(3, 1)
+    ).status
+    status = step(
+        SPARES, status, 52, running(0, 2), pending(1, 2), *(running(i, 2) for i in (2, 3))
+    ).status
+    assert status["state"] == "Running" and status["group"]["members"] == [0, 3, 2]
+    lowered = JobSpec(replicas=3)
+    # spec.spares is 0 now; pod 1 (the replacement) still starts: nothing to swap yet.
+    waiting = step(
+        lowered, status, 55, running(0, 2), pending(1, 2), *(running(i, 2) for i in (2, 3))
+    )
+    assert waiting.status["attempt"] == 2
+    # Pod 1 runs: a warm attempt puts it in member 3's node rank; pod 3 is not kept.
+    decision = step(lowered, waiting.status, 60, *(running(i, 2) for i in range(4)))
+    record = GroupRecord.from_status(decision.status)
+    assert record is not None and record.attempt == 3 and record.mode == "warm"
+    assert record.indices == (0, 1, 2) and "members" not in decision.status["group"]
+    (restart,) = [a for a in decision.actions if isinstance(a, RestartGroup)]
+    assert restart.keep == (0, 1, 2)
+    entry = decision.status["interruptions"][-1]
+    assert (entry["kind"], entry["reason"]) == ("resize", "SparesLowered")
+    assert "spare 1" in entry["message"] and "member 3" in entry["message"]
+    assert decision.status["preemptions"] == 1  # a resize spends no budget
+    assert pool_size(lowered, decision.status) == 3  # and the set can shrink to the pool
+    settled = step(lowered, decision.status, 62, *(running(i, 3) for i in range(3)))
+    assert settled.status["state"] == "Running" and settled.status["size"] == "3/3"

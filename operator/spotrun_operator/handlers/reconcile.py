@@ -34,6 +34,7 @@ from spotrun.lifecycle import (
     format_time,
     parse_time,
     plan,
+    pool_size,
 )
 from spotrun.lifecycle.group import GroupRecord
 from spotrun_operator import children, metrics, names, observe, transitions
@@ -219,6 +220,10 @@ async def reconcile_once(
     _checkpoint_age(namespace, name, decision.status, now)
 
     next_at = now + shared.config.resync_seconds
+    size = pool_size(spec, decision.status)
+    sizing = (StartGroup, RestartGroup, Succeed, Fail, Suspend)  # each sizes the set itself
+    if not any(isinstance(a, sizing) for a in decision.actions):
+        await _resize_pool(shared, memory, job, sts, size)
     for action in decision.actions:
         if isinstance(action, StartGroup | RestartGroup):
             record = GroupRecord.from_status(decision.status)
@@ -231,7 +236,7 @@ async def reconcile_once(
                 facts,
                 attempt=action.attempt,
                 resume_from=action.resume_from,
-                replicas=spec.pool,
+                replicas=size,
                 defaults=defaults,
                 keep=action.keep if isinstance(action, RestartGroup) else (),
                 mtbf_seconds=(
@@ -354,6 +359,29 @@ async def _run_attempt(
         # Fenced out: nothing it writes can be committed any more, and its name is wanted.
         grace = 0 if _trainer_never_ran(pod) else FENCED_POD_GRACE_SECONDS
         await _remove_pod(shared, memory, pod, facts, grace=grace)
+
+
+async def _resize_pool(
+    shared: Shared,
+    memory: JobMemory,
+    job: Mapping[str, Any],
+    sts: Mapping[str, Any] | None,
+    pods: int,
+) -> None:
+    """spec.spares changed on a running attempt: its StatefulSet runs `pods` from now on.
+
+    Only the size and the pool's env of the template change (children.pool_patch): the
+    pods beyond the group come or go, the group itself is not restarted.
+    """
+    if sts is None or sts.get("replicas") in (None, 0, pods):
+        return  # none yet, or stopped: the next StartGroup or RestartGroup sizes it
+    spec_hash = str(sts.get("specHash"))
+    if _recently_sent(memory, spec_hash, pods):
+        return
+    meta = job["metadata"]
+    name = names.statefulset(meta["name"])
+    await shared.api.patch_statefulset(meta["namespace"], name, children.pool_patch(job, pods))
+    memory.statefulset_sent = (spec_hash, pods, time.monotonic())
 
 
 def _trainer_never_ran(pod: Mapping[str, Any]) -> bool:

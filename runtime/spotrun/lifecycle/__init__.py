@@ -28,6 +28,7 @@ from spotrun.lifecycle.plan import (
     SUSPENDED,
     Plan,
     plan,
+    pool_size,
     resume_point,
 )
 from spotrun.lifecycle.spec import Backoff, CircuitBreaker, FailurePolicy, JobSpec
@@ -66,5 +67,6 @@ __all__ = [
     "format_time",
     "parse_time",
     "plan",
+    "pool_size",
     "resume_point",
 ]

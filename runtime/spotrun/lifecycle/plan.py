@@ -68,6 +68,10 @@ FINISHED = (SUCCEEDED, FAILED)
 # Why an elastic group was resized (the reasons of its `resize` ledger entries).
 CAPACITY_UNAVAILABLE: Final = "CapacityUnavailable"
 CAPACITY_RETURNED: Final = "CapacityReturned"
+# A member sat beyond the pool after spec.spares was lowered: a waiting spare took its place.
+SPARES_LOWERED: Final = "SparesLowered"
+# The most spares the CRD allows: members beyond replicas + this are not ours to follow.
+MAX_SPARES: Final = 100
 
 # The status fields this policy writes. Every other field (latestCheckpoint, checkpoints,
 # bestCheckpoints, lastMetrics, completion) belongs to the runtime and is only read here;
@@ -128,6 +132,19 @@ def plan(
             return Plan(tuple(actions), following)
         current = following
     raise RuntimeError(f"the lifecycle policy did not settle within {_MAX_STEPS} transitions")
+
+
+def pool_size(spec: JobSpec, status: Mapping[str, Any]) -> int:
+    """How many pods the job's StatefulSet runs: spec.replicas + spec.spares, or more.
+
+    More while a member of the current group sits at an ordinal beyond that pool (spec.spares
+    was lowered since a spare was promoted there): a StatefulSet removes its highest ordinals
+    first, and that member goes only once a waiting spare took its place (SparesLowered).
+    """
+    record = GroupRecord.from_status(status)
+    members = () if record is None or record.attempt != status.get("attempt") else record.members
+    ours = [i for i in members if 0 <= i < spec.replicas + MAX_SPARES]
+    return max([spec.pool, *(i + 1 for i in ours)])
 
 
 def resume_point(spec: JobSpec, status: Mapping[str, Any]) -> str | None:
@@ -227,8 +244,12 @@ class _Step:
         up = {r.index for r in current if r.phase in ("running", "succeeded")}
         replicas = len(members)
         if len(up) >= replicas:
-            grow = self._grow(st, attempt) if state == RUNNING else None
-            return grow if grow is not None else self._running(st, attempt)
+            resize = (
+                (self._grow(st, attempt) or self._compact(st, attempt))
+                if state == RUNNING
+                else None
+            )
+            return resize if resize is not None else self._running(st, attempt)
         incomplete = (
             bool(self.obs.stale(attempt)) or sum(1 for r in current if r.present) < replicas
         )
@@ -424,17 +445,7 @@ class _Step:
         every waiting spare (the promoted ones, and those that go on waiting). The lost
         members' pods are replaced from the new template and wait as the next spares.
         """
-        # A spare pod recreated after its own loss counts (it waits like any other); a
-        # preempted one does not.
-        spares = sorted(
-            r.index
-            for r in self.obs.of_attempt(attempt)
-            if r.index not in members
-            and 0 <= r.index < self.spec.pool
-            and r.phase == "running"
-            and r.present
-            and not r.preempted
-        )
+        spares = self._waiting(attempt, members)
         queue = iter(spares)
         promoted = tuple(i if i in survivors else next(queue, i) for i in members)
         return promoted, tuple(sorted({*survivors, *spares}))
@@ -482,11 +493,18 @@ class _Step:
         following = self._next_attempt(st)
         if following != attempt + 1:
             return None  # pods of a newer attempt exist: the restart sorts that out first
+        # Spares (spec.spares) that came up since the restart take lost members' places, in
+        # their node ranks; the members still missing are given up.
+        queue = iter(self._waiting(attempt, members))
+        after = tuple(i if i in alive else next(queue, None) for i in members)
+        kept = tuple(i for i in after if i is not None)
+        spares = sorted(set(kept) - set(alive))
         message = (
             f"replica {lost} could not be scheduled for {elastic.wait_seconds:g}s: the group "
-            f"goes on with {len(alive)} of {self.spec.replicas} replicas"
+            f"goes on with {len(kept)} of {self.spec.replicas} replicas"
+            + (f", spare {', '.join(map(str, spares))} in its place" if spares else "")
         )
-        return self._resize(st, attempt, members, alive, CAPACITY_UNAVAILABLE, message)
+        return self._resize(st, attempt, members, kept, CAPACITY_UNAVAILABLE, message)
 
     def _grow(self, st: dict[str, Any], attempt: int) -> list[Action] | None:
         """Elastic, below its target: replicas that run again outside the group join it.
@@ -498,17 +516,45 @@ class _Step:
         members = self._members(attempt)
         if elastic is None or len(members) >= self.spec.replicas:
             return None
-        joiners = self._joiners(attempt)
+        # With spec.spares more may wait than the group lacks: the lowest ordinals join, the
+        # others go on waiting as spares.
+        joiners = self._joiners(attempt)[: self.spec.replicas - len(members)]
         following = self._next_attempt(st)
         if not joiners or following != attempt + 1:
             return None
-        grown = tuple(sorted({*members, *joiners}))[: self.spec.replicas]
+        grown = tuple(sorted({*members, *joiners}))
         message = (
             f"replica {', '.join(str(i) for i in joiners)} runs again: the group grows from "
             f"{len(members)} to {len(grown)} of {self.spec.replicas} replicas at its next "
             "checkpoint"
         )
         return self._resize(st, attempt, members, grown, CAPACITY_RETURNED, message)
+
+    def _compact(self, st: dict[str, Any], attempt: int) -> list[Action] | None:
+        """spec.spares lowered: members beyond the new pool hand their places to spares.
+
+        A member at an ordinal of spec.replicas + spec.spares or more keeps its StatefulSet
+        from shrinking (pool_size). Once a spare waits inside the pool, a new warm attempt
+        puts it in that member's node rank (the members stop at their next checkpoint, and
+        the spare gets that state from memory, as a group that grows does); the member
+        beyond is no longer kept, and the StatefulSet then removes its pod.
+        """
+        members = self._members(attempt)
+        beyond = [i for i in members if i >= self.spec.pool]
+        if not beyond or self._next_attempt(st) != attempt + 1:
+            return None
+        queue = iter(self._waiting(attempt, members))
+        swapped = tuple(next(queue, i) if i in beyond else i for i in members)
+        moved = [(old, new) for old, new in zip(members, swapped, strict=True) if old != new]
+        if not moved:
+            return None
+        message = "spec.spares is {}: {} inside the pool take{} the place of {}".format(
+            self.spec.spares,
+            ", ".join(f"spare {new}" for _, new in moved),
+            "s" if len(moved) == 1 else "",
+            ", ".join(f"member {old}" for old, _ in moved),
+        )
+        return self._resize(st, attempt, members, swapped, SPARES_LOWERED, message)
 
     def _resize(
         self,
@@ -522,7 +568,8 @@ class _Step:
         """Re-forms `attempt`'s group of `before` as the next attempt of `after`, warm.
 
         Every member of `after` is kept in place (survivors, or replicas waiting outside
-        the group); the ledger records the resize, which spends no budget.
+        the group), and so is every spare that goes on waiting; the ledger records the
+        resize, which spends no budget.
         """
         st["interruptions"] = ledger_.record_resize(
             st.get("interruptions") or [],
@@ -534,19 +581,21 @@ class _Step:
             step=_progress_step(st),
         )
         following = attempt + 1
-        partial = after if len(after) < self.spec.replicas else ()
+        # Members 0 to replicas - 1 in order are written as none (GroupRecord.indices).
+        members = () if after == tuple(range(self.spec.replicas)) else after
+        keep = tuple(sorted({*after, *self._waiting(attempt, after)}))
         st.update(state=RESTARTING, attempt=following)
         st.pop("attemptStartTime", None)
         st["group"] = GroupRecord(
             following,
             "warm",
             len(after),
-            after,
-            members=partial,
+            keep,
+            members=members,
             mtbf_seconds=ledger_.observed_mtbf(st, self.now),
         ).to_status()
         self._condition(st, cond.RUNNING, False, reason, message)
-        return [RestartGroup(following, resume_point(self.spec, st), reason, self.now, after)]
+        return [RestartGroup(following, resume_point(self.spec, st), reason, self.now, keep)]
 
     def _next_attempt(self, st: Mapping[str, Any]) -> int:
         """The fencing token of the next attempt: above the status's and every replica's.
@@ -693,7 +742,8 @@ class _Step:
         """The replica indices of `attempt`'s group: status.group's members, else all."""
         record = self._record
         if record is not None and record.attempt == attempt and record.members:
-            return tuple(i for i in record.members if 0 <= i < self.spec.pool)
+            # Beyond spec.replicas + spec.spares too: spec.spares may have been lowered since.
+            return tuple(i for i in record.members if 0 <= i < self.spec.replicas + MAX_SPARES)
         return tuple(range(self.spec.replicas))
 
     def _size(self, attempt: int) -> int:
@@ -705,17 +755,41 @@ class _Step:
         return tuple(r for r in self.obs.of_attempt(attempt) if r.index in members)
 
     def _joiners(self, attempt: int) -> tuple[int, ...]:
-        """Replicas of `attempt` outside its elastic group that run and wait to join it."""
+        """Replicas of `attempt` outside its elastic group that run and wait to join it.
+
+        The pods of the pool (spec.replicas + spec.spares), lowest ordinal first.
+        """
         members = set(self._members(attempt))
         return tuple(
-            r.index
-            for r in self.obs.of_attempt(attempt)
-            if r.index not in members
-            and 0 <= r.index < self.spec.replicas
-            and r.phase == "running"
-            and r.present
-            and not r.preempted
-            and not r.replaced
+            sorted(
+                r.index
+                for r in self.obs.of_attempt(attempt)
+                if r.index not in members
+                and 0 <= r.index < self.spec.pool
+                and r.phase == "running"
+                and r.present
+                and not r.preempted
+                and not r.replaced
+            )
+        )
+
+    def _waiting(self, attempt: int, members: Sequence[int]) -> tuple[int, ...]:
+        """The pods of the pool outside `members` that run and wait: spec.spares's spares.
+
+        A spare pod recreated after its own loss counts (it waits like any other); a
+        preempted one does not. With spec.spares lowered to 0 the pod that a member beyond
+        the pool hands its place to is one (_compact).
+        """
+        return tuple(
+            sorted(
+                r.index
+                for r in self.obs.of_attempt(attempt)
+                if r.index not in members
+                and 0 <= r.index < self.spec.pool
+                and r.phase == "running"
+                and r.present
+                and not r.preempted
+            )
         )
 
     def _watch(self, st: Mapping[str, Any]) -> ProgressWatch | None:

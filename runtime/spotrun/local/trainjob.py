@@ -620,12 +620,6 @@ MIRRORED_RULES: tuple[_Rule, ...] = (
     ),
     _Rule(
         ("spec",),
-        "!has(self.spares) || self.spares == 0 || !has(self.elastic)",
-        "spec.spares",
-        lambda s: not s.get("spares") or "elastic" not in s,
-    ),
-    _Rule(
-        ("spec",),
         "!has(self.elastic) || !has(self.checkpoint) || !has(self.checkpoint.keepAllRanks) "
         "|| !self.checkpoint.keepAllRanks",
         "spec.checkpoint.keepAllRanks",
