@@ -18,6 +18,7 @@ from tests.cluster.operator_harness import (
     api,
     create,
     operator,
+    patch_spec,
     pods,
     status,
     temp_nodes,
@@ -97,3 +98,55 @@ def test_a_waiting_spare_takes_the_lost_members_place_at_once(
             assert len(st["interruptions"]) == 1
         finally:
             cluster.kubectl("delete", "node", back, "--ignore-not-found", "--wait=false")
+
+
+def statefulset_replicas(api: client.ApiClient, namespace: str) -> int:
+    sts = client.AppsV1Api(api).read_namespaced_stateful_set(JOB, namespace)
+    return int(sts.spec.replicas)
+
+
+def test_spares_raised_and_lowered_on_a_running_job_move_only_the_pods_beside_the_group(
+    api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    """spec.spares 0 -> 1 on a running job adds a spare pod of the same attempt (no
+    restart); after the spare took lost pod 0's place (rank 0 moved), spec.spares -> 0
+    hands member 2's place back to pod 0 (a warm resize, SparesLowered) and the
+    StatefulSet shrinks to the group's two pods."""
+    with temp_nodes(cluster, f"sq{namespace[-6:]}", count=4, gpus=1) as pool:
+        template = {"spec": {"nodeSelector": {"cloud.google.com/gke-spot": "true", **pool}}}
+        create(api, namespace, trainjob(JOB, replicas=2, template=template))
+        wait_running(api, namespace, JOB, attempt=1, replicas=2)
+        before = by_name(api, namespace)
+        assert "SPOTRUN_SPARES" not in env_of(before[f"{JOB}-0"])
+
+        patch_spec(api, namespace, JOB, {"spares": 1})
+        st = wait_running(api, namespace, JOB, attempt=1, replicas=3)
+        assert statefulset_replicas(api, namespace) == 3
+        raised = by_name(api, namespace)
+        assert env_of(raised[f"{JOB}-2"])["SPOTRUN_SPARES"] == "1"
+        for name in (f"{JOB}-0", f"{JOB}-1"):  # the group was not touched
+            assert raised[name]["metadata"]["uid"] == before[name]["metadata"]["uid"]
+        assert st["attempt"] == 1 and not st.get("interruptions"), st
+
+        cluster.kubectl("delete", "node", raised[f"{JOB}-0"]["spec"]["nodeName"], "--wait=false")
+        st = wait_running(api, namespace, JOB, attempt=2, replicas=3)  # pod 0 back, as the spare
+        assert st["group"]["members"] == [2, 1], st["group"]
+        promoted = by_name(api, namespace)
+
+        patch_spec(api, namespace, JOB, {"spares": 0})
+        st = wait_running(api, namespace, JOB, attempt=3, replicas=2)
+        assert "members" not in st["group"] and st["size"] == "2/2", st["group"]
+        entry = st["interruptions"][-1]
+        assert (entry["kind"], entry["reason"]) == ("resize", "SparesLowered"), entry
+        assert (st["preemptions"], st["failures"]) == (1, 0)
+        wait_until(
+            "the StatefulSet at 2 pods and pod 2 gone",
+            lambda: (
+                statefulset_replicas(api, namespace) == 2
+                and f"{JOB}-2" not in by_name(api, namespace)
+            ),
+            timeout=60,
+        )
+        now = by_name(api, namespace)
+        for name in (f"{JOB}-0", f"{JOB}-1"):  # kept in place through the resize
+            assert now[name]["metadata"]["uid"] == promoted[name]["metadata"]["uid"]
