@@ -127,6 +127,11 @@ def test_spares_raised_and_lowered_on_a_running_job_move_only_the_pods_beside_th
         for name in (f"{JOB}-0", f"{JOB}-1"):  # the group was not touched
             assert raised[name]["metadata"]["uid"] == before[name]["metadata"]["uid"]
         assert st["attempt"] == 1 and not st.get("interruptions"), st
+        wait_until(
+            "status.spares 1/1",
+            lambda: status(api, namespace, JOB).get("spares") == "1/1",
+            timeout=30,
+        )
 
         cluster.kubectl("delete", "node", raised[f"{JOB}-0"]["spec"]["nodeName"], "--wait=false")
         st = wait_running(api, namespace, JOB, attempt=2, replicas=3)  # pod 0 back, as the spare

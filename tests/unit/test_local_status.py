@@ -209,13 +209,14 @@ def test_a_row_holds_the_printer_columns_with_none_for_missing_values() -> None:
             "failures": 0,
             "attempt": 4,
             "size": "2/3",
+            "spares": "0/1",
             "latestCheckpoint": {"step": 120, "time": format_time(T0 - 7)},
             "inMemory": {"step": 131, "bucket": False, "time": format_time(T0 - 1)},
         },
     }
     assert row(obj, T0) == ["demo", "Running", "2", "2/3", "3", "0", "120", "7s", "6m40s"]
     wide = row(obj, T0, wide=True)
-    assert (wide[4], wide[8]) == ("4", "131")
+    assert (wide[4], wide[5], wide[9]) == ("4", "0/1", "131")
     assert len(wide) == len(WIDE_COLUMNS)
     assert row({"metadata": {"name": "new"}}, T0)[1:] == ["<none>"] * 8
 
@@ -232,7 +233,7 @@ def test_columns_are_the_crds_printer_columns() -> None:
     wide = [c["name"].upper() for c in printed if c.get("priority")]
     assert list(COLUMNS) == ["NAME", *default]
     assert list(WIDE_COLUMNS) == ["NAME", *[c["name"].upper() for c in printed]]
-    assert wide == ["ATTEMPT", "MEMORY-STEP"]
+    assert wide == ["ATTEMPT", "SPARES", "MEMORY-STEP"]
 
 
 # -- progress and summary --------------------------------------------------------------------

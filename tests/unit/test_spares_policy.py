@@ -164,3 +164,19 @@ def test_lowered_spares_hand_a_members_place_beyond_the_pool_to_a_spare_inside_i
     assert pool_size(lowered, decision.status) == 3  # and the set can shrink to the pool
     settled = step(lowered, decision.status, 62, *(running(i, 3) for i in range(3)))
     assert settled.status["state"] == "Running" and settled.status["size"] == "3/3"
+
+
+def test_the_status_counts_the_waiting_spares_while_the_job_runs() -> None:
+    status = started()
+    assert status["spares"] == "1/1"
+    # The spare is promoted; the lost pod's replacement still starts: none waits.
+    status = step(
+        SPARES, status, 50, running(0, 1), lost(1, 1), running(2, 1), running(3, 1)
+    ).status
+    status = step(
+        SPARES, status, 52, running(0, 2), pending(1, 2), running(2, 2), running(3, 2)
+    ).status
+    assert status["spares"] == "0/1"
+    status = step(SPARES, status, 55, *(running(i, 2) for i in range(4))).status
+    assert status["spares"] == "1/1"
+    assert "spares" not in step(JobSpec(replicas=3), {}, 0).status

@@ -91,6 +91,7 @@ OWNED_FIELDS = (
     "attemptStartTime",
     "group",
     "size",
+    "spares",
 )
 
 # Each transition moves a job strictly along the state diagram, so a handful of steps
@@ -696,6 +697,12 @@ class _Step:
         current = self._group(attempt) if attempt else ()
         if attempt:
             st["size"] = f"{replicas}/{self.spec.replicas}"
+        if attempt and self.spec.spares and st["state"] not in (*FINISHED, SUSPENDED):
+            # Waiting spares (running pods of the pool outside the group) / spec.spares.
+            waiting = self._waiting(attempt, self._members(attempt))
+            st["spares"] = f"{min(len(waiting), self.spec.spares)}/{self.spec.spares}"
+        else:
+            st.pop("spares", None)
         ready = len({r.index for r in current if r.ready and r.present})
         st["readyReplicas"] = ready
         if ready >= replicas:

@@ -39,7 +39,7 @@ COLUMNS = (
     "AGE",
 )
 # `-o wide` adds the priority-1 columns where the CRD declares them, as kubectl does.
-WIDE_COLUMNS = (*COLUMNS[:4], "ATTEMPT", *COLUMNS[4:7], "MEMORY-STEP", *COLUMNS[7:])
+WIDE_COLUMNS = (*COLUMNS[:4], "ATTEMPT", "SPARES", *COLUMNS[4:7], "MEMORY-STEP", *COLUMNS[7:])
 
 
 def human_duration(seconds: float) -> str:
@@ -144,6 +144,7 @@ def row(obj: Mapping[str, Any], now: float, *, wide: bool = False) -> list[str]:
     if wide:
         cells.insert(7, _cell((status.get("inMemory") or {}).get("step")))
         cells.insert(4, _cell(status.get("attempt")))
+        cells.insert(5, _cell(status.get("spares")))
     return cells
 
 
