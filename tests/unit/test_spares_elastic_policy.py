@@ -95,12 +95,15 @@ def test_a_spare_that_comes_up_during_the_wait_takes_the_place_instead_of_a_shri
         spare_promoted(), 52, running(0, 2), unschedulable(1, 2), *(running(i, 2) for i in (2, 3))
     ).status
     status = step(status, 60, running(0, 2), unschedulable(1, 2), lost(2, 2), running(3, 2)).status
-    # Pod 1 (the spare-to-be, recreated from attempt 3's template) schedules after all.
-    decision = step(status, 91, running(0, 3), running(1, 3), unschedulable(2, 3), running(3, 3))
+    # Pod 1 (the spare-to-be, recreated from attempt 3's template) schedules after all,
+    # well within waitSeconds: it takes the place at once, and nothing shrinks.
+    decision = step(status, 65, running(0, 3), running(1, 3), unschedulable(2, 3), running(3, 3))
     record = group(decision.status)
     assert record == GroupRecord(4, "warm", 3, (0, 1, 3), members=(0, 3, 1))
     assert decision.status["size"] == "3/3"
-    assert "spare 1 in its place" in decision.status["interruptions"][-1]["message"]
+    entry = decision.status["interruptions"][-1]
+    assert (entry["reason"], entry["fromReplicas"], entry["toReplicas"]) == ("SparePromoted", 3, 3)
+    assert "spare 1 takes replica 2's place" in entry["message"]
 
 
 def test_the_group_grows_back_from_any_pod_of_the_pool_and_the_rest_wait_as_spares() -> None:

@@ -180,3 +180,48 @@ def test_the_status_counts_the_waiting_spares_while_the_job_runs() -> None:
     status = step(SPARES, status, 55, *(running(i, 2) for i in range(4))).status
     assert status["spares"] == "1/1"
     assert "spares" not in step(JobSpec(replicas=3), {}, 0).status
+
+
+def test_a_spare_that_runs_while_a_replacement_waits_takes_its_place() -> None:
+    """Two members lost one after the other with one spare: the second loss waits for its
+    replacement. When capacity for one pod returns and the scheduler places the other
+    pending pod (not a member), that pod takes the place: the group does not wait on."""
+    spec = JobSpec(replicas=2, spares=1)
+    status = step(spec, {}, 0).status
+    status = step(spec, status, 1, *(running(i, 1) for i in range(3))).status
+    status = step(spec, status, 20, running(0, 1), lost(1, 1), running(2, 1)).status
+    assert status["group"]["members"] == [0, 2]
+    unschedulable = ReplicaObservation(1, 2, phase="pending", waiting_reason="Unschedulable")
+    status = step(spec, status, 22, running(0, 2), unschedulable, running(2, 2)).status
+    assert status["state"] == "Running" and status["spares"] == "0/1"
+    # Member 0 is lost too; no spare waits: attempt 3 waits for pod 0's replacement.
+    status = step(spec, status, 40, lost(0, 2), unschedulable, running(2, 2)).status
+    assert GroupRecord.from_status(status) is not None and status["attempt"] == 3
+    assert status["group"]["members"] == [0, 2] and status["group"]["kept"] == [2]
+    no_room = ReplicaObservation(0, 3, phase="pending", waiting_reason="Unschedulable")
+    # The survivor still carries attempt 2's label: it is kept, never given up.
+    waiting = step(spec, status, 41, no_room, pending(1, 3), running(2, 2))
+    assert waiting.status["attempt"] == 3
+    # Pod 1 schedules first (one node came back): it takes replica 0's node rank.
+    decision = step(spec, waiting.status, 45, no_room, running(1, 3), running(2, 3))
+    record = GroupRecord.from_status(decision.status)
+    assert record is not None and record.attempt == 4 and record.mode == "warm"
+    assert record.indices == (1, 2) and record.kept == (1, 2)
+    entry = decision.status["interruptions"][-1]
+    assert (entry["kind"], entry["reason"]) == ("resize", "SparePromoted")
+    assert decision.status["preemptions"] == 2  # the promotion spends no budget
+    settled = step(spec, decision.status, 47, no_room, running(1, 4), running(2, 4)).status
+    assert settled["state"] == "Running" and settled["size"] == "2/2"
+    assert all("secondsToRecover" in e for e in settled["interruptions"])
+
+
+def test_a_cold_restart_is_not_turned_into_a_promotion() -> None:
+    status = started()
+    failed = ReplicaObservation(1, 1, phase="failed", exit_code=1, reason="Error")
+    status = step(SPARES, status, 10, running(0, 1), failed, running(2, 1), running(3, 1)).status
+    status = step(SPARES, status, 500, running(0, 1), failed, running(2, 1), running(3, 1)).status
+    assert status["attempt"] == 2 and status["group"]["mode"] == "cold"
+    # The spare's pod runs first, the members' still start: the cold restart waits for them.
+    later = step(SPARES, status, 505, *(pending(i, 2) for i in range(3)), running(3, 2))
+    assert later.status["attempt"] == 2 and later.status["group"]["mode"] == "cold"
+    assert not any(e["kind"] == "resize" for e in later.status["interruptions"])

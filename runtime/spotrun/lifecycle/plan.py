@@ -70,6 +70,8 @@ CAPACITY_UNAVAILABLE: Final = "CapacityUnavailable"
 CAPACITY_RETURNED: Final = "CapacityReturned"
 # A member sat beyond the pool after spec.spares was lowered: a waiting spare took its place.
 SPARES_LOWERED: Final = "SparesLowered"
+# A spare came up while a restart waited for a lost member's replacement: it took the place.
+SPARE_PROMOTED: Final = "SparePromoted"
 # The most spares the CRD allows: members beyond replicas + this are not ours to follow.
 MAX_SPARES: Final = 100
 
@@ -271,6 +273,9 @@ class _Step:
             restart: list[Action] = (
                 [RestartGroup(attempt, resume, reason, not_before, keep)] if incomplete else []
             )
+            late = self._promote_late(st, attempt, current)
+            if late is not None:
+                return late
             return self._shrink(st, attempt, current, restart) or restart
         st["state"] = PENDING
         self._condition(st, cond.RUNNING, False, "Starting", f"starting: {progress}")
@@ -451,6 +456,38 @@ class _Step:
         promoted = tuple(i if i in survivors else next(queue, i) for i in members)
         return promoted, tuple(sorted({*survivors, *spares}))
 
+    def _promote_late(
+        self, st: dict[str, Any], attempt: int, current: Sequence[ReplicaObservation]
+    ) -> list[Action] | None:
+        """spec.spares: a spare that runs while the restart waits takes a replacement's place.
+
+        The restart went out without a waiting spare for every lost member (all lost, or
+        still starting), so it waits for their replacements; a spare that runs first has
+        its imports done, and the replacement may not be schedulable at all. A new warm
+        attempt puts the spare in that member's node rank (SparePromoted, no budget spent),
+        and the replacement, once it runs, waits as the next spare. Only replacements are
+        given up this way, never a kept member (its pod may still carry the old attempt).
+        """
+        record = self._record
+        if not self.spec.spares or record is None or record.attempt != attempt:
+            return None
+        if record.mode != "warm":
+            return None  # a cold restart brings every pod back anyway, spares included
+        members = self._members(attempt)
+        seen = {r.index: r for r in current}
+        missing = [i for i in members if i not in record.kept and not _runs(seen.get(i))]
+        waiting = self._waiting(attempt, members)
+        if not missing or not waiting or self._next_attempt(st) != attempt + 1:
+            return None
+        queue = iter(waiting)
+        after = tuple(next(queue, i) if i in missing else i for i in members)
+        moved = [(old, new) for old, new in zip(members, after, strict=True) if old != new]
+        message = "; ".join(
+            f"spare {new} takes replica {old}'s place: its replacement is not running"
+            for old, new in moved
+        )
+        return self._resize(st, attempt, members, after, SPARE_PROMOTED, message)
+
     def _shrink(
         self,
         st: dict[str, Any],
@@ -494,18 +531,12 @@ class _Step:
         following = self._next_attempt(st)
         if following != attempt + 1:
             return None  # pods of a newer attempt exist: the restart sorts that out first
-        # Spares (spec.spares) that came up since the restart take lost members' places, in
-        # their node ranks; the members still missing are given up.
-        queue = iter(self._waiting(attempt, members))
-        after = tuple(i if i in alive else next(queue, None) for i in members)
-        kept = tuple(i for i in after if i is not None)
-        spares = sorted(set(kept) - set(alive))
+        # (A spare that came up since took a missing member's place first: _promote_late.)
         message = (
             f"replica {lost} could not be scheduled for {elastic.wait_seconds:g}s: the group "
-            f"goes on with {len(kept)} of {self.spec.replicas} replicas"
-            + (f", spare {', '.join(map(str, spares))} in its place" if spares else "")
+            f"goes on with {len(alive)} of {self.spec.replicas} replicas"
         )
-        return self._resize(st, attempt, members, kept, CAPACITY_UNAVAILABLE, message)
+        return self._resize(st, attempt, members, alive, CAPACITY_UNAVAILABLE, message)
 
     def _grow(self, st: dict[str, Any], attempt: int) -> list[Action] | None:
         """Elastic, below its target: replicas that run again outside the group join it.
