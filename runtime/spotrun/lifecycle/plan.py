@@ -795,21 +795,12 @@ class _Step:
     def _joiners(self, attempt: int) -> tuple[int, ...]:
         """Replicas of `attempt` outside its elastic group that run and wait to join it.
 
-        The pods of the pool (spec.replicas + spec.spares), lowest ordinal first.
+        The pods of the pool (spec.replicas + spec.spares), lowest ordinal first; not a
+        replacement still in a lost pod's place.
         """
-        members = set(self._members(attempt))
-        return tuple(
-            sorted(
-                r.index
-                for r in self.obs.of_attempt(attempt)
-                if r.index not in members
-                and 0 <= r.index < self.spec.pool
-                and r.phase == "running"
-                and r.present
-                and not r.preempted
-                and not r.replaced
-            )
-        )
+        replaced = {r.index for r in self.obs.of_attempt(attempt) if r.replaced}
+        waiting = self._waiting(attempt, self._members(attempt))
+        return tuple(i for i in waiting if i not in replaced)
 
     def _waiting(self, attempt: int, members: Sequence[int]) -> tuple[int, ...]:
         """The pods of the pool outside `members` that run and wait: spec.spares's spares.
