@@ -9,26 +9,11 @@ from typing import Any
 from spotrun.lifecycle import JobSpec, Observation, ReplicaObservation, RestartGroup, plan
 from spotrun.lifecycle.group import GroupRecord
 from spotrun.lifecycle.spec import Elastic
+from tests.unit.test_elastic_policy import lost, running, unschedulable
 
 T0 = 1_700_000_000.0
 # A group of 3 with one spare (pods 0-3); it may train with 2.
 SPEC = JobSpec(replicas=3, spares=1, elastic=Elastic(min_replicas=2, wait_seconds=30))
-
-
-def running(index: int, attempt: int) -> ReplicaObservation:
-    return ReplicaObservation(index, attempt, phase="running", ready=True)
-
-
-def lost(index: int, attempt: int) -> ReplicaObservation:
-    return ReplicaObservation(
-        index, attempt, phase="failed", preempted=True, preemption_reason="NodeShutdown"
-    )
-
-
-def unschedulable(index: int, attempt: int) -> ReplicaObservation:
-    return ReplicaObservation(
-        index, attempt, phase="pending", waiting_reason="Unschedulable", message="0/3 nodes"
-    )
 
 
 def step(status: dict[str, Any], at: float, *replicas: ReplicaObservation) -> Any:
@@ -133,11 +118,11 @@ def test_the_group_grows_back_from_any_pod_of_the_pool_and_the_rest_wait_as_spar
     assert record is not None and record.indices == (0, 2, 3) and record.kept == (0, 2, 3)
 
 
-def test_a_full_group_made_of_pods_zero_to_replicas_is_written_without_members() -> None:
+def test_a_whole_group_of_other_ordinals_is_written_with_its_members() -> None:
     status = shrunk()
     status = step(
         status, 95, running(0, 4), unschedulable(1, 4), unschedulable(2, 4), running(3, 4)
     ).status
-    # Only pod 1 returns, and the group is 0, 1, 3 (members kept) ...
+    # Only pod 1 returns: the group is whole again as pods 0, 1 and 3, so members stay.
     grown = step(status, 120, running(0, 4), running(1, 4), unschedulable(2, 4), running(3, 4))
     assert grown.status["group"]["members"] == [0, 1, 3]

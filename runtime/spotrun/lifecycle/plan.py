@@ -452,9 +452,8 @@ class _Step:
         members' pods are replaced from the new template and wait as the next spares.
         """
         spares = self._waiting(attempt, members)
-        queue = iter(spares)
-        promoted = tuple(i if i in survivors else next(queue, i) for i in members)
-        return promoted, tuple(sorted({*survivors, *spares}))
+        leaving = [i for i in members if i not in survivors]
+        return _put_in(members, leaving, spares), tuple(sorted({*survivors, *spares}))
 
     def _promote_late(
         self, st: dict[str, Any], attempt: int, current: Sequence[ReplicaObservation]
@@ -479,8 +478,7 @@ class _Step:
         waiting = self._waiting(attempt, members)
         if not missing or not waiting or self._next_attempt(st) != attempt + 1:
             return None
-        queue = iter(waiting)
-        after = tuple(next(queue, i) if i in missing else i for i in members)
+        after = _put_in(members, missing, waiting)
         moved = [(old, new) for old, new in zip(members, after, strict=True) if old != new]
         message = "; ".join(
             f"spare {new} takes replica {old}'s place: its replacement is not running"
@@ -575,8 +573,7 @@ class _Step:
         beyond = [i for i in members if i >= self.spec.pool]
         if not beyond or self._next_attempt(st) != attempt + 1:
             return None
-        queue = iter(self._waiting(attempt, members))
-        swapped = tuple(next(queue, i) if i in beyond else i for i in members)
+        swapped = _put_in(members, beyond, self._waiting(attempt, members))
         moved = [(old, new) for old, new in zip(members, swapped, strict=True) if old != new]
         if not moved:
             return None
@@ -833,6 +830,17 @@ class _Step:
     def _all_succeeded(self, attempt: int) -> bool:
         done = {r.index for r in self._group(attempt) if r.phase == "succeeded"}
         return len(done) >= self._size(attempt)
+
+
+def _put_in(
+    members: Sequence[int], leaving: Sequence[int], spares: Sequence[int]
+) -> tuple[int, ...]:
+    """`members` with each one in `leaving`, in node-rank order, replaced by the next spare.
+
+    The others keep their node ranks; a leaving member stays where no spare is left for it.
+    """
+    queue = iter(spares)
+    return tuple(next(queue, i) if i in leaving else i for i in members)
 
 
 def _runs(replica: ReplicaObservation | None) -> bool:
