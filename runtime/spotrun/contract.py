@@ -55,6 +55,10 @@ MTBF = "SPOTRUN_MTBF_SECONDS"
 OBSERVED_MTBF = "SPOTRUN_OBSERVED_MTBF_SECONDS"
 MASTER_ADDR = "MASTER_ADDR"
 MASTER_PORT = "MASTER_PORT"
+# trainer.env: how long (seconds) a warm group's member may stay silent before its peers
+# report it lost (a node gone without notice, a partition); 0 turns the peer watch off.
+PEER_TIMEOUT = "SPOTRUN_PEER_TIMEOUT_SECONDS"
+DEFAULT_PEER_TIMEOUT_SECONDS = 10.0
 
 # Timing, derived from the TrainJob's spec by `timing_env` (the operator and `spotrun run`
 # both set them): the launcher's deadline after a SIGTERM, and how often rank 0 reports

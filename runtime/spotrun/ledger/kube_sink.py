@@ -36,6 +36,7 @@ from spotrun.ledger.status import (
     commit_fields,
     completion,
     json_patch,
+    peer_report,
     progress_fields,
     resumed_fields,
 )
@@ -49,6 +50,7 @@ GROUP = "spotrun.dev"
 VERSION = "v1alpha1"
 PLURAL = "trainjobs"
 JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
 CHECKPOINT_CORRUPT = "CheckpointCorrupt"
 LEDGER_REPAIRED = "LedgerRepaired"
 # A CheckpointCorrupt condition is looked for among the first few conditions only: the
@@ -143,6 +145,15 @@ class KubernetesSink:
     def completed(self, step: int, time: float) -> None:
         fields = {"completion": completion(self.attempt, step, time)}
         self._patch(json_patch({}, self.attempt, fields))
+
+    def peers_lost(self, by: int, nodes: Sequence[int], time: float) -> None:
+        # A merge patch: it adds this member's entry to the map without replacing the
+        # others' (a JSON patch must create the map first, and two members creating it at
+        # once would lose one report). The entry carries its attempt instead of a fence.
+        entry = peer_report(self.attempt, nodes, time)
+        answer = self._send({"status": {"peerReports": {str(by): entry}}}, MERGE_PATCH)
+        if answer.status >= 300:
+            self._raise(answer)
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
         self._set_condition(CHECKPOINT_CORRUPT, "FellBack", message, time)
@@ -247,8 +258,8 @@ class KubernetesSink:
             answer.status,
         )
 
-    def _send(self, ops: list[dict[str, Any]]) -> Answer:
-        """PATCHes `ops`; retries transient failures; returns the final answer."""
+    def _send(self, ops: list[dict[str, Any]] | dict[str, Any], kind: str = JSON_PATCH) -> Answer:
+        """PATCHes `ops` (a JSON patch, or a merge patch with `kind`); retries transient failures."""
         data = json.dumps(ops).encode()
         failure = ""
         for attempt in range(self._retries + 1):
@@ -256,7 +267,7 @@ class KubernetesSink:
                 # Full jitter: the ranks of many jobs hit one API server after an outage.
                 self._sleep(random.uniform(0, self._backoff * 2 ** (attempt - 1)))
             request = urllib.request.Request(self.url, data=data, method="PATCH")
-            request.add_header("Content-Type", JSON_PATCH)
+            request.add_header("Content-Type", kind)
             request.add_header("Accept", "application/json")
             request.add_header("Authorization", f"Bearer {self._bearer()}")
             try:

@@ -23,6 +23,7 @@ from spotrun.ledger.status import (
     check_fence,
     commit_fields,
     completion,
+    peer_report,
     progress_fields,
     resumed_fields,
 )
@@ -58,6 +59,13 @@ class CheckpointSink(Protocol):
 
     def completed(self, step: int | None, time: float) -> None:
         """Records that the training finished (node 0's workers all exited 0)."""
+
+    def peers_lost(self, by: int, nodes: Sequence[int], time: float) -> None:
+        """Records that replica `by` found node ranks `nodes` of its group silent.
+
+        status.peerReports[by] (spotrun.ledger.status.peer_report), for this sink's attempt;
+        each member writes only its own entry, so reports of several members never collide.
+        """
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:
         """Records that resuming skipped a corrupt checkpoint (condition CheckpointCorrupt)."""
@@ -217,6 +225,18 @@ class FileStatusSink:
             None, lambda status: status.update(completion=completion(self.attempt, step, time))
         )
 
+    def peers_lost(self, by: int, nodes: Sequence[int], time: float) -> None:
+        entry = peer_report(self.attempt, nodes, time)
+
+        def mark(status: dict[str, Any]) -> None:
+            reports = status.get("peerReports")
+            status["peerReports"] = {
+                **(reports if isinstance(reports, dict) else {}),
+                str(by): entry,
+            }
+
+        update_status_file(self.url, mark)
+
     def checkpoint_corrupt(self, message: str, time: float) -> None:
         def mark(status: dict[str, Any]) -> None:
             status["conditions"] = set_condition(
@@ -253,6 +273,9 @@ class NullSink:
         return None
 
     def completed(self, step: int | None, time: float) -> None:
+        return None
+
+    def peers_lost(self, by: int, nodes: Sequence[int], time: float) -> None:
         return None
 
     def checkpoint_corrupt(self, message: str, time: float) -> None:

@@ -1,7 +1,8 @@
 """The TrainJob status fields that the runtime owns, and the fence that guards them.
 
 The runtime (rank 0) writes `latestCheckpoint`, `checkpoints`, `bestCheckpoints`,
-`lastMetrics`, `inMemory`, `restoredFrom` and `completion`; the lifecycle policy owns everything else. These pure
+`lastMetrics`, `inMemory`, `restoredFrom` and `completion`, and every member's launcher its
+entry of `peerReports`; the lifecycle policy owns everything else. These pure
 functions compute the new fields and the JSON patch that writes them, so the file sink of
 local mode and the Kubernetes sink apply the very same change and the very same fence:
 a writer of an older attempt is refused, and `latestCheckpoint.step` never goes down.
@@ -24,6 +25,7 @@ RUNTIME_FIELDS = (
     "completion",
     "restoredFrom",
     "inMemory",
+    "peerReports",
 )
 
 
@@ -185,3 +187,12 @@ def json_patch(
     for name, value in fields.items():
         ops.append({"op": "add", "path": f"/status/{name}", "value": value})
     return ops
+
+
+def peer_report(attempt: int, nodes: Sequence[int], time: float) -> dict[str, Any]:
+    """One member's entry of status.peerReports: node ranks of `attempt` that stopped answering.
+
+    The entry names its attempt, so it needs no fence: the policy reads only the current
+    attempt's reports (spotrun.lifecycle.peers).
+    """
+    return {"attempt": attempt, "nodes": sorted(set(nodes)), "time": format_time(time)}

@@ -35,7 +35,9 @@ class ReplicaObservation:
     condition, a node shut down, lost or deleted, a pod replaced or vanished, an injected
     fault in local mode; `preemption_reason` says which. `replaced` is set when what is seen
     is a replacement (a new pod in the lost one's place): whatever it is doing, it never got
-    the notice, so nobody waits for it to write a final checkpoint.
+    the notice, so nobody waits for it to write a final checkpoint. `unresponsive` is set
+    when its peers report it silent (spotrun.lifecycle.peers): it still runs, as far as its
+    pod says, but answers nobody, so nobody waits for it either.
     """
 
     index: int
@@ -51,6 +53,7 @@ class ReplicaObservation:
     deleting: bool = False
     message: str | None = None
     replaced: bool = False
+    unresponsive: bool = False
 
     @property
     def present(self) -> bool:

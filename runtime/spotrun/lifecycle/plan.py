@@ -31,6 +31,7 @@ from typing import Any, Final
 
 from spotrun.lifecycle import conditions as cond
 from spotrun.lifecycle import ledger as ledger_
+from spotrun.lifecycle import peers
 from spotrun.lifecycle.actions import (
     Action,
     DeleteJob,
@@ -127,7 +128,8 @@ def plan(
     draw it from), passed in so that tests can pin it; it is used only when an
     interruption is first seen, and its result is kept in status.restartNotBefore.
     """
-    step = _Step(spec, observation, jitter)
+    # Members their peers report silent are lost, whatever their pods say.
+    step = _Step(spec, peers.mark(status, observation, spec.replicas), jitter)
     current = copy.deepcopy(dict(status))
     for _ in range(_MAX_STEPS):
         following, actions = step(current)
@@ -896,7 +898,7 @@ def _committing_final_checkpoint(
     if honoured:
         return False
     running = [r for r in replicas if r.phase == "running" and not r.replaced]
-    if any(r.preempted for r in running):
+    if any(r.preempted and not r.unresponsive for r in running):
         return True
     if warm:
         # Survivors of a warm recovery stay after the final checkpoint (they hold it in

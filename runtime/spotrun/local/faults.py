@@ -2,8 +2,10 @@
 
 A local run is only a rehearsal of spot capacity if replicas are lost the ways a cloud
 loses them: with notice (SIGTERM to the pod, as before a spot reclaim: the group commits
-a final checkpoint and exits 75) and without (SIGKILL to every process of the replica, as
-when a node vanishes). This module decides when and which, from a seeded random.Random so
+a final checkpoint and exits 75), without (SIGKILL to every process of the replica, as
+when a node's processes die: their connections close), and silently (SIGSTOP to every
+process of the replica, as when a node is powered off or cut off: nothing closes, nothing
+answers, and only its peers can tell; the supervisor learns of it from their reports). This module decides when and which, from a seeded random.Random so
 a run can be replayed; the supervisor (spotrun.local.supervisor) sends the signals.
 
 Fault clocks run only while the group is training (every replica of the attempt running
@@ -22,15 +24,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-FaultKind = Literal["preempt", "kill"]
-KINDS: tuple[FaultKind, ...] = ("preempt", "kill")
+FaultKind = Literal["preempt", "kill", "freeze"]
+KINDS: tuple[FaultKind, ...] = ("preempt", "kill", "freeze")
 
 # preemption_reason of a replica lost to an injected fault, as status.interruptions shows it.
+# A frozen replica has none: the supervisor does not flag it, its peers' reports do
+# (spotrun.lifecycle.peers, reason PeerUnresponsive), as on a cluster.
 REASONS: Mapping[FaultKind, str] = {"preempt": "InjectedPreemption", "kill": "InjectedKill"}
-SIGNALS: Mapping[FaultKind, signal.Signals] = {"preempt": signal.SIGTERM, "kill": signal.SIGKILL}
+SIGNALS: Mapping[FaultKind, signal.Signals] = {
+    "preempt": signal.SIGTERM,
+    "kill": signal.SIGKILL,
+    "freeze": signal.SIGSTOP,
+}
 DESCRIPTIONS: Mapping[FaultKind, str] = {
     "preempt": "SIGTERM to its launcher (a preemption with notice)",
     "kill": "SIGKILL to all its processes (a node lost without notice)",
+    "freeze": "SIGSTOP to all its processes (a node gone silent: only its peers can tell)",
 }
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -116,6 +116,7 @@ class Options:
     storage: str | None = None
     preempt_every: float | None = None
     kill_every: float | None = None
+    freeze_every: float | None = None
     fail_rank: int | None = None
     fail_after: int = _fault_worker.DEFAULT_FAIL_AFTER
     max_injections: int | None = None
@@ -233,7 +234,9 @@ def free_port() -> int:
 
 def mtbf_seconds(options: Options) -> float | None:
     """The mean time between injected faults, for the checkpoint cadence (Young/Daly)."""
-    rates = [1.0 / s for s in (options.preempt_every, options.kill_every) if s]
+    rates = [
+        1.0 / s for s in (options.preempt_every, options.kill_every, options.freeze_every) if s
+    ]
     return 1.0 / sum(rates) if rates else None
 
 
@@ -361,6 +364,7 @@ class LocalRun:
         intervals: dict[faults.FaultKind, float | None] = {
             "preempt": options.preempt_every,
             "kill": options.kill_every,
+            "freeze": options.freeze_every,
         }
         every = {kind: seconds for kind, seconds in intervals.items() if seconds}
         self.schedule = (
@@ -525,7 +529,9 @@ class LocalRun:
                         quiet=True,
                     )
                     continue
-                replica.stop(now, STOP_GRACE_SECONDS)
+                # A frozen replica cannot act on SIGTERM: as a pod whose node is gone, it is
+                # removed at once (the operator force-deletes those).
+                replica.stop(now, 0.0 if replica.fault == "freeze" else STOP_GRACE_SECONDS)
         if attempt not in self.memory.progress_at_start:
             self.memory.ports.setdefault(attempt, free_port())
             self.memory.progress_at_start[attempt] = self.status.get("lastMetrics")
@@ -792,6 +798,8 @@ class LocalRun:
         )
         if kind == "kill":
             victim.kill()
+        elif kind == "freeze":
+            victim.signal(faults.SIGNALS[kind], group=True)
         else:
             victim.signal(faults.SIGNALS[kind])
         if self.options.unavailable_for:
@@ -1021,6 +1029,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="kill a random replica (SIGKILL, no notice) after each DURATION of training, e.g. 45s",
     )
     parser.add_argument(
+        "--freeze-every",
+        type=_duration,
+        metavar="DURATION",
+        help=(
+            "freeze a random replica (SIGSTOP: its connections stay open and nothing answers, "
+            "as a node powered off) after each DURATION of training; its peers report it"
+        ),
+    )
+    parser.add_argument(
         "--max-injections",
         type=int,
         metavar="N",
@@ -1090,6 +1107,7 @@ def main(args: argparse.Namespace) -> int:
         storage=args.storage,
         preempt_every=args.preempt_every,
         kill_every=args.kill_every,
+        freeze_every=args.freeze_every,
         fail_rank=args.fail_rank,
         fail_after=args.fail_after,
         max_injections=args.max_injections,
@@ -1162,15 +1180,16 @@ def _check(job: TrainJob, options: Options) -> None:
                 f"--spares {options.spares} and spec.spares {pooled} both ask for warm "
                 "spares: give one of them"
             )
-    if options.random_intervals and not (options.preempt_every or options.kill_every):
+    injects = options.preempt_every or options.kill_every or options.freeze_every
+    if options.random_intervals and not injects:
         raise LocalRunError(
-            "--random-intervals draws the intervals of injected faults: give --preempt-every "
-            "or --kill-every too"
+            "--random-intervals draws the intervals of injected faults: give --preempt-every, "
+            "--kill-every or --freeze-every too"
         )
-    if options.unavailable_for is not None and not (options.preempt_every or options.kill_every):
+    if options.unavailable_for is not None and not injects:
         raise LocalRunError(
             "--unavailable-for holds back replicas hit by an injected fault: give "
-            "--preempt-every or --kill-every too"
+            "--preempt-every, --kill-every or --freeze-every too"
         )
     if options.spares and job.job_spec().elastic is not None:
         raise LocalRunError(
@@ -1228,7 +1247,11 @@ def _banner(job: TrainJob, options: Options, run: LocalRun) -> str:
     trainer = job.trainer.function or " ".join([*(job.trainer.command or ()), *job.trainer.args])
     injected = [
         f"{name} every {faults.format_duration(seconds)}"
-        for name, seconds in (("preempt", options.preempt_every), ("kill", options.kill_every))
+        for name, seconds in (
+            ("preempt", options.preempt_every),
+            ("kill", options.kill_every),
+            ("freeze", options.freeze_every),
+        )
         if seconds
     ]
     if options.fail_rank is not None:

@@ -8,6 +8,7 @@ new attempt, the rendezvous address and port, and the group's size.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -65,3 +66,68 @@ class GroupFile:
             "GROUP_WORLD_SIZE": str(self.replicas),
             "SPOTRUN_REPLICAS": str(self.replicas),
         }
+
+
+# A worker that finds members of its group silent (spotrun.train.liveness) tells its
+# launcher in a file beside the group file: `<group file>.lost-<local rank>`.
+_LOST_SUFFIX = ".lost-"
+# More node ranks than any report names is not a report (a group has at most this many).
+_MAX_NODES = 4096
+
+
+@dataclass(frozen=True)
+class LostReport:
+    """A worker's word that node ranks `nodes` of its group's `attempt` stopped answering."""
+
+    attempt: int
+    nodes: tuple[int, ...]
+
+    def to_bytes(self) -> bytes:
+        return json.dumps({"attempt": self.attempt, "nodes": list(self.nodes)}).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LostReport:
+        """Parses a report; raises ValueError for anything that is not one."""
+        try:
+            raw = json.loads(data)
+            attempt, nodes = raw["attempt"], raw["nodes"]
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"not a lost-members report: {err}") from None
+        if type(attempt) is not int or attempt < 0 or not isinstance(nodes, list):
+            raise ValueError("not a lost-members report: attempt or nodes malformed")
+        if len(nodes) > _MAX_NODES or any(type(n) is not int or n < 0 for n in nodes):
+            raise ValueError("not a lost-members report: nodes must be node ranks")
+        return cls(attempt, tuple(sorted(set(nodes))))
+
+
+def lost_report_path(group_file: str, local_rank: int) -> str:
+    """Where worker `local_rank` writes its LostReport."""
+    return f"{group_file}{_LOST_SUFFIX}{local_rank}"
+
+
+def write_lost_report(group_file: str, local_rank: int, report: LostReport) -> None:
+    """Writes `report` atomically (the launcher polls the folder)."""
+    path = lost_report_path(group_file, local_rank)
+    with open(f"{path}.tmp", "wb") as handle:
+        handle.write(report.to_bytes())
+    os.replace(f"{path}.tmp", path)
+
+
+def read_lost_reports(group_file: str) -> list[LostReport]:
+    """The reports the workers beside `group_file` wrote; unreadable ones are skipped."""
+    folder, name = os.path.split(group_file)
+    prefix = f"{name}{_LOST_SUFFIX}"
+    reports = []
+    try:
+        entries = sorted(os.listdir(folder or "."))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        if not entry.startswith(prefix) or entry.endswith(".tmp"):
+            continue
+        try:
+            with open(os.path.join(folder, entry), "rb") as handle:
+                reports.append(LostReport.from_bytes(handle.read(1 << 16)))
+        except (OSError, ValueError):
+            continue
+    return reports

@@ -38,7 +38,7 @@ from spotrun.contract import PodContract
 from spotrun.ledger.sink import make_sink
 from spotrun.lifecycle.group import GroupRecord, rendezvous_port
 from spotrun.membership import watch
-from spotrun.membership.groupfile import GroupFile
+from spotrun.membership.groupfile import GroupFile, read_lost_reports
 from spotrun.store import layout
 
 LOG_PREFIX = "[spotrun launch]"
@@ -68,6 +68,8 @@ LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
 GROUP_RANK = "GROUP_RANK"
 GROUP_WORLD_SIZE = "GROUP_WORLD_SIZE"
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
+# How often the launcher looks for its workers' reports of silent members.
+LOST_REPORT_POLL_SECONDS = 0.1
 
 _POLL_SECONDS = 0.05
 
@@ -609,6 +611,44 @@ class _Membership:
             target=self.feed.follow, args=(self.on_status, self._stop), daemon=True
         )
         self._thread.start()
+        threading.Thread(target=self._report_lost, daemon=True).start()
+
+    def _report_lost(self) -> None:
+        """Records in the status the members this pod's workers found silent.
+
+        A worker whose peers on another node stopped answering (spotrun.train.liveness)
+        leaves a report beside the group file; this pod's entry of status.peerReports then
+        names those node ranks of its attempt, and the policy restarts without them
+        (spotrun.lifecycle.peers).
+        """
+        sent: set[tuple[int, tuple[int, ...]]] = set()
+        while not self._stop.wait(LOST_REPORT_POLL_SECONDS):
+            for report in read_lost_reports(self.path):
+                key = (report.attempt, report.nodes)
+                if report.attempt != self.attempt or not report.nodes or key in sent:
+                    continue
+                nodes = ", ".join(map(str, report.nodes))
+                try:
+                    sink = make_sink(
+                        self.pod.status_sink,
+                        job_root=layout.job_root(
+                            self.pod.storage, self.pod.namespace, self.pod.job
+                        ),
+                        attempt=report.attempt,
+                        job=self.pod.job,
+                        namespace=self.pod.namespace,
+                    )
+                    sink.peers_lost(self.index, report.nodes, time.time())
+                except Exception as err:  # tried again at the next poll
+                    _log(
+                        f"could not report node(s) {nodes} of attempt {report.attempt} lost: {err}"
+                    )
+                    continue
+                sent.add(key)
+                _log(
+                    f"attempt {report.attempt}: its workers heard nothing from node(s) {nodes}; "
+                    "reported them lost"
+                )
 
     def on_status(self, status: Mapping[str, Any]) -> None:
         metrics = status.get("lastMetrics")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
@@ -46,6 +47,8 @@ _JOINED = "spotrun/joined"
 # The file descriptors the current group opened (gloo's connections to its peers, the
 # store's client): what `abort_connections` shuts down.
 _opened: list[int] = []
+# The peer watch (spotrun.train.liveness) aborts from its own thread.
+_opened_lock = threading.Lock()
 
 
 def env_rank() -> int:
@@ -146,7 +149,8 @@ def init_process_group(
             world_size=env_world_size(),
             timeout=timeout,
         )
-    _opened[:] = sorted(_open_fds() - before)
+    with _opened_lock:
+        _opened[:] = sorted(_open_fds() - before)
     return backend
 
 
@@ -169,9 +173,17 @@ def abort_connections() -> int:
     travels around the group in milliseconds. Listening sockets are left alone (gloo
     aborts the process if its listener fails). Call it before the group is left, never
     after: the descriptors may then be reused. NCCL's own connections are not touched.
+    Safe from any thread.
     """
+    with _opened_lock:
+        count = _shut_down(_opened)
+        _opened.clear()
+    return count
+
+
+def _shut_down(fds: list[int]) -> int:
     count = 0
-    for fd in _opened:
+    for fd in fds:
         try:
             sock = socket.socket(fileno=os.dup(fd))
         except OSError:
@@ -185,7 +197,6 @@ def abort_connections() -> int:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
                 count += 1
-    _opened.clear()
     return count
 
 

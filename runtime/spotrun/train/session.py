@@ -28,12 +28,13 @@ import torch.distributed as dist
 
 from spotrun import contract as pod
 from spotrun.ledger.status import in_memory, restored_from
-from spotrun.membership.groupfile import GroupFile
+from spotrun.membership.groupfile import GroupFile, LostReport, write_lost_report
 from spotrun.store import layout
 from spotrun.store.commit import CheckpointStore, Verified, split_uri
 from spotrun.store.manifest import CheckpointKind
 from spotrun.store.tree import flatten, nbytes, partition, unflatten
-from spotrun.train import regroup, resume
+from spotrun.train import group as process_group
+from spotrun.train import liveness, regroup, resume
 from spotrun.train.cadence import Cadence, mtbf_seconds
 from spotrun.train.checkpoint import Checkpoint, _Committed
 from spotrun.train.regroup import MemorySnapshot
@@ -154,14 +155,12 @@ class Session:
         self._reached = reached
 
         if world_size > 1 and not dist.is_initialized():
-            from spotrun.train import group
-
             # An elastic group's rendezvous may be given up (it shrank without a member
             # this one waits for): the worker then joins the next group instead.
             probe = self._resize if self.elastic else None
             try:
-                group.init_process_group(abandon=None if probe is None else probe.published)
-            except group.RendezvousAbandoned as err:
+                process_group.init_process_group(abandon=None if probe is None else probe.published)
+            except process_group.RendezvousAbandoned as err:
                 raise regroup.Regroup(str(err)) from err
         agreed = self._agree_in_memory(carried) if self.warm else None
         choice: ResumeChoice | None = None
@@ -214,7 +213,38 @@ class Session:
         self._install_notice_handler()
         self._failing = False
         self._chain_excepthook()
+        # A warm group's members watch each other: one that stops answering (its node gone
+        # without notice) is reported to the control plane instead of waited for.
+        self._peers = self._watch_peers() if self.warm and world_size > 1 else None
         atexit.register(self.close)
+
+    def _watch_peers(self) -> liveness.PeerWatch | None:
+        timeout = liveness.peer_timeout()
+        group_file = os.environ.get(regroup.GROUP_FILE_ENV, "")
+        attempt, local_rank = self.contract.attempt, self.context.local_rank
+
+        def on_lost(nodes: tuple[int, ...]) -> None:
+            try:
+                write_lost_report(group_file, local_rank, LostReport(attempt, nodes))
+            except OSError as err:
+                log.error("rank %d: could not tell the launcher: %s", self.context.world_rank, err)
+            # The collective this worker waits in (if any) fails now; it waits for the group
+            # the policy forms without the silent members.
+            process_group.abort_connections()
+
+        return liveness.start_watch(
+            dist.distributed_c10d._get_default_store(),
+            rank=self.context.world_rank,
+            world=self.context.world_size,
+            nproc_per_node=self.context.local_world_size,
+            timeout=timeout,
+            on_lost=on_lost,
+        )
+
+    def _stop_watching(self) -> None:
+        if self._peers is not None:
+            self._peers.stop()
+            self._peers = None
 
     # --- start-up agreement ------------------------------------------------------------------
 
@@ -684,6 +714,7 @@ class Session:
         commit, and its commit may wait for a member that is gone); the snapshot's buffer
         stays with this process.
         """
+        self._stop_watching()
         memory = self.memory
         taken = self.writer.snapshot
         if memory is not None and self.writer.holds(memory.buffer):
@@ -756,6 +787,7 @@ class Session:
         if self._closed:
             return
         self._closed = True
+        self._stop_watching()
         if self._failing:
             # A checkpoint the code reported before it failed is still committed and recorded,
             # within a bound: ranks that died with it would otherwise hold the exit forever.

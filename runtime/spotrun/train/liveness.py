@@ -1,0 +1,258 @@
+"""The peer watch: members of a warm group that stop answering are reported, not waited for.
+
+A member whose node vanishes without notice (powered off, cut off by a partition) closes none
+of its connections: its peers' gloo collectives wait for the group's timeout (10 minutes),
+and the control plane learns of the loss only when the node is declared NotReady (40 s on a
+default cluster), or never (a partition that leaves the kubelet talking). So every worker of
+a warm group sends a small UDP datagram to the workers of the other nodes every `interval`,
+and counts a node none of whose workers it heard from for `timeout` as lost: it tells its
+launcher (a LostReport beside the group file; the launcher records it in status.peerReports,
+where the policy reads it, spotrun.lifecycle.peers) and shuts down its own group's
+connections, so its collective fails now and it waits for the next group as after any loss.
+
+The addresses travel through the group's store once, when a session starts (every member is
+there: it follows the start-up agreement). A datagram carries a token rank 0 drew for the
+session and the sender's rank; anything else is ignored. A forged datagram can only keep a
+silent member counted alive, which is what happens without the watch: silence is the only
+evidence of a loss. A worker that leaves on purpose (its session ends, a regroup at an agreed
+step) says goodbye first, so its peers do not count its silence.
+
+Why UDP and not the group's TCPStore (torchelastic's keep-alive): every store operation goes
+to rank 0's process, which is one of the members that may vanish, and a client of a store
+whose host stopped answering waits in the store's own retries rather than failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from spotrun import contract
+
+log = logging.getLogger("spotrun")
+
+_ADDRESS_KEY = "spotrun/peer/{rank}"
+_TOKEN_KEY = "spotrun/peer/token"
+# Heartbeats per timeout: a member is reported after missing this many in a row.
+_BEATS_PER_TIMEOUT = 5
+_LONGEST_INTERVAL = 1.0
+_BYE = "bye"
+
+
+class Silence:
+    """Which peers stayed silent for longer than `timeout` (monotonic seconds; pure)."""
+
+    def __init__(self, peers: Iterable[int], timeout: float, now: float) -> None:
+        self.timeout = timeout
+        self.heard = dict.fromkeys(peers, now)
+
+    def heard_from(self, peer: int, now: float) -> None:
+        if peer in self.heard:
+            self.heard[peer] = max(self.heard[peer], now)
+
+    def forget(self, peer: int) -> None:
+        """`peer` left on purpose: its silence says nothing any more."""
+        self.heard.pop(peer, None)
+
+    def silent(self, now: float) -> tuple[int, ...]:
+        return tuple(sorted(p for p, t in self.heard.items() if now - t > self.timeout))
+
+
+def peer_timeout(env: Mapping[str, str] | None = None) -> float:
+    """SPOTRUN_PEER_TIMEOUT_SECONDS (trainer.env), else the default; 0 turns the watch off."""
+    env = os.environ if env is None else env
+    raw = env.get(contract.PEER_TIMEOUT, "")
+    if not raw:
+        return contract.DEFAULT_PEER_TIMEOUT_SECONDS
+    try:
+        seconds = float(raw)
+    except ValueError:
+        raise ValueError(
+            f"{contract.PEER_TIMEOUT}={raw!r}: expected a number of seconds (0 turns the peer "
+            "watch off)"
+        ) from None
+    if not 0 <= seconds < float("inf"):
+        raise ValueError(f"{contract.PEER_TIMEOUT}={raw!r}: expected a finite number >= 0")
+    return seconds
+
+
+def _interval(timeout: float) -> float:
+    return min(_LONGEST_INTERVAL, timeout / _BEATS_PER_TIMEOUT)
+
+
+class PeerWatch:
+    """Heartbeats to and from the workers of the other nodes, on a daemon thread.
+
+    `on_lost(nodes)` is called once, from the watch's thread, with the node ranks none of
+    whose workers were heard from for `timeout` seconds; the watch then ends.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        *,
+        rank: int,
+        token: str,
+        peers: Mapping[int, tuple[str, int]],
+        node_of: Callable[[int], int],
+        timeout: float,
+        on_lost: Callable[[tuple[int, ...]], None],
+    ) -> None:
+        self.sock = sock
+        self.rank = rank
+        self.token = token
+        self.peers = dict(peers)
+        self.node_of = node_of
+        self.timeout = timeout
+        self.interval = _interval(timeout)
+        self.on_lost = on_lost
+        self._stop = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="spotrun-peer-watch", daemon=True)
+        self._beat = f"{token} {rank}".encode()
+
+    def start(self) -> PeerWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Says goodbye to the peers and ends the watch, a report in flight included (idempotent)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        reported = self._stop.is_set()
+        self._stop.set()
+        if not reported:
+            self._send(f"{self.token} {self.rank} {_BYE}".encode())
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            # Also waits for on_lost: the caller may leave the group (and its descriptors
+            # be reused) only once the report's abort is done.
+            self._thread.join(timeout=2 * self.interval + 5)
+        self.sock.close()
+
+    def _send(self, message: bytes) -> None:
+        for address in self.peers.values():
+            with contextlib.suppress(OSError):  # unreachable: its silence will tell
+                self.sock.sendto(message, address)
+
+    def _run(self) -> None:
+        silence = Silence(self.peers, self.timeout, time.monotonic())
+        due = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now >= due:
+                self._send(self._beat)
+                due = now + self.interval
+            try:
+                self.sock.settimeout(max(0.01, due - now))
+                data = self.sock.recv(256)
+            except TimeoutError:
+                data = b""
+            except OSError:  # closed by stop()
+                return
+            heard = self._parse(data)
+            if heard is not None:
+                peer, bye = heard
+                if bye:
+                    silence.forget(peer)
+                else:
+                    silence.heard_from(peer, time.monotonic())
+            lost = silence.silent(time.monotonic())
+            if lost and not self._stop.is_set():
+                nodes = tuple(sorted({self.node_of(r) for r in lost}))
+                log.warning(
+                    "rank %d: no heartbeat from rank(s) %s for %gs: reporting node(s) %s lost",
+                    self.rank,
+                    ", ".join(map(str, lost)),
+                    self.timeout,
+                    ", ".join(map(str, nodes)),
+                )
+                self._stop.set()
+                self.on_lost(nodes)
+                return
+
+    def _parse(self, data: bytes) -> tuple[int, bool] | None:
+        parts = data.split()
+        if len(parts) not in (2, 3) or parts[0] != self.token.encode():
+            return None
+        if not parts[1].isdigit():
+            return None
+        peer = int(parts[1])
+        if peer not in self.peers:
+            return None
+        return peer, len(parts) == 3 and parts[2] == _BYE.encode()
+
+
+def start_watch(
+    store: Any,
+    *,
+    rank: int,
+    world: int,
+    nproc_per_node: int,
+    timeout: float,
+    on_lost: Callable[[tuple[int, ...]], None],
+) -> PeerWatch | None:
+    """Starts the watch of this worker over the workers of the other nodes, or returns None.
+
+    `store` is the group's store; every member calls this at the same point of its session.
+    None when there is nothing to watch (one node), the watch is off (timeout 0), or the
+    addresses could not be exchanged within `timeout` (logged: the group runs unwatched).
+    """
+    node = rank // nproc_per_node
+    others = [r for r in range(world) if r // nproc_per_node != node]
+    if timeout <= 0 or not others:
+        return None
+    try:
+        sock, address = _bind(
+            os.environ[contract.MASTER_ADDR], int(os.environ[contract.MASTER_PORT])
+        )
+    except (KeyError, ValueError, OSError) as err:
+        log.warning("rank %d: no peer watch (cannot open a UDP socket: %s)", rank, err)
+        return None
+    try:
+        if rank == 0:
+            store.set(_TOKEN_KEY, secrets.token_hex(16))
+        store.set(_ADDRESS_KEY.format(rank=rank), f"{address[0]} {address[1]}")
+        keys = [_TOKEN_KEY, *(_ADDRESS_KEY.format(rank=r) for r in others)]
+        store.wait(keys, timedelta(seconds=timeout))
+        token, *addresses = (value.decode() for value in store.multi_get(keys))
+        peers = {r: _address(text) for r, text in zip(others, addresses, strict=True)}
+    except (RuntimeError, ValueError) as err:
+        sock.close()
+        log.warning("rank %d: no peer watch (the addresses were not exchanged: %s)", rank, err)
+        return None
+    return PeerWatch(
+        sock,
+        rank=rank,
+        token=token,
+        peers=peers,
+        node_of=lambda r: r // nproc_per_node,
+        timeout=timeout,
+        on_lost=on_lost,
+    ).start()
+
+
+def _bind(master_addr: str, master_port: int) -> tuple[socket.socket, tuple[str, int]]:
+    """A UDP socket on the address this host reaches rank 0 from, and that address."""
+    family, _, _, _, target = socket.getaddrinfo(master_addr, master_port, type=socket.SOCK_DGRAM)[
+        0
+    ]
+    with socket.socket(family, socket.SOCK_DGRAM) as probe:
+        probe.connect(target)  # a UDP connect sends nothing: it only picks the route
+        host = probe.getsockname()[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.bind((host, 0))
+    return sock, (host, sock.getsockname()[1])
+
+
+def _address(text: str) -> tuple[str, int]:
+    host, port = text.rsplit(" ", 1)
+    return host, int(port)
