@@ -17,10 +17,12 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from spotrun.local.trainjob import json_schema
 from tests.runtime.test_local_mode import (
     CONFIG,
+    EXAMPLE,
     assert_bitwise_equal,
     final_state,
     run,
@@ -354,4 +356,43 @@ def test_spec_spares_puts_a_waiting_pod_in_the_lost_members_place(
     assert status["restoredFrom"]["tier"] == "memory"
     # The lost member's replacement started for attempt 2, outside the group, as a spare.
     assert "is not a member of attempt 2's group" in replica_log(storage, 2, lost)
+    assert_bitwise_equal(final_state(storage), reference)
+
+
+@pytest.mark.parametrize(("seed", "victim"), [("2", 0), ("0", 1)])
+def test_a_replica_gone_silent_is_reported_by_its_peer_and_replaced_warm(
+    tmp_path: Path, reference: dict[str, object], seed: str, victim: int
+) -> None:
+    """SIGSTOP to every process of one replica: its connections stay open and nothing closes,
+    as when a node is powered off. The supervisor does not flag it (it sees a live process);
+    only the survivor's peer watch can tell, and its report is what restarts the group.
+    Victim 0 hosts the group's store (rank 0), victim 1 does not."""
+    trainer = yaml.safe_load(EXAMPLE.read_text())["spec"]["trainer"]
+    trainer["env"] = [{"name": "SPOTRUN_PEER_TIMEOUT_SECONDS", "value": "2"}]
+    storage = tmp_path / "runs"
+    code, out = run(
+        "run", str(trainjob(tmp_path, trainer=trainer)), "--storage", str(storage),
+        "--freeze-every", "3s", "--max-injections", "1", "--seed", seed,
+    )  # fmt: skip
+    assert code == 0, out
+    assert f"injected freeze into replica {victim} of attempt 1" in out, out
+    status = status_of(storage)
+    assert status["state"] == "Succeeded", status
+    (entry,) = status["interruptions"]
+    assert (entry["kind"], entry["reason"], entry["recovery"]) == (
+        "preemption",
+        "PeerUnresponsive",
+        "warm",
+    ), entry
+    survivor = 1 - victim
+    assert status["group"]["kept"] == [survivor], status["group"]
+    report = status["peerReports"][str(survivor)]
+    assert (report["attempt"], report["nodes"]) == (1, [victim]), report
+    log = replica_log(storage, 1, survivor)
+    assert f"reporting node(s) {victim} lost" in log and "reported them lost" in log, log
+    # The survivor trained on in the process it started with; its state went to the
+    # replacement from memory.
+    pids = worker_pids(storage)
+    assert len(pids[(1, survivor)]) == 1 and (2, survivor) not in pids, pids
+    assert status["restoredFrom"]["tier"] == "memory", status["restoredFrom"]
     assert_bitwise_equal(final_state(storage), reference)

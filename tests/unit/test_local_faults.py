@@ -186,6 +186,9 @@ def test_fixed_intervals_are_exact_and_draw_nothing_from_the_seed() -> None:
 
 def test_random_intervals_without_a_fault_interval_is_refused_with_the_flags_to_add() -> None:
     job = load_trainjob(str(EXAMPLE))
-    with pytest.raises(LocalRunError, match="give --preempt-every or --kill-every too"):
+    with pytest.raises(
+        LocalRunError, match="give --preempt-every, --kill-every or --freeze-every too"
+    ):
         supervisor._check(job, Options(random_intervals=True))
     supervisor._check(job, Options(random_intervals=True, kill_every=10.0))
+    supervisor._check(job, Options(random_intervals=True, freeze_every=10.0))

@@ -52,9 +52,7 @@ def test_a_member_its_peers_report_silent_is_lost_and_the_others_are_kept_warm()
     assert "restartNotBefore" not in decision.status
 
 
-def test_reports_of_another_attempt_or_from_a_replica_outside_the_group_count_for_nothing() -> (
-    None
-):
+def test_reports_of_another_attempt_or_from_a_replica_outside_the_group_count_for_nothing() -> None:
     status = training()
     report(status, 0, 2, attempt=0)  # an older group's
     report(status, 7, 2)  # not a member

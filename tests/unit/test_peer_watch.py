@@ -1,0 +1,198 @@
+"""The peer watch (spotrun.train.liveness): silence, heartbeats over real UDP sockets on
+127.0.0.1, the address exchange through a real TCPStore, and the launcher's report files."""
+
+from __future__ import annotations
+
+import functools
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from torch.distributed import TCPStore  # type: ignore[attr-defined]
+
+from spotrun import contract
+from spotrun.ledger.sink import FileStatusSink, read_status_file, status_file
+from spotrun.membership.groupfile import LostReport, read_lost_reports, write_lost_report
+from spotrun.train import liveness
+from spotrun.train.liveness import PeerWatch, Silence, peer_timeout, start_watch
+
+pytestmark = pytest.mark.unit
+
+
+def test_silence_names_the_peers_not_heard_from_within_the_timeout() -> None:
+    silence = Silence([1, 2, 3], timeout=5.0, now=100.0)
+    silence.heard_from(1, 104.0)
+    silence.heard_from(9, 104.0)  # not a peer: ignored
+    assert silence.silent(105.0) == ()
+    assert silence.silent(105.5) == (2, 3)
+    silence.forget(3)  # said goodbye
+    assert silence.silent(200.0) == (1, 2)
+    silence.heard_from(2, 90.0)  # a late, older datagram does not move the clock back
+    assert silence.heard[2] == 100.0
+
+
+@pytest.mark.parametrize(("raw", "expected"), [("", 10.0), ("2.5", 2.5), ("0", 0.0)])
+def test_the_timeout_comes_from_the_environment(raw: str, expected: float) -> None:
+    assert peer_timeout({contract.PEER_TIMEOUT: raw}) == expected
+
+
+@pytest.mark.parametrize("raw", ["soon", "-1", "inf", "nan"])
+def test_a_bad_timeout_says_what_is_expected(raw: str) -> None:
+    with pytest.raises(ValueError, match="SPOTRUN_PEER_TIMEOUT_SECONDS"):
+        peer_timeout({contract.PEER_TIMEOUT: raw})
+
+
+def _udp() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    return sock
+
+
+class Pair:
+    """Two watches, ranks 0 and 1 on nodes 0 and 1, talking over 127.0.0.1."""
+
+    def __init__(self, timeout: float = 0.5) -> None:
+        self.socks = [_udp(), _udp()]
+        self.lost: list[tuple[int, tuple[int, ...]]] = []
+        self.reported = threading.Event()
+        self.watches = [
+            PeerWatch(
+                self.socks[rank],
+                rank=rank,
+                token="t0k3n",
+                peers={1 - rank: self.socks[1 - rank].getsockname()},
+                node_of=lambda r: r,
+                timeout=timeout,
+                on_lost=functools.partial(self._on_lost, rank),
+            )
+            for rank in (0, 1)
+        ]
+
+    def _on_lost(self, rank: int, nodes: tuple[int, ...]) -> None:
+        self.lost.append((rank, nodes))
+        self.reported.set()
+
+
+@pytest.fixture
+def pair() -> Iterator[Pair]:
+    made = Pair()
+    yield made
+    for watch in made.watches:
+        watch.stop()
+
+
+def test_members_that_answer_are_never_reported(pair: Pair) -> None:
+    for watch in pair.watches:
+        watch.start()
+    time.sleep(1.5)  # three timeouts
+    assert pair.lost == []
+
+
+def test_a_member_that_stops_answering_is_reported_once_by_its_peer(pair: Pair) -> None:
+    pair.watches[0].start()  # rank 1 never sends: a node gone silent
+    assert pair.reported.wait(5)
+    time.sleep(0.6)
+    assert pair.lost == [(0, (1,))]
+
+
+def test_a_member_that_says_goodbye_is_not_reported(pair: Pair) -> None:
+    for watch in pair.watches:
+        watch.start()
+    time.sleep(0.3)
+    pair.watches[1].stop()  # leaves on purpose (its session ended)
+    time.sleep(1.5)
+    assert pair.lost == []
+
+
+def test_datagrams_without_the_token_or_from_strangers_keep_no_one_alive(pair: Pair) -> None:
+    pair.watches[0].start()
+    forger = _udp()
+    target = pair.socks[0].getsockname()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        for junk in (b"wrong 1", b"t0k3n 7", b"t0k3n x", b"t0k3n", b"\xff" * 300):
+            forger.sendto(junk, target)
+        time.sleep(0.05)
+    forger.close()
+    assert pair.reported.wait(5)
+    assert pair.lost == [(0, (1,))]
+
+
+def test_ranks_map_to_nodes_and_a_node_s_own_workers_are_not_watched() -> None:
+    """Two workers per node: rank 1 watches ranks 2 and 3 (node 1), not rank 0 (its node)."""
+    store = TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10), wait_for_workers=False)
+    host, port = "127.0.0.1", store.port
+    lost: list[tuple[int, ...]] = []
+    env = {contract.MASTER_ADDR: host, contract.MASTER_PORT: str(port)}
+    # Ranks 2 and 3 publish addresses nobody listens on: node 1 is silent from the start.
+    dead = [_udp(), _udp()]
+    for rank, sock in zip((2, 3), dead, strict=True):
+        store.set(f"spotrun/peer/{rank}", f"127.0.0.1 {sock.getsockname()[1]}")
+    store.set("spotrun/peer/token", "abc")
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        watch = start_watch(
+            store, rank=1, world=4, nproc_per_node=2, timeout=0.5, on_lost=lost.append
+        )
+    assert watch is not None
+    try:
+        assert set(watch.peers) == {2, 3}
+        deadline = time.monotonic() + 5
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lost == [(1,)]
+    finally:
+        watch.stop()
+        for sock in dead:
+            sock.close()
+
+
+def test_no_watch_on_one_node_or_when_turned_off() -> None:
+    store: Any = None  # not touched: nothing to exchange
+    assert start_watch(store, rank=0, world=2, nproc_per_node=2, timeout=1.0, on_lost=print) is None
+    assert start_watch(store, rank=0, world=4, nproc_per_node=2, timeout=0.0, on_lost=print) is None
+
+
+def test_addresses_that_never_come_leave_the_group_unwatched(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10), wait_for_workers=False)
+    monkeypatch.setenv(contract.MASTER_ADDR, "127.0.0.1")
+    monkeypatch.setenv(contract.MASTER_PORT, str(store.port))
+    started = time.monotonic()
+    watch = start_watch(store, rank=0, world=2, nproc_per_node=1, timeout=0.3, on_lost=print)
+    assert watch is None and time.monotonic() - started < 5
+
+
+def test_lost_reports_round_trip_and_junk_beside_them_is_skipped(tmp_path: Any) -> None:
+    group_file = str(tmp_path / "group.json")
+    write_lost_report(group_file, 0, LostReport(3, (2, 1, 2)))
+    (tmp_path / "group.json.lost-1").write_text("not json")
+    (tmp_path / "group.json.lost-2").write_text(json.dumps({"attempt": 3, "nodes": [-1]}))
+    (tmp_path / "group.json.lost-3").write_text(json.dumps({"attempt": "3", "nodes": [1]}))
+    (tmp_path / "group.json.lost-4").write_text(json.dumps({"attempt": 3, "nodes": [True]}))
+    (tmp_path / "other.lost-0").write_text(json.dumps({"attempt": 3, "nodes": [1]}))
+    assert read_lost_reports(group_file) == [LostReport(3, (1, 2))]
+    assert read_lost_reports(str(tmp_path / "missing" / "group.json")) == []
+
+
+def test_the_file_sink_keeps_every_reporter_s_entry(tmp_path: Any) -> None:
+    root = str(tmp_path)
+    FileStatusSink(root, attempt=2).peers_lost(0, [1], 1_700_000_000.0)
+    FileStatusSink(root, attempt=2).peers_lost(2, [1, 1], 1_700_000_001.0)
+    status = read_status_file(status_file(root))
+    assert status["peerReports"] == {
+        "0": {"attempt": 2, "nodes": [1], "time": "2023-11-14T22:13:20Z"},
+        "2": {"attempt": 2, "nodes": [1], "time": "2023-11-14T22:13:21Z"},
+    }
+
+
+def test_the_interval_leaves_several_heartbeats_per_timeout() -> None:
+    assert liveness._interval(10.0) == 1.0
+    assert liveness._interval(0.5) == pytest.approx(0.1)
