@@ -387,3 +387,73 @@ def test_a_warm_spare_takes_a_killed_members_place_and_the_job_ends_bit_for_bit(
         )
         assert_ends_like(done, reference)
         delete_job(api, namespace, name)
+
+
+def freeze(cluster: NodeCluster, ns: str, pod: str) -> str:
+    """Freezes every process of the pod's trainer container (containerd pauses its cgroup).
+
+    The kubelet still reports it running and none of its connections close: to its peers it
+    is a node that lost its network or its power. Returns the container's id.
+    """
+    obj = json.loads(cluster.kubectl("get", "pod", pod, "-n", ns, "-o", "json").stdout)
+    container_id = str(obj["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1])
+    cluster.ctr("tasks", "pause", container_id)
+    return container_id
+
+
+def test_a_member_gone_silent_is_reported_by_its_peer_and_replaced_warm(
+    cluster: NodeCluster,
+    namespace: str,
+    reference: dict[str, Any],
+    operator: Release,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Nothing tells Kubernetes that a frozen pod is lost: its node stays Ready, its container
+    running. The survivor's peer watch does, through status.peerReports; the operator then
+    restarts the group warm without it, and the job still ends bit for bit."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", cluster.gcs_endpoint)
+    name = "silent"
+    body = the_job(name)
+    body["spec"]["trainer"]["env"] = [{"name": "SPOTRUN_PEER_TIMEOUT_SECONDS", "value": "3"}]
+    with cluster.api_client() as api:
+        cluster.kubectl(
+            "apply",
+            "-n",
+            namespace,
+            "-f",
+            "-",
+            input=json.dumps(cluster.job(body, storage=f"gs://spotrun/{namespace}")),
+        )
+        wait_until(
+            "training past step 50",
+            lambda: progress(job_status(api, namespace, name)) >= 50,
+            timeout=300,
+        )
+        before = job_status(api, namespace, name)
+        survivor_uid = pod_uid(cluster, namespace, f"{name}-0")
+        frozen = freeze(cluster, namespace, f"{name}-1")
+        try:
+            after = training_again(api, namespace, name, before)
+        finally:
+            cluster.ctr("tasks", "resume", frozen, check=False)  # gone by now, normally
+        event = after["interruptions"][-1]
+        print(f"freeze of member 1 at step >= {progress(before)}: {event}")
+        assert (event["kind"], event["reason"], event["recovery"]) == (
+            "preemption",
+            "PeerUnresponsive",
+            "warm",
+        ), event
+        report = after["peerReports"]["0"]
+        assert (report["attempt"], report["nodes"]) == (before["attempt"], [1]), report
+        assert after["group"]["kept"] == [0], after["group"]
+        assert pod_uid(cluster, namespace, f"{name}-0") == survivor_uid
+        assert after["restoredFrom"]["tier"] == "memory", after["restoredFrom"]
+        assert event["stepsLost"] <= EVERY, event
+
+        done = wait_until(
+            "the job to succeed",
+            lambda: (s := job_status(api, namespace, name)).get("state") == "Succeeded" and s,
+            timeout=300,
+        )
+        assert_ends_like(done, reference)
+        delete_job(api, namespace, name)
