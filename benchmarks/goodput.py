@@ -35,6 +35,7 @@ repetition see the same schedule; arms alternate between repetitions, and median
     .venv/bin/python benchmarks/goodput.py --every 20 --repeat 3 --steps 400
     .venv/bin/python benchmarks/goodput.py --unavailable-for 30 --faults kill
     .venv/bin/python benchmarks/goodput.py --arms warm,spare --random-intervals
+    .venv/bin/python benchmarks/goodput.py --arms warm,spare --faults freeze --peer-timeout 2
     .venv/bin/python benchmarks/goodput.py --real-node --run-dir DIR --arms warm,pool
 """
 
@@ -119,9 +120,18 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None, help="override the job's config.steps")
     parser.add_argument(
         "--faults",
-        choices=("mixed", "preempt", "kill"),
+        choices=("mixed", "preempt", "kill", "freeze"),
         default="mixed",
-        help="preemptions with notice, kills without, or both (each at twice the interval)",
+        help=(
+            "preemptions with notice, kills without, or both (each at twice the interval); "
+            "freeze: replicas gone silent (SIGSTOP, local mode), found by their peers' watch"
+        ),
+    )
+    parser.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=None,
+        help="SPOTRUN_PEER_TIMEOUT_SECONDS of the runs (default: the runtime's, 10 s)",
     )
     parser.add_argument(
         "--spares", type=int, default=1, help="warm spares of the spare and pool arms"
@@ -174,6 +184,10 @@ def main() -> int:
         parser.error("--run-dir needs --real-node")
     if args.mtbf_env and not args.real_node:
         parser.error("--mtbf-env is --real-node's (`spotrun run` sets it for injected faults)")
+    if args.real_node and args.faults == "freeze":
+        parser.error("--faults freeze is local mode's (spotrun run --freeze-every) only")
+    if args.peer_timeout is not None:
+        os.environ["SPOTRUN_PEER_TIMEOUT_SECONDS"] = f"{args.peer_timeout:g}"
     if args.real_node and args.unavailable_for:
         parser.error("--unavailable-for is local mode's (spotrun run --unavailable-for) only")
 
