@@ -142,11 +142,11 @@ def test_ranks_map_to_nodes_and_a_node_s_own_workers_are_not_watched() -> None:
         )
     assert watch is not None
     try:
-        assert set(watch.peers) == {2, 3}
         deadline = time.monotonic() + 5
         while not lost and time.monotonic() < deadline:
             time.sleep(0.05)
         assert lost == [(1,)]
+        assert set(watch.peers) == {2, 3} and watch.token == "abc"
     finally:
         watch.stop()
         for sock in dead:
@@ -162,12 +162,25 @@ def test_no_watch_on_one_node_or_when_turned_off() -> None:
 def test_addresses_that_never_come_leave_the_group_unwatched(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """The exchange runs on the watch's thread: the session never waits for it."""
     store = TCPStore("127.0.0.1", 0, 1, True, timedelta(seconds=10), wait_for_workers=False)
     monkeypatch.setenv(contract.MASTER_ADDR, "127.0.0.1")
     monkeypatch.setenv(contract.MASTER_PORT, str(store.port))
+    lost: list[tuple[int, ...]] = []
     started = time.monotonic()
-    watch = start_watch(store, rank=0, world=2, nproc_per_node=1, timeout=0.3, on_lost=print)
-    assert watch is None and time.monotonic() - started < 5
+    watch = start_watch(
+        store,
+        rank=0,
+        world=2,
+        nproc_per_node=1,
+        timeout=0.3,
+        on_lost=lost.append,
+        exchange_seconds=0.5,
+    )
+    assert watch is not None and time.monotonic() - started < 0.5
+    watch._thread.join(10)
+    assert not watch._thread.is_alive() and lost == []  # gave up, reported nothing
+    watch.stop()
 
 
 def test_lost_reports_round_trip_and_junk_beside_them_is_skipped(tmp_path: Any) -> None:

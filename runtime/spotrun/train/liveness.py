@@ -45,6 +45,10 @@ _TOKEN_KEY = "spotrun/peer/token"
 _BEATS_PER_TIMEOUT = 5
 _LONGEST_INTERVAL = 1.0
 _BYE = "bye"
+# How long the watch waits for every member's address: members start their sessions within
+# seconds of each other (the start-up agreement is a collective), but rank 0 may first write
+# the status.
+EXCHANGE_SECONDS = 60.0
 
 
 class Silence:
@@ -92,7 +96,9 @@ class PeerWatch:
     """Heartbeats to and from the workers of the other nodes, on a daemon thread.
 
     `on_lost(nodes)` is called once, from the watch's thread, with the node ranks none of
-    whose workers were heard from for `timeout` seconds; the watch then ends.
+    whose workers were heard from for `timeout` seconds; the watch then ends. With
+    `exchange`, the thread first learns the token and the peers' addresses from it (the
+    group's store), so the session's start never waits for the slowest member.
     """
 
     def __init__(
@@ -100,56 +106,74 @@ class PeerWatch:
         sock: socket.socket,
         *,
         rank: int,
-        token: str,
-        peers: Mapping[int, tuple[str, int]],
         node_of: Callable[[int], int],
         timeout: float,
         on_lost: Callable[[tuple[int, ...]], None],
+        token: str = "",
+        peers: Mapping[int, tuple[str, int]] | None = None,
+        exchange: Callable[[], tuple[str, dict[int, tuple[str, int]]]] | None = None,
     ) -> None:
         self.sock = sock
         self.rank = rank
         self.token = token
-        self.peers = dict(peers)
+        self.peers = dict(peers or {})
         self.node_of = node_of
         self.timeout = timeout
         self.interval = _interval(timeout)
         self.on_lost = on_lost
+        self._exchange = exchange
         self._stop = threading.Event()
         self._stopped = False
+        self._reported = False
+        # Held while on_lost runs: stop() returns only after a report in flight is done.
+        self._reporting = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="spotrun-peer-watch", daemon=True)
-        self._beat = f"{token} {rank}".encode()
 
     def start(self) -> PeerWatch:
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        """Says goodbye to the peers and ends the watch, a report in flight included (idempotent)."""
-        if self._stopped:
-            return
-        self._stopped = True
-        reported = self._stop.is_set()
-        self._stop.set()
-        if not reported:
+        """Says goodbye to the peers and ends the watch, a report in flight included (idempotent).
+
+        The caller may leave its group once this returns: a report's abort of the group's
+        connections is over by then, and no later one can start.
+        """
+        with self._reporting:
+            if self._stopped:
+                return
+            self._stopped = True
+            self._stop.set()
+        if not self._reported and self.token:
             self._send(f"{self.token} {self.rank} {_BYE}".encode())
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            # Also waits for on_lost: the caller may leave the group (and its descriptors
-            # be reused) only once the report's abort is done.
-            self._thread.join(timeout=2 * self.interval + 5)
+            self._thread.join(timeout=self.interval + 0.5)  # it may still be exchanging
         self.sock.close()
 
     def _send(self, message: bytes) -> None:
-        for address in self.peers.values():
+        for address in list(self.peers.values()):
             with contextlib.suppress(OSError):  # unreachable: its silence will tell
                 self.sock.sendto(message, address)
 
     def _run(self) -> None:
+        if self._exchange is not None:
+            try:
+                self.token, self.peers = self._exchange()
+            except Exception as err:  # RuntimeError from the store, ValueError from its values
+                if not self._stop.is_set():
+                    log.warning(
+                        "rank %d: no peer watch (the addresses were not exchanged: %s)",
+                        self.rank,
+                        err,
+                    )
+                return
+        beat = f"{self.token} {self.rank}".encode()
         silence = Silence(self.peers, self.timeout, time.monotonic())
         due = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now >= due:
-                self._send(self._beat)
+                self._send(beat)
                 due = now + self.interval
             try:
                 self.sock.settimeout(max(0.01, due - now))
@@ -166,18 +190,25 @@ class PeerWatch:
                 else:
                     silence.heard_from(peer, time.monotonic())
             lost = silence.silent(time.monotonic())
-            if lost and not self._stop.is_set():
-                nodes = tuple(sorted({self.node_of(r) for r in lost}))
-                log.warning(
-                    "rank %d: no heartbeat from rank(s) %s for %gs: reporting node(s) %s lost",
-                    self.rank,
-                    ", ".join(map(str, lost)),
-                    self.timeout,
-                    ", ".join(map(str, nodes)),
-                )
-                self._stop.set()
-                self.on_lost(nodes)
+            if lost:
+                self._report(lost)
                 return
+
+    def _report(self, lost: tuple[int, ...]) -> None:
+        nodes = tuple(sorted({self.node_of(r) for r in lost}))
+        with self._reporting:
+            if self._stopped:
+                return
+            self._reported = True
+            self._stop.set()
+            log.warning(
+                "rank %d: no heartbeat from rank(s) %s for %gs: reporting node(s) %s lost",
+                self.rank,
+                ", ".join(map(str, lost)),
+                self.timeout,
+                ", ".join(map(str, nodes)),
+            )
+            self.on_lost(nodes)
 
     def _parse(self, data: bytes) -> tuple[int, bool] | None:
         parts = data.split()
@@ -199,12 +230,14 @@ def start_watch(
     nproc_per_node: int,
     timeout: float,
     on_lost: Callable[[tuple[int, ...]], None],
+    exchange_seconds: float = EXCHANGE_SECONDS,
 ) -> PeerWatch | None:
     """Starts the watch of this worker over the workers of the other nodes, or returns None.
 
-    `store` is the group's store; every member calls this at the same point of its session.
-    None when there is nothing to watch (one node), the watch is off (timeout 0), or the
-    addresses could not be exchanged within `timeout` (logged: the group runs unwatched).
+    `store` is the group's store; every member calls this once its session started. The
+    addresses are exchanged on the watch's thread, for up to `exchange_seconds` (a member
+    that never publishes its address leaves the group unwatched, logged). None when there
+    is nothing to watch (one node), or the watch is off (timeout 0).
     """
     node = rank // nproc_per_node
     others = [r for r in range(world) if r // nproc_per_node != node]
@@ -217,26 +250,23 @@ def start_watch(
     except (KeyError, ValueError, OSError) as err:
         log.warning("rank %d: no peer watch (cannot open a UDP socket: %s)", rank, err)
         return None
-    try:
+
+    def exchange() -> tuple[str, dict[int, tuple[str, int]]]:
         if rank == 0:
             store.set(_TOKEN_KEY, secrets.token_hex(16))
         store.set(_ADDRESS_KEY.format(rank=rank), f"{address[0]} {address[1]}")
         keys = [_TOKEN_KEY, *(_ADDRESS_KEY.format(rank=r) for r in others)]
-        store.wait(keys, timedelta(seconds=timeout))
+        store.wait(keys, timedelta(seconds=exchange_seconds))
         token, *addresses = (value.decode() for value in store.multi_get(keys))
-        peers = {r: _address(text) for r, text in zip(others, addresses, strict=True)}
-    except (RuntimeError, ValueError) as err:
-        sock.close()
-        log.warning("rank %d: no peer watch (the addresses were not exchanged: %s)", rank, err)
-        return None
+        return token, {r: _address(text) for r, text in zip(others, addresses, strict=True)}
+
     return PeerWatch(
         sock,
         rank=rank,
-        token=token,
-        peers=peers,
         node_of=lambda r: r // nproc_per_node,
         timeout=timeout,
         on_lost=on_lost,
+        exchange=exchange,
     ).start()
 
 
