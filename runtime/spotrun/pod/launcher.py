@@ -639,10 +639,11 @@ class _Membership:
                         namespace=self.pod.namespace,
                     )
                     sink.peers_lost(self.index, report.nodes, time.time())
-                except Exception as err:  # tried again at the next poll
+                except Exception as err:  # tried again a second later
                     _log(
                         f"could not report node(s) {nodes} of attempt {report.attempt} lost: {err}"
                     )
+                    self._stop.wait(1.0)
                     continue
                 sent.add(key)
                 _log(

@@ -212,6 +212,7 @@ class Session:
             self._record_restored()
         self._install_notice_handler()
         self._failing = False
+        self._peers: liveness.PeerWatch | None = None
         self._chain_excepthook()
         # A warm group's members watch each other: one that stops answering (its node gone
         # without notice) is reported to the control plane instead of waited for.
