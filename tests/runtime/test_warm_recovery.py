@@ -396,3 +396,33 @@ def test_a_replica_gone_silent_is_reported_by_its_peer_and_replaced_warm(
     assert len(pids[(1, survivor)]) == 1 and (2, survivor) not in pids, pids
     assert status["restoredFrom"]["tier"] == "memory", status["restoredFrom"]
     assert_bitwise_equal(final_state(storage), reference)
+
+
+def test_a_spare_that_runs_while_a_replacement_is_awaited_takes_its_place(
+    tmp_path: Path, reference: dict[str, object]
+) -> None:
+    """spec.spares without spec.elastic, two kills 4 s of training apart, each victim's
+    capacity away for 15 s. The first loss promotes the spare (pod 2). The second finds no
+    spare waiting and no capacity: the survivor waits in the new attempt's rendezvous for a
+    replacement that cannot start. When the first victim's pod runs again it takes that
+    place (SparePromoted), and the survivor leaves the rendezvous it waited in for the new
+    group's, instead of waiting there for the collective timeout (10 minutes)."""
+    storage = tmp_path / "runs"
+    code, out = run(
+        "run", str(trainjob(tmp_path, spares=1)), "--storage", str(storage),
+        "--kill-every", "4s", "--max-injections", "2", "--unavailable-for", "15s",
+        "--seed", "1",
+        timeout=300,
+    )  # fmt: skip
+    assert code == 0, out
+    status = status_of(storage)
+    assert status["state"] == "Succeeded" and status["preemptions"] == 2, status
+    kinds = [(e["kind"], e["reason"]) for e in status["interruptions"]]
+    assert kinds == [
+        ("preemption", "InjectedKill"),
+        ("preemption", "InjectedKill"),
+        ("resize", "SparePromoted"),
+    ], kinds
+    assert all(e["recovery"] == "warm" for e in status["interruptions"][:2])
+    assert status["size"] == "2/2"
+    assert_bitwise_equal(final_state(storage), reference)

@@ -225,3 +225,52 @@ def test_a_cold_restart_is_not_turned_into_a_promotion() -> None:
     later = step(SPARES, status, 505, *(pending(i, 2) for i in range(3)), running(3, 2))
     assert later.status["attempt"] == 2 and later.status["group"]["mode"] == "cold"
     assert not any(e["kind"] == "resize" for e in later.status["interruptions"])
+
+
+def test_a_first_group_starts_around_a_member_the_scheduler_cannot_place() -> None:
+    """2 replicas and a spare on 2 free GPUs: the scheduler placed pods 0 and 2. Pod 2 takes
+    member 1's node rank (SparePromoted) instead of idling while the group waits."""
+    spec = JobSpec(replicas=2, spares=1)
+    status = step(spec, {}, 0).status
+    no_room = ReplicaObservation(1, 1, phase="pending", waiting_reason="Unschedulable")
+    decision = step(spec, status, 2, running(0, 1), no_room, running(2, 1))
+    record = GroupRecord.from_status(decision.status)
+    assert record is not None and (record.attempt, record.mode) == (2, "warm")
+    assert record.indices == (0, 2) and record.kept == (0, 2)
+    (entry,) = decision.status["interruptions"]
+    assert (entry["kind"], entry["reason"]) == ("resize", "SparePromoted"), entry
+    assert "spare 2 takes replica 1's place: it cannot be scheduled" in entry["message"]
+    assert (decision.status["preemptions"], decision.status["failures"]) == (0, 0)
+    (restart,) = [a for a in decision.actions if isinstance(a, RestartGroup)]
+    assert restart.keep == (0, 2)
+    # The new attempt runs with pods 0 and 2; pod 1, recreated, waits as the spare.
+    no_room = ReplicaObservation(1, 2, phase="pending", waiting_reason="Unschedulable")
+    settled = step(spec, decision.status, 4, running(0, 2), no_room, running(2, 2)).status
+    assert settled["state"] == "Running" and settled["size"] == "2/2"
+    assert settled["attempt"] == 2
+
+
+def test_a_first_group_waits_for_members_that_are_only_starting() -> None:
+    """Pods being created or pulled are not a lack of capacity: no swap, no new attempt."""
+    spec = JobSpec(replicas=2, spares=1)
+    status = step(spec, {}, 0).status
+    decision = step(spec, status, 2, running(0, 1), pending(1, 1), running(2, 1))
+    assert decision.status["attempt"] == 1 and "interruptions" not in decision.status
+    # No spare runs: nothing to start around either.
+    no_room = ReplicaObservation(1, 1, phase="pending", waiting_reason="Unschedulable")
+    decision = step(spec, status, 2, running(0, 1), no_room, pending(2, 1))
+    assert decision.status["attempt"] == 1
+
+
+def test_a_cold_restart_starts_around_a_member_the_scheduler_cannot_place() -> None:
+    status = started()
+    failed = ReplicaObservation(1, 1, phase="failed", exit_code=1, reason="Error")
+    status = step(SPARES, status, 10, running(0, 1), failed, running(2, 1), running(3, 1)).status
+    status = step(SPARES, status, 500, running(0, 1), failed, running(2, 1), running(3, 1)).status
+    assert status["attempt"] == 2 and status["group"]["mode"] == "cold"
+    no_room = ReplicaObservation(1, 2, phase="pending", waiting_reason="Unschedulable")
+    decision = step(SPARES, status, 505, running(0, 2), no_room, running(2, 2), running(3, 2))
+    record = GroupRecord.from_status(decision.status)
+    assert record is not None and record.attempt == 3 and record.indices == (0, 3, 2)
+    assert decision.status["interruptions"][-1]["reason"] == "SparePromoted"
+    assert decision.status["failures"] == 1  # the promotion spends nothing more

@@ -275,11 +275,16 @@ class _Step:
             restart: list[Action] = (
                 [RestartGroup(attempt, resume, reason, not_before, keep)] if incomplete else []
             )
-            late = self._promote_late(st, attempt, current)
+            late = self._promote_late(st, attempt, current) or self._start_around(
+                st, attempt, current
+            )
             if late is not None:
                 return late
             return self._shrink(st, attempt, current, restart) or restart
         st["state"] = PENDING
+        around = self._start_around(st, attempt, current)
+        if around is not None:
+            return around
         self._condition(st, cond.RUNNING, False, "Starting", f"starting: {progress}")
         return [StartGroup(attempt, resume_point(self.spec, st))] if incomplete else []
 
@@ -485,6 +490,38 @@ class _Step:
         message = "; ".join(
             f"spare {new} takes replica {old}'s place: its replacement is not running"
             for old, new in moved
+        )
+        return self._resize(st, attempt, members, after, SPARE_PROMOTED, message)
+
+    def _start_around(
+        self, st: dict[str, Any], attempt: int, current: Sequence[ReplicaObservation]
+    ) -> list[Action] | None:
+        """spec.spares: a group that starts around a member the scheduler cannot place.
+
+        At a start (the job's first attempt, or a cold restart) the scheduler may place a
+        spare's pod and not a member's: 2 replicas and a spare on 2 free GPUs, pods 0 and 2
+        placed, pod 1 Unschedulable. The group would wait for pod 1 with pod 2 idle; instead
+        the running spare takes that member's node rank in a new warm attempt
+        (SparePromoted, no budget spent), and pod 1 waits as the spare. A member that is
+        being created, pulled or started is waited for: only Unschedulable ones are given up.
+        """
+        record = self._record
+        if not self.spec.spares or self.spec.recovery != "warm":
+            return None
+        if record is not None and record.attempt == attempt and record.mode == "warm":
+            return None  # a warm group waits for replacements: _promote_late's
+        members = self._members(attempt)
+        seen = {r.index: r for r in current}
+        stuck = [
+            i for i in members if (r := seen.get(i)) is not None and r.present and _unplaceable(r)
+        ]
+        waiting = self._waiting(attempt, members)
+        if not stuck or not waiting or self._next_attempt(st) != attempt + 1:
+            return None
+        after = _put_in(members, stuck, waiting)
+        moved = [(old, new) for old, new in zip(members, after, strict=True) if old != new]
+        message = "; ".join(
+            f"spare {new} takes replica {old}'s place: it cannot be scheduled" for old, new in moved
         )
         return self._resize(st, attempt, members, after, SPARE_PROMOTED, message)
 

@@ -155,9 +155,11 @@ class Session:
         self._reached = reached
 
         if world_size > 1 and not dist.is_initialized():
-            # An elastic group's rendezvous may be given up (it shrank without a member
-            # this one waits for): the worker then joins the next group instead.
-            probe = self._resize if self.elastic else None
+            # A warm group's rendezvous may be given up: the policy formed a newer group
+            # without the member this one waits for (an elastic group shrank, a spare took
+            # the place of a replacement that cannot start). The worker then joins that
+            # group instead of waiting here for the collective timeout.
+            probe = self._resize
             try:
                 process_group.init_process_group(abandon=None if probe is None else probe.published)
             except process_group.RendezvousAbandoned as err:
