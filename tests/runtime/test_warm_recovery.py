@@ -401,8 +401,8 @@ def test_a_replica_gone_silent_is_reported_by_its_peer_and_replaced_warm(
 def test_a_spare_that_runs_while_a_replacement_is_awaited_takes_its_place(
     tmp_path: Path, reference: dict[str, object]
 ) -> None:
-    """spec.spares without spec.elastic, two kills 4 s of training apart, each victim's
-    capacity away for 15 s. The first loss promotes the spare (pod 2). The second finds no
+    """spec.spares without spec.elastic, two kills 2 s of training apart, each victim's
+    capacity away for 10 s. The first loss promotes the spare (pod 2). The second finds no
     spare waiting and no capacity: the survivor waits in the new attempt's rendezvous for a
     replacement that cannot start. When the first victim's pod runs again it takes that
     place (SparePromoted), and the survivor leaves the rendezvous it waited in for the new
@@ -410,13 +410,13 @@ def test_a_spare_that_runs_while_a_replacement_is_awaited_takes_its_place(
     storage = tmp_path / "runs"
     code, out = run(
         "run", str(trainjob(tmp_path, spares=1)), "--storage", str(storage),
-        "--kill-every", "4s", "--max-injections", "2", "--unavailable-for", "15s",
+        "--kill-every", "2s", "--max-injections", "2", "--unavailable-for", "10s",
         "--seed", "1",
         timeout=300,
     )  # fmt: skip
     assert code == 0, out
     status = status_of(storage)
-    assert status["state"] == "Succeeded" and status["preemptions"] == 2, status
+    assert status["state"] == "Succeeded" and status["preemptions"] == 2, out
     kinds = [(e["kind"], e["reason"]) for e in status["interruptions"]]
     assert kinds == [
         ("preemption", "InjectedKill"),
