@@ -7,9 +7,11 @@ import statistics
 from pathlib import Path
 
 import pytest
+import yaml
 
 from spotrun.local import supervisor
 from spotrun.local.faults import FaultKind, FaultSchedule, format_duration, parse_duration
+from spotrun.local.observe import ReplicaFacts, replica_observation
 from spotrun.local.supervisor import LocalRunError, Options
 from spotrun.local.trainjob import load_trainjob
 
@@ -192,3 +194,36 @@ def test_random_intervals_without_a_fault_interval_is_refused_with_the_flags_to_
         supervisor._check(job, Options(random_intervals=True))
     supervisor._check(job, Options(random_intervals=True, kill_every=10.0))
     supervisor._check(job, Options(random_intervals=True, freeze_every=10.0))
+
+
+def test_freezing_needs_a_warm_group_that_watches_its_peers(tmp_path: Path) -> None:
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest["spec"]["recovery"] = "Cold"
+    cold = tmp_path / "cold.yaml"
+    cold.write_text(yaml.safe_dump(manifest))
+    with pytest.raises(LocalRunError, match="--freeze-every needs a warm group"):
+        supervisor._check(load_trainjob(str(cold)), Options(freeze_every=5.0))
+    manifest["spec"]["recovery"] = "Warm"
+    manifest["spec"]["trainer"]["env"] = [{"name": "SPOTRUN_PEER_TIMEOUT_SECONDS", "value": "0"}]
+    off = tmp_path / "off.yaml"
+    off.write_text(yaml.safe_dump(manifest))
+    with pytest.raises(LocalRunError, match="SPOTRUN_PEER_TIMEOUT_SECONDS not 0"):
+        supervisor._check(load_trainjob(str(off)), Options(freeze_every=5.0))
+    supervisor._check(load_trainjob(str(EXAMPLE)), Options(freeze_every=5.0))
+
+
+def test_a_bad_peer_timeout_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest["spec"]["trainer"]["env"] = [{"name": "SPOTRUN_PEER_TIMEOUT_SECONDS", "value": "soon"}]
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(manifest))
+    with pytest.raises(LocalRunError, match=r"trainer.env: SPOTRUN_PEER_TIMEOUT_SECONDS='soon'"):
+        supervisor._check(load_trainjob(str(path)), Options())
+
+
+def test_a_frozen_replica_is_not_flagged_by_the_supervisor() -> None:
+    """Only its peers can tell: the policy learns of it from status.peerReports."""
+    frozen = replica_observation(ReplicaFacts(index=1, attempt=1, returncode=None, fault="freeze"))
+    assert (frozen.phase, frozen.preempted, frozen.preemption_reason) == ("running", False, None)
+    killed = replica_observation(ReplicaFacts(index=1, attempt=1, returncode=-9, fault="kill"))
+    assert (killed.preempted, killed.preemption_reason) == (True, "InjectedKill")

@@ -77,6 +77,7 @@ from spotrun.local.status_command import StatusFileError, read_status
 from spotrun.local.trainjob import TrainJob, TrainJobError, load_trainjob
 from spotrun.pod.launcher import worker_command
 from spotrun.store import layout
+from spotrun.train import liveness
 
 LOG_PREFIX = "[spotrun run]"
 TRAINJOB_FILE = "trainjob.yaml"
@@ -1195,6 +1196,17 @@ def _check(job: TrainJob, options: Options) -> None:
         raise LocalRunError(
             "--spares cannot be combined with spec.elastic yet: a spare fills a lost rank at "
             "once, so the group never runs below its size; drop one of them"
+        )
+    values = {e.name: e.value for e in job.trainer.env if e.value is not None}
+    try:
+        peer_timeout = liveness.peer_timeout(values)
+    except ValueError as err:
+        raise LocalRunError(f"trainer.env: {err}") from None
+    if options.freeze_every and (job.job_spec().recovery != "warm" or peer_timeout == 0):
+        raise LocalRunError(
+            "--freeze-every needs a warm group that watches its peers (spec.recovery: Warm, "
+            f"{contract.PEER_TIMEOUT} not 0): nothing else can tell a frozen replica from a "
+            "live one, and the group would wait for its progress deadline"
         )
     sourced = [e.name for e in job.trainer.env if e.value_from is not None]
     if sourced:
