@@ -7,26 +7,15 @@ from typing import Any
 
 import pytest
 
-from spotrun.lifecycle import JobSpec, Observation, RestartGroup, plan
+from spotrun.lifecycle import JobSpec, Observation, RestartGroup
 from spotrun.lifecycle.group import GroupRecord
 from spotrun.lifecycle.peers import PEER_UNRESPONSIVE, reported, unresponsive
 from tests.unit.test_elastic_policy import lost, running
+from tests.unit.test_spares_policy import T0, started, step
 
 pytestmark = pytest.mark.unit
 
-T0 = 1_700_000_000.0
 SPEC = JobSpec(replicas=3)
-
-
-def step(spec: JobSpec, status: dict[str, Any], at: float, *replicas: Any) -> Any:
-    return plan(spec, status, Observation(T0 + at, replicas))
-
-
-def training(spec: JobSpec = SPEC) -> dict[str, Any]:
-    status = step(spec, {}, 0).status
-    status = step(spec, status, 1, *(running(i, 1) for i in range(spec.pool))).status
-    assert status["state"] == "Running"
-    return dict(status)
 
 
 def report(status: dict[str, Any], by: int, *nodes: int, attempt: int | None = None) -> None:
@@ -35,7 +24,7 @@ def report(status: dict[str, Any], by: int, *nodes: int, attempt: int | None = N
 
 
 def test_a_member_its_peers_report_silent_is_lost_and_the_others_are_kept_warm() -> None:
-    status = training()
+    status = started(SPEC)
     report(status, 0, 2)
     report(status, 1, 2)
     decision = step(SPEC, status, 30, *(running(i, 1) for i in range(3)))
@@ -53,7 +42,7 @@ def test_a_member_its_peers_report_silent_is_lost_and_the_others_are_kept_warm()
 
 
 def test_reports_of_another_attempt_or_from_a_replica_outside_the_group_count_for_nothing() -> None:
-    status = training()
+    status = started(SPEC)
     report(status, 0, 2, attempt=0)  # an older group's
     report(status, 7, 2)  # not a member
     report(status, 1, 1)  # about itself
@@ -63,7 +52,7 @@ def test_reports_of_another_attempt_or_from_a_replica_outside_the_group_count_fo
 
 
 def test_a_reporter_that_is_gone_itself_is_not_believed() -> None:
-    status = training()
+    status = started(SPEC)
     report(status, 2, 0)
     replicas = (running(0, 1), running(1, 1), lost(2, 1))
     assert unresponsive(status, Observation(T0, replicas), 3) == set()
@@ -71,7 +60,7 @@ def test_a_reporter_that_is_gone_itself_is_not_believed() -> None:
 
 def test_two_members_that_report_each_other_keep_the_lower_index() -> None:
     """A partition between them: one side must go, and always the same one."""
-    status = training(JobSpec(replicas=2))
+    status = started(JobSpec(replicas=2))
     report(status, 1, 0)
     report(status, 0, 1)
     replicas = (running(0, 1), running(1, 1))
@@ -105,7 +94,7 @@ def test_malformed_reports_are_ignored(raw: Any) -> None:
 def test_a_member_already_lost_otherwise_keeps_its_own_reason() -> None:
     """A notice came first (its pod carries a DisruptionTarget): a report does not hide it,
     and the restart still waits for the final checkpoint it is writing."""
-    status = training()
+    status = started(SPEC)
     report(status, 0, 2)
     noticed = running(2, 1).__class__(
         2, 1, phase="running", ready=True, preempted=True, preemption_reason="DisruptionTarget"
@@ -118,7 +107,7 @@ def test_a_member_already_lost_otherwise_keeps_its_own_reason() -> None:
 
 def test_with_a_spare_the_silent_member_s_place_goes_to_the_spare() -> None:
     spec = JobSpec(replicas=2, spares=1)
-    status = training(spec)
+    status = started(spec)
     report(status, 0, 1)
     decision = step(spec, status, 30, *(running(i, 1) for i in range(3)))
     record = GroupRecord.from_status(decision.status)

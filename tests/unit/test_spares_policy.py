@@ -215,12 +215,18 @@ def test_a_spare_that_runs_while_a_replacement_waits_takes_its_place() -> None:
     assert all("secondsToRecover" in e for e in settled["interruptions"])
 
 
-def test_a_cold_restart_is_not_turned_into_a_promotion() -> None:
+def cold_restarted() -> dict[str, Any]:
+    """Member 1 failed: after its backoff, attempt 2 restarts the whole pool cold."""
     status = started()
     failed = ReplicaObservation(1, 1, phase="failed", exit_code=1, reason="Error")
     status = step(SPARES, status, 10, running(0, 1), failed, running(2, 1), running(3, 1)).status
     status = step(SPARES, status, 500, running(0, 1), failed, running(2, 1), running(3, 1)).status
     assert status["attempt"] == 2 and status["group"]["mode"] == "cold"
+    return dict(status)
+
+
+def test_a_cold_restart_is_not_turned_into_a_promotion() -> None:
+    status = cold_restarted()
     # The spare's pod runs first, the members' still start: the cold restart waits for them.
     later = step(SPARES, status, 505, *(pending(i, 2) for i in range(3)), running(3, 2))
     assert later.status["attempt"] == 2 and later.status["group"]["mode"] == "cold"
@@ -263,11 +269,7 @@ def test_a_first_group_waits_for_members_that_are_only_starting() -> None:
 
 
 def test_a_cold_restart_starts_around_a_member_the_scheduler_cannot_place() -> None:
-    status = started()
-    failed = ReplicaObservation(1, 1, phase="failed", exit_code=1, reason="Error")
-    status = step(SPARES, status, 10, running(0, 1), failed, running(2, 1), running(3, 1)).status
-    status = step(SPARES, status, 500, running(0, 1), failed, running(2, 1), running(3, 1)).status
-    assert status["attempt"] == 2 and status["group"]["mode"] == "cold"
+    status = cold_restarted()
     no_room = ReplicaObservation(1, 2, phase="pending", waiting_reason="Unschedulable")
     decision = step(SPARES, status, 505, running(0, 2), no_room, running(2, 2), running(3, 2))
     record = GroupRecord.from_status(decision.status)
