@@ -76,6 +76,38 @@ def test_a_member_reported_silent_is_replaced_and_the_reporters_keep_their_pods(
     assert (later["attempt"], later["preemptions"]) == (2, 1), later
 
 
+def test_a_silent_member_whose_kubelet_never_confirms_its_deletion_is_force_deleted(
+    api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    """A node gone without notice: its node stays Ready for a while (the node controller's
+    grace), and no kubelet confirms the graceful deletion of its pod. KWOK plays that
+    kubelet: the annotation makes it confirm after an hour. The StatefulSet creates the
+    replacement only once the old pod is gone, so the operator forces it."""
+    create(api, namespace, trainjob(JOB, replicas=2))
+    wait_running(api, namespace, JOB, attempt=1, replicas=2)
+    before = uids(api, namespace)
+    client.CoreV1Api(api).patch_namespaced_pod(
+        f"{JOB}-1",
+        namespace,
+        {"metadata": {"annotations": {"pod-delete.stage.kwok.x-k8s.io/delay": "1h"}}},
+    )
+    runtime_sink(cluster, api, namespace, JOB, attempt=1).peers_lost(0, [1], time.time())
+
+    def replaced() -> dict[str, str] | None:
+        now = uids(api, namespace)
+        return now if len(now) == 2 and now.get(f"{JOB}-1") != before[f"{JOB}-1"] else None
+
+    now = wait_until("the silent member's pod forced out and replaced", replaced, timeout=60)
+    assert now[f"{JOB}-0"] == before[f"{JOB}-0"]  # the reporter kept its pod
+    st = wait_running(api, namespace, JOB, attempt=2, replicas=2)
+    (entry,) = st["interruptions"]
+    assert (entry["reason"], entry["recovery"], entry["unresponsive"]) == (
+        "PeerUnresponsive",
+        "warm",
+        [1],
+    ), entry
+
+
 def test_a_report_about_the_reporter_itself_or_from_outside_the_group_restarts_nothing(
     api: client.ApiClient, cluster: Cluster, namespace: str, operator: Operator
 ) -> None:

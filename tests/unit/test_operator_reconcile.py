@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from typing import Any, cast
 
 import pytest
 
+from spotrun.ledger.status import peer_report
+from spotrun.lifecycle import ledger
 from spotrun.lifecycle.group import GroupRecord
 from spotrun_operator import children
 from spotrun_operator.apply import Api, Conflict
@@ -327,6 +330,71 @@ def test_pods_on_a_deleted_node_are_force_deleted() -> None:
     h.run()
     deletions = sorted(c[1] for c in h.api.calls if c[0] == "delete_pod")
     assert deletions == [(f"{NAME}-0", "a", True), (f"{NAME}-1", "b", False)]
+
+
+def test_a_member_reported_silent_is_force_deleted_when_its_kubelet_never_confirms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    h = running_harness(recovery="Warm")
+    # Replica 1 heard nothing from node rank 0: its pod runs as far as Kubernetes can tell.
+    h.api.job["status"]["peerReports"] = {"1": peer_report(1, [0], 0.0)}
+    h.api.job["metadata"]["resourceVersion"] = "200"
+    h.run()  # the interruption: PeerUnresponsive
+    h.run()  # the restart, warm, keeping replica 1
+    (entry,) = h.api.job["status"]["interruptions"]
+    assert (entry["reason"], entry["recovery"], entry["unresponsive"]) == (
+        "PeerUnresponsive",
+        "warm",
+        [0],
+    ), entry
+    h.sts = statefulset(h.api.job, 2)
+    h.api.calls.clear()
+    h.run()
+    # Asked gracefully first: a kubelet that answers tears the pod down itself.
+    assert [c for c in h.api.calls if c[0] == "delete_pod"] == [
+        ("delete_pod", (f"{NAME}-0", "a", False))
+    ]
+    # Its kubelet does not confirm (the node is gone): the next pass is due within the wait,
+    # and nothing is forced before it.
+    h.pods = [pod(0, 1, uid="a", deleting=True), pod(1, 2, uid="b")]
+    h.api.calls.clear()
+    due = h.run()
+    assert due <= time.time() + reconcile.SILENT_POD_FORCE_AFTER_SECONDS
+    assert "delete_pod" not in h.api.names()
+    # Past the wait: forced (once), so the pod that takes its name can be created.
+    h.memory.silent_going = {u: t - 60 for u, t in h.memory.silent_going.items()}
+    h.run()
+    h.run()
+    assert [c for c in h.api.calls if c[0] == "delete_pod"] == [
+        ("delete_pod", (f"{NAME}-0", "a", True))
+    ]
+
+
+def test_a_going_pod_that_nobody_reported_silent_waits_for_its_kubelet() -> None:
+    h = running_harness(recovery="Warm")
+    h.pods = [pod(0, 1, uid="a", deleting=True), pod(1, 1, uid="b")]
+    h.run()  # the preemption of replica 0 (a notice: its pod is going)
+    h.run()  # the restart, warm, keeping replica 1
+    assert "unresponsive" not in h.api.job["status"]["interruptions"][0]
+    h.sts = statefulset(h.api.job, 2)
+    h.pods = [pod(0, 1, uid="a", deleting=True), pod(1, 2, uid="b")]
+    h.memory.silent_going = {"a": time.monotonic() - 60}  # as if seen going long ago
+    h.api.calls.clear()
+    h.run()
+    assert "delete_pod" not in h.api.names()
+
+
+def test_the_silent_members_of_a_ledger_entry_are_read_strictly() -> None:
+    entries = [
+        {"attempt": 1, "unresponsive": [0, 2]},
+        {"attempt": 2, "unresponsive": [1]},
+        {"attempt": 1, "unresponsive": ["3", -1, True, 4.0, 5]},
+        {"attempt": 1, "unresponsive": "0"},
+        {"attempt": "1", "unresponsive": [6]},
+    ]
+    assert ledger.unresponsive(entries, 1) == {0, 2, 5}
+    assert ledger.unresponsive(entries, 2) == {1}
+    assert ledger.unresponsive(entries, 3) == frozenset()
 
 
 def test_a_conflict_surfaces_so_the_loop_rereads() -> None:

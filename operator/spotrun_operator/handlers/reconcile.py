@@ -32,6 +32,7 @@ from spotrun.lifecycle import (
     Suspend,
     Wait,
     format_time,
+    ledger,
     parse_time,
     plan,
     pool_size,
@@ -69,6 +70,8 @@ class JobMemory:
     statefulset_sent: tuple[str, int, float] | None = None
     # Pods this loop asked to delete, by UID (with whether it forced it): not asked twice.
     deleted: set[tuple[str, bool]] = field(default_factory=set)
+    # Silent members' pods seen going, by UID: since when (time.monotonic()).
+    silent_going: dict[str, float] = field(default_factory=dict)
     # The runtime's ledger conditions already announced (None: not looked at yet).
     runtime_conditions: dict[str, tuple[str, str]] | None = None
 
@@ -195,6 +198,7 @@ async def reconcile_once(
     job_pods = [dict(p) for p in pods.get(key, ())]
     live = {str(p["metadata"].get("uid")) for p in job_pods}
     memory.deleted = {entry for entry in memory.deleted if entry[0] in live}
+    memory.silent_going = {u: t for u, t in memory.silent_going.items() if u in live}
     facts = _node_facts(nodes, job_pods)
     sts = next(iter(statefulsets.get(key, ())), None)
     now = time.time()
@@ -224,6 +228,9 @@ async def reconcile_once(
     sizing = (StartGroup, RestartGroup, Succeed, Fail, Suspend)  # each sizes the set itself
     if not any(isinstance(a, sizing) for a in decision.actions):
         await _resize_pool(shared, memory, job, sts, size)
+    silent_due = await _force_silent(shared, memory, decision.status, job_pods, facts)
+    if silent_due is not None:
+        next_at = min(next_at, silent_due)
     for action in decision.actions:
         if isinstance(action, StartGroup | RestartGroup):
             record = GroupRecord.from_status(decision.status)
@@ -361,6 +368,48 @@ async def _run_attempt(
         await _remove_pod(shared, memory, pod, facts, grace=grace)
 
 
+async def _force_silent(
+    shared: Shared,
+    memory: JobMemory,
+    status: Mapping[str, Any],
+    pods: Iterable[Mapping[str, Any]],
+    facts: Mapping[str, NodeFacts],
+) -> float | None:
+    """Force-deletes the going pods of members a restart left behind as silent, once their
+    kubelet has had SILENT_POD_FORCE_AFTER_SECONDS to confirm; returns when (epoch seconds)
+    a pass must look again without an event, if one is still waited for.
+
+    Their peers reported them silent and the group went on without them, so their attempt
+    is fenced: whatever they still write is refused. A node that vanished without notice
+    (powered off, cut off) has no kubelet to confirm a graceful deletion, the node
+    controller declares it NotReady only after its grace (40 s or more), and the
+    StatefulSet creates the pod that takes the name (the replacement, or the next spare)
+    only once the old one is gone. A live kubelet (a frozen container, a partition of the
+    pods' network only) confirms in a second or two, which is why the graceful deletion is
+    asked first: its teardown frees the node's devices before a new pod could land there.
+    """
+    interruptions = status.get("interruptions") or ()
+    again: float | None = None
+    for pod in pods:
+        meta = pod["metadata"]
+        if not meta.get("deletionTimestamp"):
+            continue
+        try:
+            attempt = int((meta.get("labels") or {}).get(names.ATTEMPT_LABEL, ""))
+        except ValueError:
+            continue
+        if _index(pod) not in ledger.unresponsive(interruptions, attempt):
+            continue
+        since = memory.silent_going.setdefault(str(meta["uid"]), time.monotonic())
+        wait = since + SILENT_POD_FORCE_AFTER_SECONDS - time.monotonic()
+        if wait > 0:
+            due = time.time() + wait
+            again = due if again is None else min(again, due)
+            continue
+        await _remove_pod(shared, memory, pod, facts, force=True)
+    return again
+
+
 async def _resize_pool(
     shared: Shared,
     memory: JobMemory,
@@ -419,6 +468,10 @@ RESEND_AFTER_SECONDS = 15.0
 # the group honoured the notice, after its final checkpoint). A pod whose trainer never
 # ran goes with none (_trainer_never_ran).
 FENCED_POD_GRACE_SECONDS = 1
+# How long a silent member's pod (spotrun.lifecycle.peers) may take to go after it was
+# seen going before it is force-deleted: a kubelet that answers needs the grace above and
+# a second or two more.
+SILENT_POD_FORCE_AFTER_SECONDS = 3.0
 
 
 def _recently_sent(memory: JobMemory, spec_hash: str, replicas: int) -> bool:
@@ -457,9 +510,12 @@ async def _remove_pod(
     pod: Mapping[str, Any],
     facts: Mapping[str, NodeFacts],
     grace: int | None = None,
+    *,
+    force: bool = False,
 ) -> None:
+    """Deletes the pod (with `grace`), forced when its node is gone or `force` says so."""
     meta = pod["metadata"]
-    force = _node_gone(pod, facts)
+    force = force or _node_gone(pod, facts)
     if meta.get("deletionTimestamp") and not force:
         return  # already going; its kubelet confirms the end
     if (str(meta["uid"]), force) in memory.deleted:

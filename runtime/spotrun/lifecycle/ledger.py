@@ -16,6 +16,8 @@ from spotrun.lifecycle.classify import Interruption, Kind
 from spotrun.lifecycle.times import format_time, parse_time
 
 LEDGER_SIZE = 10
+# An entry's replicas that their peers reported silent (spotrun.lifecycle.peers).
+UNRESPONSIVE = "unresponsive"
 # The shortest mean time between interruptions an estimate gives (two at once are one).
 SHORTEST_MTBF_SECONDS = 1.0
 
@@ -113,14 +115,19 @@ def mark_restarted(
     step: int | None,
     resume_step: int | None,
     recovery: str = "cold",
+    unresponsive: tuple[int, ...] = (),
 ) -> list[dict[str, Any]]:
     """Entry `index` with its restart time and the steps lost by resuming at `resume_step`.
 
     `step` is the latest progress known at restart (a final checkpoint taken during the
     preemption's grace period may be newer than the progress seen at the interruption).
     `recovery` says how the group came back: `warm` (survivors kept) or `cold`.
+    `unresponsive` names the replicas left behind because their peers reported them silent:
+    their pods may never confirm their deletion, so the operator forces it (UNRESPONSIVE).
     """
     fields: dict[str, Any] = {"restartTime": format_time(now), "recovery": recovery}
+    if unresponsive:
+        fields[UNRESPONSIVE] = sorted(unresponsive)
     reached = _max_known(ledger[index].get("step"), step)
     if reached is not None and resume_step is not None:
         fields["stepsLost"] = max(0, reached - resume_step)
@@ -147,6 +154,22 @@ def open_tail(ledger: Sequence[Mapping[str, Any]]) -> list[int]:
             break
         out.append(i)
     return out[::-1]
+
+
+def unresponsive(ledger: Sequence[Mapping[str, Any]], attempt: int) -> frozenset[int]:
+    """The replicas of `attempt` that a restart left behind as silent (entries that parse)."""
+    return frozenset(
+        index
+        for entry in ledger
+        if entry.get("attempt") == attempt
+        for index in _indices(entry.get(UNRESPONSIVE))
+    )
+
+
+def _indices(raw: Any) -> tuple[int, ...]:
+    if not isinstance(raw, Sequence) or isinstance(raw, str):
+        return ()
+    return tuple(i for i in raw if type(i) is int and i >= 0)
 
 
 def failure_times(ledger: Sequence[Mapping[str, Any]]) -> list[float]:

@@ -417,6 +417,7 @@ class _Step:
         # a newer attempt exist, the status was rolled back) restarts cold.
         warm = entry["kind"] == "preemption" and following == attempt + 1
         keep = self._survivors(replicas, attempt) if warm else ()
+        silent = tuple(r.index for r in replicas if r.unresponsive and r.index not in keep)
         st["interruptions"] = ledger_.mark_restarted(
             entries,
             index,
@@ -426,6 +427,7 @@ class _Step:
             # only once the group trains again.
             resume_step=None if keep or resume_step is None else int(resume_step),
             recovery="warm" if keep else "cold",
+            unresponsive=silent,
         )
         st["attempt"] = following
         # A warm recovery re-forms the same members (a waiting spare, else a replacement,
