@@ -227,6 +227,7 @@ def up(run: RunDir, nodes: int | None, real_node: bool = False) -> None:
     if is_up(run) and bool(run.read_state().get("real_node")) == real_node:
         say(f"already up ({run.root}); `hack/cluster down --run-dir {run.root}` to stop it")
         print(f"export KUBECONFIG={run.kubeconfig}")
+        print_node_env(run)
         return
     run.root.mkdir(parents=True, exist_ok=True)
     down(run, quiet=True)  # leftovers of an earlier, failed `up`

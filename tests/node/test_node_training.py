@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,7 +54,7 @@ from tests.cluster.test_chart_install import (
     delete_namespace,
 )
 from tests.fixtures.cluster import wait_until
-from tests.node.conftest import NODE_NAME, REPO, NodeCluster, dev_node_job
+from tests.node.conftest import NODE_NAME, REPO, NodeCluster, dev_node_job, read_state
 from tests.runtime.helpers import SPOTRUN, Job
 
 pytestmark = pytest.mark.timeout(900)
@@ -401,18 +403,42 @@ def freeze(cluster: NodeCluster, ns: str, pod: str) -> str:
     return container_id
 
 
+def kubelet_pid(cluster: NodeCluster) -> int:
+    assert cluster.run_dir is not None
+    return int(read_state(cluster.run_dir)["processes"]["kubelet"]["pid"])
+
+
+def node_ready(cluster: NodeCluster) -> bool:
+    node = json.loads(cluster.kubectl("get", "node", NODE_NAME, "-o", "json").stdout)
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in node["status"]["conditions"])
+
+
+def pod_uids(cluster: NodeCluster, ns: str) -> dict[str, str]:
+    listed = json.loads(cluster.kubectl("get", "pods", "-n", ns, "-o", "json").stdout)
+    return {p["metadata"]["name"]: p["metadata"]["uid"] for p in listed["items"]}
+
+
+@pytest.mark.parametrize("kubelet", ["answers", "stopped"])
 def test_a_member_gone_silent_is_reported_by_its_peer_and_replaced_warm(
     cluster: NodeCluster,
     namespace: str,
     reference: dict[str, Any],
     operator: Release,
     monkeypatch: pytest.MonkeyPatch,
+    kubelet: str,
 ) -> None:
     """Nothing tells Kubernetes that a frozen pod is lost: its node stays Ready, its container
     running. The survivor's peer watch does, through status.peerReports; the operator then
-    restarts the group warm without it, and the job still ends bit for bit."""
+    restarts the group warm without it, and the job still ends bit for bit.
+
+    `answers`: the container alone is frozen (the pods' network cut, the kubelet still
+    talking to the API server); its kubelet confirms the graceful deletion. `stopped`: the
+    kubelet is frozen too, as on a node gone without notice, so nobody confirms it; the
+    operator force-deletes the pod long before the node controller would declare the node
+    NotReady. The dev cluster has one node, so the kubelet resumes once the pod is gone
+    (the replacement has nowhere else to run)."""
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", cluster.gcs_endpoint)
-    name = "silent"
+    name = f"silent-{kubelet}"
     body = the_job(name)
     body["spec"]["trainer"]["env"] = [{"name": "SPOTRUN_PEER_TIMEOUT_SECONDS", "value": "3"}]
     with cluster.api_client() as api:
@@ -431,18 +457,37 @@ def test_a_member_gone_silent_is_reported_by_its_peer_and_replaced_warm(
         )
         before = job_status(api, namespace, name)
         survivor_uid = pod_uid(cluster, namespace, f"{name}-0")
+        silent_uid = pod_uid(cluster, namespace, f"{name}-1")
         frozen = freeze(cluster, namespace, f"{name}-1")
+        stopped = kubelet == "stopped"
+        if stopped:
+            os.kill(kubelet_pid(cluster), signal.SIGSTOP)
         try:
+            if stopped:
+                wait_until(
+                    "the silent member's pod forced out",
+                    lambda: pod_uids(cluster, namespace).get(f"{name}-1") != silent_uid,
+                    timeout=40,
+                )
+                # Not the node controller's doing: the node is still Ready.
+                assert node_ready(cluster)
+                forced = job_status(api, namespace, name)["interruptions"][-1]
+                assert forced["unresponsive"] == [1], forced
+                os.kill(kubelet_pid(cluster), signal.SIGCONT)
+                stopped = False
             after = training_again(api, namespace, name, before)
         finally:
+            if stopped:
+                os.kill(kubelet_pid(cluster), signal.SIGCONT)
             cluster.ctr("tasks", "resume", frozen, check=False)  # gone by now, normally
         event = after["interruptions"][-1]
-        print(f"freeze of member 1 at step >= {progress(before)}: {event}")
+        print(f"freeze of member 1 (kubelet {kubelet}) at step >= {progress(before)}: {event}")
         assert (event["kind"], event["reason"], event["recovery"]) == (
             "preemption",
             "PeerUnresponsive",
             "warm",
         ), event
+        assert event["unresponsive"] == [1], event
         report = after["peerReports"]["0"]
         assert (report["attempt"], report["nodes"]) == (before["attempt"], [1]), report
         assert after["group"]["kept"] == [0], after["group"]
