@@ -389,7 +389,7 @@ def test_a_replica_gone_silent_is_reported_by_its_peer_and_replaced_warm(
     report = status["peerReports"][str(survivor)]
     assert (report["attempt"], report["nodes"]) == (1, [victim]), report
     log = replica_log(storage, 1, survivor)
-    assert f"reporting node(s) {victim} lost" in log and "reported them lost" in log, log
+    assert f"any worker of node(s) {victim} for" in log and "reported them lost" in log, log
     # The survivor trained on in the process it started with; its state went to the
     # replacement from memory.
     pids = worker_pids(storage)

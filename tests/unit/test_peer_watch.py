@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import json
 import socket
@@ -34,6 +35,23 @@ def test_silence_names_the_peers_not_heard_from_within_the_timeout() -> None:
     assert silence.silent(200.0) == (1, 2)
     silence.heard_from(2, 90.0)  # a late, older datagram does not move the clock back
     assert silence.heard[2] == 100.0
+
+
+def test_a_node_is_silent_only_when_none_of_its_workers_was_heard_from() -> None:
+    silence = Silence([2, 3, 4, 5], timeout=5.0, now=100.0, node_of=lambda r: r // 2)
+    silence.heard_from(3, 104.0)  # node 1: rank 2 held up, rank 3 answers
+    assert silence.silent(106.0) == (2,)  # node 2 (ranks 4, 5): nobody answered
+    assert silence.silent(109.5) == (1, 2)
+    silence.forget(3)  # said goodbye: rank 2 alone speaks for node 1
+    silence.heard_from(2, 109.0)
+    assert silence.silent(110.0) == (2,)
+
+
+def test_a_watcher_that_was_not_listening_judges_nobody_for_that_time() -> None:
+    silence = Silence([1, 2], timeout=5.0, now=100.0)
+    silence.reset(120.0)
+    assert silence.silent(124.0) == ()
+    assert silence.silent(125.5) == (1, 2)
 
 
 @pytest.mark.parametrize(("raw", "expected"), [("", 10.0), ("2.5", 2.5), ("0", 0.0)])
@@ -107,6 +125,48 @@ def test_a_member_that_says_goodbye_is_not_reported(pair: Pair) -> None:
     pair.watches[1].stop()  # leaves on purpose (its session ended)
     time.sleep(1.5)
     assert pair.lost == []
+
+
+def test_a_process_held_up_past_the_timeout_reports_nobody(pair: Pair) -> None:
+    """Both watches' threads stop for 1.5 s (three timeouts): the interpreter lock is held
+    by one C call, as user code may do. Neither heard anything meanwhile, and neither
+    counts that as its peer's silence."""
+    for watch in pair.watches:
+        watch.start()
+    time.sleep(0.3)
+    ctypes.PyDLL(None).usleep(1_500_000)  # a PyDLL call keeps the interpreter lock
+    time.sleep(1.5)
+    assert pair.lost == []
+
+
+def test_one_worker_of_a_node_held_up_does_not_make_its_node_silent() -> None:
+    """Rank 0 watches node 1 (ranks 2 and 3): rank 3 never answers, rank 2 does, until it
+    stops too."""
+    socks = [_udp(), _udp(), _udp()]
+    lost: list[tuple[int, ...]] = []
+    watch = PeerWatch(
+        socks[0],
+        rank=0,
+        token="t0k3n",
+        peers={2: socks[1].getsockname(), 3: socks[2].getsockname()},
+        node_of=lambda r: r // 2,
+        timeout=0.5,
+        on_lost=lost.append,
+    ).start()
+    try:
+        deadline = time.monotonic() + 1.5  # three timeouts
+        while time.monotonic() < deadline:
+            socks[1].sendto(b"t0k3n 2", socks[0].getsockname())
+            time.sleep(0.05)
+        assert lost == []
+        deadline = time.monotonic() + 5
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lost == [(1,)]
+    finally:
+        watch.stop()
+        for sock in socks[1:]:
+            sock.close()
 
 
 def test_datagrams_without_the_token_or_from_strangers_keep_no_one_alive(pair: Pair) -> None:

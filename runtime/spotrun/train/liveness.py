@@ -52,10 +52,22 @@ EXCHANGE_SECONDS = 60.0
 
 
 class Silence:
-    """Which peers stayed silent for longer than `timeout` (monotonic seconds; pure)."""
+    """Which nodes stayed silent for longer than `timeout` (monotonic seconds; pure).
 
-    def __init__(self, peers: Iterable[int], timeout: float, now: float) -> None:
+    A node is silent when none of its workers (`node_of` maps a peer's rank to its node) was
+    heard from: one worker of a node held up alone (a long call that keeps the interpreter
+    lock) says nothing of the node.
+    """
+
+    def __init__(
+        self,
+        peers: Iterable[int],
+        timeout: float,
+        now: float,
+        node_of: Callable[[int], int] = lambda rank: rank,
+    ) -> None:
         self.timeout = timeout
+        self.node_of = node_of
         self.heard = dict.fromkeys(peers, now)
 
     def heard_from(self, peer: int, now: float) -> None:
@@ -66,8 +78,16 @@ class Silence:
         """`peer` left on purpose: its silence says nothing any more."""
         self.heard.pop(peer, None)
 
+    def reset(self, now: float) -> None:
+        """The watcher itself was not listening until `now`: it judges nobody by that time."""
+        self.heard = dict.fromkeys(self.heard, now)
+
     def silent(self, now: float) -> tuple[int, ...]:
-        return tuple(sorted(p for p, t in self.heard.items() if now - t > self.timeout))
+        latest: dict[int, float] = {}
+        for peer, heard in self.heard.items():
+            node = self.node_of(peer)
+            latest[node] = max(latest.get(node, heard), heard)
+        return tuple(sorted(n for n, t in latest.items() if now - t > self.timeout))
 
 
 def peer_timeout(env: Mapping[str, str] | None = None) -> float:
@@ -96,7 +116,9 @@ class PeerWatch:
     """Heartbeats to and from the workers of the other nodes, on a daemon thread.
 
     `on_lost(nodes)` is called once, from the watch's thread, with the node ranks none of
-    whose workers were heard from for `timeout` seconds; the watch then ends. With
+    whose workers were heard from for `timeout` seconds; the watch then ends. Silence is
+    judged once per heartbeat, after every datagram already queued was read, and not at all
+    for a time this thread itself did not run. With
     `exchange`, the thread first learns the token and the peers' addresses from it (the
     group's store), so the session's start never waits for the slowest member.
     """
@@ -168,20 +190,40 @@ class PeerWatch:
                     )
                 return
         beat = f"{self.token} {self.rank}".encode()
-        silence = Silence(self.peers, self.timeout, time.monotonic())
-        due = 0.0
+        silence = Silence(self.peers, self.timeout, time.monotonic(), self.node_of)
+        ticked = time.monotonic()
         while not self._stop.is_set():
+            self._send(beat)
+            if not self._listen(silence, until=time.monotonic() + self.interval):
+                return  # closed by stop()
             now = time.monotonic()
-            if now >= due:
-                self._send(beat)
-                due = now + self.interval
-            try:
-                self.sock.settimeout(max(0.01, due - now))
-                data = self.sock.recv(256)
-            except TimeoutError:
-                data = b""
-            except OSError:  # closed by stop()
+            if now - ticked > self.interval + self.timeout / 2:
+                # This thread did not run for a while (its process was stopped, or kept from
+                # the CPU or the interpreter lock): what it did not hear meanwhile says
+                # nothing of its peers.
+                silence.reset(now)
+            ticked = now
+            lost = silence.silent(now)
+            if lost:
+                self._report(lost)
                 return
+
+    def _listen(self, silence: Silence, until: float) -> bool:
+        """Takes in the datagrams that come until `until`, then those already queued (a
+        bounded number: a flood must not keep the watch from judging); False once the socket
+        is closed."""
+        backlog = 4 * len(self.peers) + 64
+        while True:
+            left = until - time.monotonic()
+            try:
+                self.sock.settimeout(max(0.0, left))  # 0: only what is queued
+                data = self.sock.recv(256)
+            except (TimeoutError, BlockingIOError):
+                if left <= 0:
+                    return True
+                continue
+            except OSError:
+                return False
             heard = self._parse(data)
             if heard is not None:
                 peer, bye = heard
@@ -189,24 +231,22 @@ class PeerWatch:
                     silence.forget(peer)
                 else:
                     silence.heard_from(peer, time.monotonic())
-            lost = silence.silent(time.monotonic())
-            if lost:
-                self._report(lost)
-                return
+            if left <= 0:
+                backlog -= 1
+                if backlog <= 0:
+                    return True
 
-    def _report(self, lost: tuple[int, ...]) -> None:
-        nodes = tuple(sorted({self.node_of(r) for r in lost}))
+    def _report(self, nodes: tuple[int, ...]) -> None:
         with self._reporting:
             if self._stopped:
                 return
             self._reported = True
             self._stop.set()
             log.warning(
-                "rank %d: no heartbeat from rank(s) %s for %gs: reporting node(s) %s lost",
+                "rank %d: no heartbeat from any worker of node(s) %s for %gs: reporting them lost",
                 self.rank,
-                ", ".join(map(str, lost)),
-                self.timeout,
                 ", ".join(map(str, nodes)),
+                self.timeout,
             )
             self.on_lost(nodes)
 
