@@ -45,6 +45,13 @@ def test_a_spare_that_could_never_join_is_refused_with_the_reason(
         check_spares(job(**spec), Options(spares=spares))
 
 
+def test_the_spares_flag_on_an_elastic_job_points_to_spec_spares() -> None:
+    elastic = job(elastic={"minReplicas": 1})
+    with pytest.raises(LocalRunError, match="put spares: 2 in the TrainJob's spec instead"):
+        check_spares(elastic, Options(spares=2))
+    check_spares(elastic, Options(spares=1), flag="spec.spares")  # what it points to runs
+
+
 def test_spares_and_an_injected_application_failure_do_not_mix() -> None:
     with pytest.raises(LocalRunError, match="cannot be combined with --fail-rank"):
         check_spares(job(), Options(spares=1, fail_rank=0))

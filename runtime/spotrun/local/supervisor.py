@@ -1192,11 +1192,6 @@ def _check(job: TrainJob, options: Options) -> None:
             "--unavailable-for holds back replicas hit by an injected fault: give "
             "--preempt-every, --kill-every or --freeze-every too"
         )
-    if options.spares and job.job_spec().elastic is not None:
-        raise LocalRunError(
-            "--spares cannot be combined with spec.elastic yet: a spare fills a lost rank at "
-            "once, so the group never runs below its size; drop one of them"
-        )
     values = {e.name: e.value for e in job.trainer.env if e.value is not None}
     try:
         peer_timeout = liveness.peer_timeout(values)
@@ -1232,6 +1227,12 @@ def check_spares(job: TrainJob, options: Options, flag: str = "--spares") -> Non
         raise LocalRunError(
             f"{flag} needs replicas >= 2: a warm recovery keeps the survivors of a group, "
             "and a group of one has none"
+        )
+    if flag == "--spares" and spec.elastic is not None:
+        raise LocalRunError(
+            f"--spares cannot be combined with spec.elastic: put spares: {options.spares} in "
+            "the TrainJob's spec instead (spec.spares runs locally as on a cluster, and an "
+            "elastic group fills a lost place from a waiting spare before it shrinks)"
         )
     if options.fail_rank is not None:
         raise LocalRunError(
