@@ -398,6 +398,35 @@ def test_a_replica_gone_silent_is_reported_by_its_peer_and_replaced_warm(
     assert_bitwise_equal(final_state(storage), reference)
 
 
+def test_a_worker_that_holds_the_interpreter_lock_past_the_peer_timeout_is_not_reported(
+    tmp_path: Path,
+) -> None:
+    """Rank 0 keeps the interpreter lock for 6 s (three peer timeouts) in one C call: its
+    own heartbeat thread stops, but its launcher sends the heartbeat it handed over, so
+    rank 1, waiting in the all-reduce, reports nobody; and rank 0's watch, which did not
+    run meanwhile, judges nobody for that time. The job ends without an interruption."""
+    trainer = {
+        "image": "spotrun-runtime:dev",
+        "function": "tests.runtime.workloads.interpreter_lock:train_func",
+        "env": [{"name": "SPOTRUN_PEER_TIMEOUT_SECONDS", "value": "2"}],
+    }
+    config = {"steps": 60, "hold_rank": 0, "hold_at_step": 30, "hold_seconds": 6}
+    storage = tmp_path / "runs"
+    code, out = run(
+        "run", str(trainjob(tmp_path, trainer=trainer, config=config)),
+        "--storage", str(storage),
+    )  # fmt: skip
+    assert code == 0, out
+    status = status_of(storage)
+    assert status["state"] == "Succeeded", status
+    assert (status["attempt"], status["preemptions"], status["failures"]) == (1, 0, 0), status
+    assert not status.get("interruptions") and not status.get("peerReports"), status
+    held = replica_log(storage, 1, 0)
+    assert "interpreter_lock: holding it for 6s" in held and "released" in held, held
+    for index in (0, 1):
+        assert "no heartbeat" not in replica_log(storage, 1, index)
+
+
 def test_a_spare_that_runs_while_a_replacement_is_awaited_takes_its_place(
     tmp_path: Path, reference: dict[str, object]
 ) -> None:

@@ -7,6 +7,8 @@ import ctypes
 import functools
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +20,8 @@ from torch.distributed import TCPStore  # type: ignore[attr-defined]
 
 from spotrun import contract
 from spotrun.ledger.sink import FileStatusSink, read_status_file, status_file
+from spotrun.membership import beats as beats_module
+from spotrun.membership.beats import Beats, read_beats, remove_beats, write_beats
 from spotrun.membership.groupfile import LostReport, read_lost_reports, write_lost_report
 from spotrun.train import liveness
 from spotrun.train.liveness import PeerWatch, Silence, peer_timeout, start_watch
@@ -269,3 +273,103 @@ def test_the_file_sink_keeps_every_reporter_s_entry(tmp_path: Any) -> None:
 def test_the_interval_leaves_several_heartbeats_per_timeout() -> None:
     assert liveness._interval(10.0) == 1.0
     assert liveness._interval(0.5) == pytest.approx(0.1)
+
+
+def test_a_heartbeat_file_round_trips_and_junk_is_refused(tmp_path: Any) -> None:
+    group = str(tmp_path / "group.json")
+    beats = Beats("t0k3n", 3, 1234, 0.5, (("127.0.0.1", 9), ("::1", 10)))
+    write_beats(group, 1, beats)
+    (tmp_path / "group.json.beats-0").write_bytes(b"{not json")
+    for junk in (
+        {"token": "t 1", "rank": 0, "pid": 1, "interval": 1, "peers": []},  # a space: two words
+        {"token": "t", "rank": -1, "pid": 1, "interval": 1, "peers": []},
+        {"token": "t", "rank": 0, "pid": 0, "interval": 1, "peers": []},
+        {"token": "t", "rank": 0, "pid": 1, "interval": 0, "peers": []},
+        {"token": "t", "rank": 0, "pid": 1, "interval": 1, "peers": [["h", 70000]]},
+        {"token": "t", "rank": 0, "pid": 1, "interval": 1, "peers": [["h"]]},
+    ):
+        with pytest.raises(ValueError, match="not a heartbeat file"):
+            Beats.from_bytes(json.dumps(junk).encode())
+    assert read_beats(group) == [beats]
+    remove_beats(group, 1)
+    remove_beats(group, 1)  # gone already: nothing to do
+    assert read_beats(group) == []
+
+
+def test_a_process_is_running_until_it_exits_even_unreaped() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert beats_module.process_runs(child.pid)
+        child.kill()
+        deadline = time.monotonic() + 5
+        while beats_module.process_runs(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # a zombie until waited for: not running
+        assert not beats_module.process_runs(child.pid)
+    finally:
+        child.wait()
+    assert not beats_module.process_runs(child.pid)
+
+
+def test_the_launcher_keeps_a_held_up_worker_s_node_alive(tmp_path: Any) -> None:
+    """Rank 0 watches rank 1, whose own thread never beats (held up); its launcher sends the
+    heartbeat rank 1 left in its file, until the file goes (its session ended) or its
+    process is gone."""
+    group = str(tmp_path / "group.json")
+    socks = [_udp(), _udp()]
+    lost: list[tuple[int, ...]] = []
+    watch = PeerWatch(
+        socks[0],
+        rank=0,
+        token="t0k3n",
+        peers={1: socks[1].getsockname()},
+        node_of=lambda r: r,
+        timeout=0.5,
+        on_lost=lost.append,
+    ).start()
+    alive = {"yes": True}
+    write_beats(group, 0, Beats("t0k3n", 1, 4242, 0.1, (socks[0].getsockname(),)))
+    stop = threading.Event()
+    sender = threading.Thread(
+        target=beats_module.send_beats, args=(group, stop, lambda pid: alive["yes"])
+    )
+    sender.start()
+    try:
+        time.sleep(1.5)  # three timeouts
+        assert lost == []
+        alive["yes"] = False  # the worker's process is gone: the node falls silent
+        deadline = time.monotonic() + 5
+        while not lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lost == [(1,)]
+    finally:
+        stop.set()
+        sender.join()
+        watch.stop()
+        socks[1].close()
+
+
+def test_a_worker_hands_its_heartbeat_over_and_takes_it_back_when_it_leaves(
+    tmp_path: Any,
+) -> None:
+    group = str(tmp_path / "group.json")
+    socks = [_udp(), _udp()]
+    watch = PeerWatch(
+        socks[0],
+        rank=0,
+        token="t0k3n",
+        peers={1: socks[1].getsockname()},
+        node_of=lambda r: r,
+        timeout=5.0,
+        on_lost=print,
+        beats_for=(group, 0),
+    ).start()
+    try:
+        deadline = time.monotonic() + 5
+        while not read_beats(group) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (handed,) = read_beats(group)
+        assert (handed.token, handed.rank, handed.peers) == ("t0k3n", 0, (socks[1].getsockname(),))
+    finally:
+        watch.stop()
+        socks[1].close()
+    assert read_beats(group) == []

@@ -37,7 +37,7 @@ from spotrun._orphans import die_with_parent
 from spotrun.contract import PodContract
 from spotrun.ledger.sink import make_sink
 from spotrun.lifecycle.group import GroupRecord, rendezvous_port
-from spotrun.membership import watch
+from spotrun.membership import beats, watch
 from spotrun.membership.groupfile import GroupFile, read_lost_reports
 from spotrun.store import layout
 
@@ -603,6 +603,11 @@ class _Membership:
         return record.attempt > self.attempt or record.node_rank_of(self.index) is None
 
     def start(self) -> None:
+        # The workers' heartbeats, sent from here too: a worker whose interpreter lock is
+        # held for long (a C call) stops sending its own (spotrun.membership.beats).
+        threading.Thread(
+            target=beats.send_beats, args=(self.path, self._stop), name="spotrun-beats", daemon=True
+        ).start()
         if self.feed is None:
             _log("warm recovery: no status to follow from this pod; a lost member fails the group")
             self.may_start.set()

@@ -36,6 +36,7 @@ from datetime import timedelta
 from typing import Any
 
 from spotrun import contract
+from spotrun.membership.beats import Beats, datagram, remove_beats, write_beats
 
 log = logging.getLogger("spotrun")
 
@@ -134,6 +135,7 @@ class PeerWatch:
         token: str = "",
         peers: Mapping[int, tuple[str, int]] | None = None,
         exchange: Callable[[], tuple[str, dict[int, tuple[str, int]]]] | None = None,
+        beats_for: tuple[str, int] | None = None,
     ) -> None:
         self.sock = sock
         self.rank = rank
@@ -144,6 +146,9 @@ class PeerWatch:
         self.interval = _interval(timeout)
         self.on_lost = on_lost
         self._exchange = exchange
+        # (group file, local rank): where this worker's launcher picks up its heartbeat, to
+        # send it while this thread cannot (spotrun.membership.beats).
+        self._beats_for = beats_for
         self._stop = threading.Event()
         self._stopped = False
         self._reported = False
@@ -166,6 +171,8 @@ class PeerWatch:
                 return
             self._stopped = True
             self._stop.set()
+            if self._beats_for is not None:
+                remove_beats(*self._beats_for)
         if not self._reported and self.token:
             self._send(f"{self.token} {self.rank} {_BYE}".encode())
         if self._thread.is_alive() and self._thread is not threading.current_thread():
@@ -189,7 +196,8 @@ class PeerWatch:
                         err,
                     )
                 return
-        beat = f"{self.token} {self.rank}".encode()
+        self._hand_over()
+        beat = datagram(self.token, self.rank)
         silence = Silence(self.peers, self.timeout, time.monotonic(), self.node_of)
         ticked = time.monotonic()
         while not self._stop.is_set():
@@ -207,6 +215,19 @@ class PeerWatch:
             if lost:
                 self._report(lost)
                 return
+
+    def _hand_over(self) -> None:
+        """Leaves this worker's heartbeat for its launcher to send as well."""
+        if self._beats_for is None:
+            return
+        beats = Beats(self.token, self.rank, os.getpid(), self.interval, tuple(self.peers.values()))
+        with self._reporting:
+            if self._stopped:
+                return
+            try:
+                write_beats(*self._beats_for, beats)
+            except OSError as err:
+                log.warning("rank %d: the launcher cannot send heartbeats too: %s", self.rank, err)
 
     def _listen(self, silence: Silence, until: float) -> bool:
         """Takes in the datagrams that come until `until`, then those already queued (a
@@ -271,13 +292,15 @@ def start_watch(
     timeout: float,
     on_lost: Callable[[tuple[int, ...]], None],
     exchange_seconds: float = EXCHANGE_SECONDS,
+    beats_for: tuple[str, int] | None = None,
 ) -> PeerWatch | None:
     """Starts the watch of this worker over the workers of the other nodes, or returns None.
 
     `store` is the group's store; every member calls this once its session started. The
     addresses are exchanged on the watch's thread, for up to `exchange_seconds` (a member
     that never publishes its address leaves the group unwatched, logged). None when there
-    is nothing to watch (one node), or the watch is off (timeout 0).
+    is nothing to watch (one node), or the watch is off (timeout 0). With `beats_for`
+    (the group file and this worker's local rank), its launcher sends its heartbeat too.
     """
     node = rank // nproc_per_node
     others = [r for r in range(world) if r // nproc_per_node != node]
@@ -307,6 +330,7 @@ def start_watch(
         timeout=timeout,
         on_lost=on_lost,
         exchange=exchange,
+        beats_for=beats_for,
     ).start()
 
 

@@ -242,6 +242,7 @@ class Session:
             nproc_per_node=self.context.local_world_size,
             timeout=timeout,
             on_lost=on_lost,
+            beats_for=(group_file, local_rank) if group_file else None,
         )
 
     def _stop_watching(self) -> None:
