@@ -310,6 +310,18 @@ def test_a_process_is_running_until_it_exits_even_unreaped() -> None:
     assert not beats_module.process_runs(child.pid)
 
 
+def watch_rank_1(socks: list[socket.socket], **options: Any) -> PeerWatch:
+    """Rank 0's watch (on socks[0]) of rank 1 (at socks[1]), one worker per node, started."""
+    return PeerWatch(
+        socks[0],
+        rank=0,
+        token="t0k3n",
+        peers={1: socks[1].getsockname()},
+        node_of=lambda r: r,
+        **options,
+    ).start()
+
+
 def test_the_launcher_keeps_a_held_up_worker_s_node_alive(tmp_path: Any) -> None:
     """Rank 0 watches rank 1, whose own thread never beats (held up); its launcher sends the
     heartbeat rank 1 left in its file, until the file goes (its session ended) or its
@@ -317,15 +329,7 @@ def test_the_launcher_keeps_a_held_up_worker_s_node_alive(tmp_path: Any) -> None
     group = str(tmp_path / "group.json")
     socks = [_udp(), _udp()]
     lost: list[tuple[int, ...]] = []
-    watch = PeerWatch(
-        socks[0],
-        rank=0,
-        token="t0k3n",
-        peers={1: socks[1].getsockname()},
-        node_of=lambda r: r,
-        timeout=0.5,
-        on_lost=lost.append,
-    ).start()
+    watch = watch_rank_1(socks, timeout=0.5, on_lost=lost.append)
     alive = {"yes": True}
     write_beats(group, 0, Beats("t0k3n", 1, 4242, 0.1, (socks[0].getsockname(),)))
     stop = threading.Event()
@@ -353,16 +357,7 @@ def test_a_worker_hands_its_heartbeat_over_and_takes_it_back_when_it_leaves(
 ) -> None:
     group = str(tmp_path / "group.json")
     socks = [_udp(), _udp()]
-    watch = PeerWatch(
-        socks[0],
-        rank=0,
-        token="t0k3n",
-        peers={1: socks[1].getsockname()},
-        node_of=lambda r: r,
-        timeout=5.0,
-        on_lost=print,
-        beats_for=(group, 0),
-    ).start()
+    watch = watch_rank_1(socks, timeout=5.0, on_lost=print, beats_for=(group, 0))
     try:
         deadline = time.monotonic() + 5
         while not read_beats(group) and time.monotonic() < deadline:

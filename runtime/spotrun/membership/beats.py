@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from spotrun.membership.groupfile import beside, read_beside, write_beside
+
 _SUFFIX = ".beats-"
 # More peers than any group has is not a heartbeat file.
 _MAX_PEERS = 1 << 16
@@ -88,15 +90,12 @@ class Beats:
 
 def beats_path(group_file: str, local_rank: int) -> str:
     """Where worker `local_rank` leaves its heartbeat for the launcher."""
-    return f"{group_file}{_SUFFIX}{local_rank}"
+    return beside(group_file, _SUFFIX, local_rank)
 
 
 def write_beats(group_file: str, local_rank: int, beats: Beats) -> None:
     """Writes `beats` atomically (the launcher polls the folder)."""
-    path = beats_path(group_file, local_rank)
-    with open(f"{path}.tmp", "wb") as handle:
-        handle.write(beats.to_bytes())
-    os.replace(f"{path}.tmp", path)
+    write_beside(group_file, _SUFFIX, local_rank, beats.to_bytes())
 
 
 def remove_beats(group_file: str, local_rank: int) -> None:
@@ -106,22 +105,7 @@ def remove_beats(group_file: str, local_rank: int) -> None:
 
 def read_beats(group_file: str) -> list[Beats]:
     """The heartbeats the workers beside `group_file` left; unreadable ones are skipped."""
-    folder, name = os.path.split(group_file)
-    prefix = f"{name}{_SUFFIX}"
-    found = []
-    try:
-        entries = sorted(os.listdir(folder or "."))
-    except FileNotFoundError:
-        return []
-    for entry in entries:
-        if not entry.startswith(prefix) or entry.endswith(".tmp"):
-            continue
-        try:
-            with open(os.path.join(folder, entry), "rb") as handle:
-                found.append(Beats.from_bytes(handle.read(1 << 22)))
-        except (OSError, ValueError):
-            continue
-    return found
+    return read_beside(group_file, _SUFFIX, Beats.from_bytes, limit=1 << 22)
 
 
 def process_runs(pid: int) -> bool:

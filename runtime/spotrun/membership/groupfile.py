@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -102,32 +105,52 @@ class LostReport:
 
 def lost_report_path(group_file: str, local_rank: int) -> str:
     """Where worker `local_rank` writes its LostReport."""
-    return f"{group_file}{_LOST_SUFFIX}{local_rank}"
+    return beside(group_file, _LOST_SUFFIX, local_rank)
 
 
 def write_lost_report(group_file: str, local_rank: int, report: LostReport) -> None:
     """Writes `report` atomically (the launcher polls the folder)."""
-    path = lost_report_path(group_file, local_rank)
-    with open(f"{path}.tmp", "wb") as handle:
-        handle.write(report.to_bytes())
-    os.replace(f"{path}.tmp", path)
+    write_beside(group_file, _LOST_SUFFIX, local_rank, report.to_bytes())
 
 
 def read_lost_reports(group_file: str) -> list[LostReport]:
     """The reports the workers beside `group_file` wrote; unreadable ones are skipped."""
+    return read_beside(group_file, _LOST_SUFFIX, LostReport.from_bytes, limit=1 << 16)
+
+
+# --- files a worker leaves beside the group file for its launcher: `<group file><suffix><local rank>`
+
+
+def beside(group_file: str, suffix: str, local_rank: int) -> str:
+    return f"{group_file}{suffix}{local_rank}"
+
+
+def write_beside(group_file: str, suffix: str, local_rank: int, data: bytes) -> None:
+    """Writes worker `local_rank`'s file atomically (the launcher polls the folder)."""
+    path = beside(group_file, suffix, local_rank)
+    with open(f"{path}.tmp", "wb") as handle:
+        handle.write(data)
+    os.replace(f"{path}.tmp", path)
+
+
+def read_beside(
+    group_file: str, suffix: str, parse: Callable[[bytes], T], *, limit: int
+) -> list[T]:
+    """Every worker's file of that kind, parsed, by local rank; unreadable ones (or ones
+    `parse` refuses with ValueError) are skipped, and at most `limit` bytes are read of each."""
     folder, name = os.path.split(group_file)
-    prefix = f"{name}{_LOST_SUFFIX}"
-    reports = []
+    prefix = f"{name}{suffix}"
     try:
         entries = sorted(os.listdir(folder or "."))
     except FileNotFoundError:
         return []
+    found = []
     for entry in entries:
         if not entry.startswith(prefix) or entry.endswith(".tmp"):
             continue
         try:
             with open(os.path.join(folder, entry), "rb") as handle:
-                reports.append(LostReport.from_bytes(handle.read(1 << 16)))
+                found.append(parse(handle.read(limit)))
         except (OSError, ValueError):
             continue
-    return reports
+    return found
