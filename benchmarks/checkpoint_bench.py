@@ -22,7 +22,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from spotrun.local.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 # The launcher through the interpreter, so the benchmark also runs where spotrun is on
@@ -219,12 +220,6 @@ def worker_load_memory(arm: str, url: str, warm: str) -> dict[str, Any]:
 
 
 # --- orchestration ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def contract_env(storage: str, job: str, nproc: int, async_save: bool) -> dict[str, str]:

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +52,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from spotrun.local.ports import free_port  # noqa: E402
 from spotrun.store.tree import flatten, unflatten  # noqa: E402
 from spotrun.train import group, regroup  # noqa: E402
 from spotrun.train.writer import WriterClient, WriterConfig  # noqa: E402
@@ -75,12 +75,6 @@ dist.destroy_process_group()
 
 def log(msg: str) -> None:
     print(f"gpu_recovery: {msg}", file=sys.stderr, flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def group_env(port: int) -> dict[str, str]:

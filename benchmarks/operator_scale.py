@@ -29,7 +29,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client, config, watch
+
+from spotrun.local.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 HACK_CLUSTER = REPO / "hack" / "cluster"
@@ -77,12 +78,6 @@ def cluster(kubeconfig: str | None) -> Iterator[tuple[str, str | None]]:
         yield found.group(1), run_dir
     finally:
         hack("down", f"--run-dir={run_dir}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

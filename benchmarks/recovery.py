@@ -40,7 +40,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +53,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from spotrun.local.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 HACK_CLUSTER = ROOT / "hack" / "cluster"
@@ -194,9 +195,7 @@ class Bench:
             *("create", "configmap", WORKLOAD_CONFIGMAP, "-n", self.namespace),
             f"--from-file={WORKLOAD.name}={WORKLOAD}",
         )
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            health = f"http://127.0.0.1:{probe.getsockname()[1]}/healthz"
+        health = f"http://127.0.0.1:{free_port()}/healthz"
         log_path = Path(tempfile.gettempdir()) / f"recovery-operator-{self.namespace}.log"
         with open(log_path, "wb") as out:
             self.operator = subprocess.Popen(

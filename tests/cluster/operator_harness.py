@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -31,6 +30,7 @@ from kubernetes.client.exceptions import ApiException
 
 from spotrun.ledger.kube_sink import KubernetesSink
 from spotrun.ledger.retention import Retention
+from spotrun.local.ports import free_port
 from spotrun.store.manifest import Commit, FileRecord, Manifest
 from tests.fixtures.cluster import Cluster, wait_until
 
@@ -39,12 +39,6 @@ CRD = REPO / "crds" / "trainjobs.spotrun.dev.yaml"
 GROUP, VERSION, PLURAL = "spotrun.dev", "v1alpha1", "trainjobs"
 PAUSE_IMAGE = "registry.k8s.io/pause:3.10"
 STORAGE = "gs://spotrun-test/runs"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def install_crd(cluster: Cluster) -> None:

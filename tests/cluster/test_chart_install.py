@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -28,6 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
+from spotrun.local.ports import free_port
 from tests.fixtures.cluster import Cluster, KubectlError, wait_until
 from tests.unit.test_chart_render import CHART, DIGEST, render, set_args
 
@@ -40,12 +40,6 @@ CRD = "trainjobs.spotrun.dev"
 
 
 # -- helpers -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_json(cluster: Cluster, *args: str) -> Any:

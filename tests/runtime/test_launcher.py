@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import pytest
 
 from spotrun import contract
 from spotrun.contract import EXIT_PREEMPTED
+from spotrun.local.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 60
@@ -38,13 +38,6 @@ def wait_for_file(name):
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Launch:
     """One `spotrun launch` run in its own session, so the test can signal its process group."""
 
@@ -58,7 +51,7 @@ class Launch:
             contract.JOB: "launcher-test",
             contract.NAMESPACE: "test",
             contract.STORAGE: str(self.out / "storage"),
-            contract.MASTER_PORT: str(_free_port()),
+            contract.MASTER_PORT: str(free_port()),
             "PYTHONPATH": os.pathsep.join([os.environ["PYTHONPATH"], str(self.out)]),
             "TEST_OUT": str(self.out),
         }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from datetime import timedelta
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 from torch.distributed import TCPStore  # type: ignore[attr-defined]  # exported at run time
 
+from spotrun.local.ports import free_port
 from spotrun.train.ddp import prepare_model
 from spotrun.train.group import (
     ProcessGroupError,
@@ -44,15 +44,9 @@ def test_joining_a_group_without_the_launcher_environment_says_what_is_missing(
         init_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 def test_a_member_ahead_of_rank_0_joins_its_store_once_it_listens() -> None:
     """A spare promoted at once reaches the rendezvous before rank 0's store is up."""
-    port = _free_port()
+    port = free_port()
     stores: list[TCPStore] = []
 
     def rank_0() -> None:
@@ -72,7 +66,7 @@ def test_a_member_ahead_of_rank_0_joins_its_store_once_it_listens() -> None:
 
 
 def test_waiting_for_a_listener_stops_when_told_to() -> None:
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     asked: list[int] = []
 
     def give_up() -> bool:

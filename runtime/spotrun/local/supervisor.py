@@ -26,7 +26,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -66,6 +65,7 @@ from spotrun.lifecycle.conditions import find as find_condition
 from spotrun.lifecycle.group import GroupRecord
 from spotrun.local import _fault_worker, faults, ownership
 from spotrun.local.observe import ReplicaFacts, describe_exit, observe
+from spotrun.local.ports import free_port
 from spotrun.local.progress import (
     LEDGER_CONDITIONS,
     Display,
@@ -223,14 +223,6 @@ def launcher_argv(job: TrainJob, *, inject_failure: bool) -> list[str]:
             "options in the script, or run without --fail-rank"
         )
     return [*base, "--", *worker, "--", *rest]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now: each attempt's rendezvous gets its own."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def mtbf_seconds(options: Options) -> float | None:
