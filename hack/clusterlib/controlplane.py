@@ -8,10 +8,11 @@ server moves to the node bridge's gateway and `up`/`down` bring the real node al
 from __future__ import annotations
 
 import shutil
-import socket
 import time
 from pathlib import Path
 from typing import Any
+
+from spotrun.local.ports import free_port
 
 from .build import KUBERNETES_VERSION, KWOK_VERSION, build
 from .console import Failure, fmt_secs, say
@@ -40,12 +41,6 @@ from .topology import (
 
 KWOK_NODE_SELECTOR = "kwok.x-k8s.io/node=fake"
 STAGES_FILE = Path(__file__).resolve().parent / "kwok-stages.yaml"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def component_args(run: RunDir, ports: dict[str, int]) -> dict[str, list[str]]:
