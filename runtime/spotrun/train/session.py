@@ -714,8 +714,9 @@ class Session:
     def detach_for_regroup(self) -> MemorySnapshot | None:
         """Ends this session for a warm recovery; returns the state it holds in memory.
 
-        The writer process is stopped at once (an upload of the lost group would never
-        commit, and its commit may wait for a member that is gone); the snapshot's buffer
+        An idle writer process is handed on to the next session (`WriterClient.recycle`);
+        one with a job in flight is stopped at once (an upload of the lost group would never
+        commit, and its commit may wait for a member that is gone). The snapshot's buffer
         stays with this process.
         """
         self._stop_watching()
@@ -727,7 +728,8 @@ class Session:
             else:  # not complete: the buffer was being overwritten
                 memory = None
         self._closed = True
-        self.writer.close(timeout=0)
+        if not self.writer.recycle():
+            self.writer.close(timeout=0)
         return memory
 
     @property

@@ -296,6 +296,9 @@ class WriterClient:
         self._send_lock = threading.Lock()
         self._dead: str | None = None
         self._detached: set[int] = set()
+        self._outstanding: set[int] = set()  # sent to the writer process, not answered yet
+        self._reader: threading.Thread | None = None
+        self._serving = False  # the writer process read the configuration (imports done)
         self._standby_at: float | None = None
         if background:
             self._start()
@@ -303,12 +306,13 @@ class WriterClient:
     # --- process management ----------------------------------------------------------------
 
     def _start(self) -> None:
-        self._proc, ours = _take_standby() or _spawn_writer()
+        self._proc, ours = _take_recycled() or _take_standby() or _spawn_writer()
         self._sock = ours
         _send_frame(ours, pickle.dumps(self.config))
-        threading.Thread(
+        self._reader = threading.Thread(
             target=self._read_results, name="spotrun-writer-results", daemon=True
-        ).start()
+        )
+        self._reader.start()
         # The successor's writer, not at once: the recovery that started this session is
         # what needs the CPU now. Started by a later submit, from the training thread: a
         # child's parent death signal follows the thread that started it, so a short-lived
@@ -320,10 +324,17 @@ class WriterClient:
         try:
             while True:
                 kind, _ = _recv_kind(self._sock)
+                if kind == b"R":
+                    return  # handed on (recycle): what follows is the next client's
+                if kind == b"S":
+                    with self._cond:
+                        self._serving = True
+                    continue
                 if kind != b"M":
                     raise EOFError("writer closed its socket")
                 job_id, ok, value = pickle.loads(_recv_frame(self._sock))
                 with self._cond:
+                    self._outstanding.discard(job_id)
                     if job_id in self._detached:
                         self._detached.discard(job_id)
                         if not ok:
@@ -356,8 +367,9 @@ class WriterClient:
                     log.error("checkpoint writer: %s", value)
             return job_id
         assert self._sock is not None
-        if detached:
-            with self._cond:
+        with self._cond:
+            self._outstanding.add(job_id)
+            if detached:
                 self._detached.add(job_id)
         with self._send_lock:
             if self._dead:
@@ -549,6 +561,38 @@ class WriterClient:
         if err != 0:
             log.warning("the snapshot buffer could not be unpinned (cudaError %d)", err)
 
+    def recycle(self, timeout: float = 2.0) -> bool:
+        """Hands this client's writer process, if idle, to the next WriterClient of this
+        process; True if so (this client is then closed).
+
+        A warm recovery's next session would otherwise take the writer started ahead and
+        start another one, an import of torch per survivor per regroup on the cores the
+        recovery and the training need. A writer with a job in flight (an upload of the lost
+        group, which would never commit) is not waited for: False, and the caller closes
+        this client as before; nor is one still importing torch (the one started ahead
+        serves the next session as soon).
+        """
+        proc, sock, reader = self._proc, self._sock, self._reader
+        if proc is None or sock is None or reader is None or proc.poll() is not None:
+            return False
+        with self._cond:
+            if self._outstanding or self._dead or not self._serving:
+                return False  # busy, gone, or still importing: not worth waiting for
+        for buffer in self._buffers:  # the next client may unmap them
+            if buffer is not None:
+                self._unpin(buffer)
+        try:
+            with self._send_lock:
+                sock.sendall(b"R")
+        except OSError:
+            return False
+        reader.join(timeout)
+        if reader.is_alive() or self._dead:
+            return False  # not answered: the caller's close() ends it
+        self._proc, self._sock, self._reader = None, None, None
+        _put_recycled(proc, sock)
+        return True
+
     def close(self, timeout: float = 60.0) -> None:
         for buffer in self._buffers:  # they may be unmapped from now on (a snapshot kept)
             if buffer is not None:
@@ -582,6 +626,9 @@ def _cudart() -> Any:
 # started ahead, so its first progress report and its second save do not wait for that import.
 _standby: tuple[subprocess.Popen[bytes], socket.socket] | None = None
 _standby_lock = threading.Lock()
+# A writer process an earlier client of this process handed on (WriterClient.recycle): the
+# next client takes it before the one started ahead, which then stays ahead.
+_recycled: tuple[subprocess.Popen[bytes], socket.socket] | None = None
 # How long after a warm session's start its successor's writer is started.
 STANDBY_DELAY_SECONDS = 5.0
 
@@ -612,6 +659,36 @@ def prepare_standby() -> None:
     with _standby_lock:
         if _standby is None or _standby[0].poll() is not None:
             _standby = _spawn_writer()
+
+
+def _put_recycled(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    global _recycled
+    with _standby_lock:
+        old, _recycled = _recycled, (proc, sock)
+    if old is not None:  # not taken since: one idle writer is enough
+        _end(*old)
+
+
+def _take_recycled() -> tuple[subprocess.Popen[bytes], socket.socket] | None:
+    """The writer process the previous client of this process handed on, if it still runs."""
+    global _recycled
+    with _standby_lock:
+        taken, _recycled = _recycled, None
+    if taken is not None and taken[0].poll() is not None:
+        taken[1].close()
+        return None
+    return taken
+
+
+def _end(proc: subprocess.Popen[bytes], sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.sendall(b"Q")
+    sock.close()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _take_standby() -> tuple[subprocess.Popen[bytes], socket.socket] | None:
@@ -702,13 +779,29 @@ def _recv_frame(sock: socket.socket) -> bytes:
 
 
 def _serve(sock: socket.socket) -> None:
-    config: WriterConfig = pickle.loads(_recv_frame(sock) if _recv_kind(sock)[0] == b"M" else b"")
-    worker = Worker(config)
+    """Serves one client's configuration after another, until Q (or the socket closes)."""
+    while _recv_kind(sock)[0] == b"M":
+        config: WriterConfig = pickle.loads(_recv_frame(sock))
+        worker = Worker(config)
+        sock.sendall(b"S")  # serving: its imports are done
+        if not _serve_client(sock, worker):
+            return
+
+
+def _serve_client(sock: socket.socket, worker: Worker) -> bool:
+    """One client's jobs; True when it hands this process on (R), False when it ends it (Q)."""
     buffers: dict[int, mmap.mmap] = {}
     while True:
         kind, fds = _recv_kind(sock)
-        if kind == b"Q":
-            return
+        if kind in (b"Q", b"R"):
+            for mapping in buffers.values():
+                try:
+                    mapping.close()
+                except BufferError:  # a view still lives: the mapping goes with it
+                    log.warning("a snapshot buffer was still in use when its client left")
+            if kind == b"R":
+                sock.sendall(b"R")  # the old client's reader stops here
+            return kind == b"R"
         if kind == b"F":
             slot = _recv_exact(sock, 1)[0]
             if slot in buffers:
@@ -719,17 +812,7 @@ def _serve(sock: socket.socket) -> None:
         job_id, op, args = pickle.loads(_recv_frame(sock))
         try:
             if op == "save_slots":
-                buffer = buffers.get(args.pop("buffer", 0))
-                assert buffer is not None, "no snapshot buffer was handed over"
-                tensors = {
-                    s.index: torch.frombuffer(
-                        buffer, dtype=s.dtype, count=s.count, offset=s.offset
-                    ).view(s.shape)
-                    if s.count
-                    else torch.empty(s.shape, dtype=s.dtype)
-                    for s in args.pop("slots")
-                }
-                result = worker.handle("save", {**args, "tensors": tensors})
+                result = _save_slots(worker, buffers, args)
             else:
                 result = worker.handle(op, args)
             reply = (job_id, True, result)
@@ -740,6 +823,21 @@ def _serve(sock: socket.socket) -> None:
             log.exception("checkpoint writer job %s (%s) failed", job_id, op)
             reply = (job_id, False, f"{type(err).__name__}: {err}")
         _send_frame(sock, pickle.dumps(reply))
+
+
+def _save_slots(worker: Worker, buffers: Mapping[int, mmap.mmap], args: dict[str, Any]) -> Any:
+    """A save read from a snapshot buffer; its views of the buffer end with this call."""
+    buffer = buffers.get(args.pop("buffer", 0))
+    assert buffer is not None, "no snapshot buffer was handed over"
+    tensors = {
+        s.index: torch.frombuffer(buffer, dtype=s.dtype, count=s.count, offset=s.offset).view(
+            s.shape
+        )
+        if s.count
+        else torch.empty(s.shape, dtype=s.dtype)
+        for s in args.pop("slots")
+    }
+    return worker.handle("save", {**args, "tensors": tensors})
 
 
 def main() -> None:
