@@ -674,6 +674,13 @@ def _take_recycled() -> tuple[subprocess.Popen[bytes], socket.socket] | None:
     global _recycled
     with _standby_lock:
         taken, _recycled = _recycled, None
+    return _if_running(taken)
+
+
+def _if_running(
+    taken: tuple[subprocess.Popen[bytes], socket.socket] | None,
+) -> tuple[subprocess.Popen[bytes], socket.socket] | None:
+    """`taken` if its process still runs; else its socket is closed and None."""
     if taken is not None and taken[0].poll() is not None:
         taken[1].close()
         return None
@@ -695,10 +702,7 @@ def _take_standby() -> tuple[subprocess.Popen[bytes], socket.socket] | None:
     global _standby
     with _standby_lock:
         taken, _standby = _standby, None
-    if taken is not None and taken[0].poll() is not None:
-        taken[1].close()
-        return None
-    return taken
+    return _if_running(taken)
 
 
 # The snapshot is the training loop's whole stall, so it copies on every core: large
