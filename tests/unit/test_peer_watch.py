@@ -173,13 +173,31 @@ def test_one_worker_of_a_node_held_up_does_not_make_its_node_silent() -> None:
             sock.close()
 
 
+def test_stopping_wakes_the_watch_instead_of_waiting_out_its_interval(pair: Pair) -> None:
+    """A survivor stops its watch on its way to the next group: stop() must not wait for the
+    thread's wait for a datagram to run out (an hour here; a second by default)."""
+    for watch in pair.watches:
+        watch.interval = 3600.0
+        watch.start()
+    watch = pair.watches[0]
+    assert watch._listening.wait(5)
+    time.sleep(0.1)  # into its recv
+    stopper = threading.Thread(target=watch.stop)
+    stopper.start()
+    stopper.join(30)
+    assert not stopper.is_alive(), "stop() waited for the heartbeat interval"
+    assert not watch._thread.is_alive()
+    assert pair.lost == []
+
+
 def test_datagrams_without_the_token_or_from_strangers_keep_no_one_alive(pair: Pair) -> None:
     pair.watches[0].start()
     forger = _udp()
     target = pair.socks[0].getsockname()
     deadline = time.monotonic() + 1.0
     while time.monotonic() < deadline:
-        for junk in (b"wrong 1", b"t0k3n 7", b"t0k3n x", b"t0k3n", b"\xff" * 300):
+        # b"": what stop() wakes its own thread with; from anyone else it stops nothing.
+        for junk in (b"wrong 1", b"t0k3n 7", b"t0k3n x", b"t0k3n", b"\xff" * 300, b""):
             forger.sendto(junk, target)
         time.sleep(0.05)
     forger.close()

@@ -154,6 +154,8 @@ class PeerWatch:
         self._reported = False
         # Held while on_lost runs: stop() returns only after a report in flight is done.
         self._reporting = threading.Lock()
+        # Set once the addresses are known and the thread heartbeats (it reads the socket).
+        self._listening = threading.Event()
         self._thread = threading.Thread(target=self._run, name="spotrun-peer-watch", daemon=True)
 
     def start(self) -> PeerWatch:
@@ -175,8 +177,16 @@ class PeerWatch:
                 remove_beats(*self._beats_for)
         if not self._reported and self.token:
             self._send(f"{self.token} {self.rank} {_BYE}".encode())
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=self.interval + 0.5)  # it may still be exchanging
+        if self._listening.is_set() and self._thread is not threading.current_thread():
+            # The thread waits for a datagram for up to an interval (a second by default);
+            # a survivor stops its watch on the way to the next group, so wake it instead of
+            # waiting (a regroup paid 0.4-0.8 s here). The wake-up is an empty datagram to
+            # its own socket: a shutdown() does not end a blocked recv on every kernel.
+            with contextlib.suppress(OSError):
+                self.sock.sendto(b"", self.sock.getsockname())
+            self._thread.join(timeout=self.interval + 0.5)
+        # A thread still exchanging the addresses is not waited for: it waits on the group's
+        # store, and once it returns it sees the stop and touches nothing.
         self.sock.close()
 
     def _send(self, message: bytes) -> None:
@@ -197,6 +207,7 @@ class PeerWatch:
                     )
                 return
         self._hand_over()
+        self._listening.set()
         beat = datagram(self.token, self.rank)
         silence = Silence(self.peers, self.timeout, time.monotonic(), self.node_of)
         ticked = time.monotonic()
@@ -245,6 +256,8 @@ class PeerWatch:
                 continue
             except OSError:
                 return False
+            if self._stop.is_set():
+                return False  # stop() woke this thread
             heard = self._parse(data)
             if heard is not None:
                 peer, bye = heard
