@@ -29,8 +29,9 @@ class Config:
     """Tunables, from the command line (spotrun_operator.cli) or the environment.
 
     `resync_seconds`: a job's loop runs at least this often even when nothing is heard
-    (a lost watch event costs at most this much delay). `debounce_seconds`: after a
-    wake-up, how long to let a burst of events (a group restart is dozens) settle.
+    (a lost watch event costs at most this much delay). `debounce_seconds`: the shortest
+    time between two passes of a job woken by events: the first event after a quiet spell
+    runs a pass at once, a burst (a group restart is dozens) one pass per interval.
     `metrics_address`: host:port of /metrics, empty to serve none. `defaults`: what jobs
     leave out (the chart's defaultCheckpointStorage and Workload Identity account).
     """

@@ -154,7 +154,12 @@ async def run(
                 woken.cancel()
                 break
             if woken.result() != seen_version:
-                await asyncio.sleep(shared.config.debounce_seconds)
+                # Passes are at least `debounce_seconds` apart: a wake-up after a quiet spell
+                # (a pod lost while the group trained) is acted on at once, and a burst of
+                # events (a group restart is dozens) still gets one pass per interval.
+                settle = shared.config.debounce_seconds - (time.monotonic() - started)
+                if settle > 0:
+                    await asyncio.sleep(settle)
     finally:
         stop_task.cancel()
         shared.wakeups.forget(key)
