@@ -37,11 +37,16 @@ NODE_NOT_READY = "NodeNotReady"
 NODE_UNREACHABLE = "NodeUnreachable"
 NODE_TERMINATING = "NodeTerminating"
 POD_DELETED = "PodDeleted"
+# Deleted with no grace (`deletionGracePeriodSeconds: 0`, a forced deletion): the API server
+# removes the pod at once, and its processes get no time for a final checkpoint.
+POD_FORCE_DELETED = "PodForceDeleted"
 POD_REPLACED = "PodReplaced"
 POD_LOST = "PodLost"
 # Losses that leave no process behind to drain: the replica is reported failed, so the
 # policy does not wait a grace period for a final checkpoint that cannot come.
-GONE_REASONS = frozenset({NODE_DELETED, NODE_NOT_READY, NODE_UNREACHABLE, POD_LOST})
+GONE_REASONS = frozenset(
+    {NODE_DELETED, NODE_NOT_READY, NODE_UNREACHABLE, POD_LOST, POD_FORCE_DELETED}
+)
 
 # A pod created this long after the attempt was seen running is a replacement, even when
 # this process did not see the original (it restarted meanwhile). The margin absorbs clock
@@ -172,7 +177,7 @@ def replica(
     )
     replaced = preemption == POD_REPLACED
     said = evidence.get((attempt, index)) if evidence and attempt is not None else None
-    if said is not None and preemption in (None, POD_DELETED, POD_REPLACED):
+    if said is not None and preemption in (None, POD_DELETED, POD_FORCE_DELETED, POD_REPLACED):
         # An earlier pod in this replica's place said why it went. A pod's own DisruptionTarget
         # and Failed phase stay once set, so one whose status says nothing is its replacement.
         replaced = replaced or preemption is None
@@ -323,6 +328,11 @@ def _preemption_reason(
     if not current:
         return None
     if meta.get("deletionTimestamp"):
+        # A forced deletion shows as one update with the timestamp and a grace of 0, then
+        # the pod's removal; waiting for a final checkpoint in between only delays the
+        # restart until the removal's event.
+        if meta.get("deletionGracePeriodSeconds") == 0:
+            return POD_FORCE_DELETED
         return POD_DELETED
     uid = str(meta.get("uid") or "")
     if seen is not None and uid and seen.replaced(_attempt(meta) or 0, index, uid):

@@ -34,6 +34,7 @@ def make_pod(
     uid: str | None = None,
     created: float = T0,
     deleting: bool = False,
+    grace: int = 30,
     conditions: list[dict[str, Any]] | None = None,
     container: dict[str, Any] | None = None,
     reason: str | None = None,
@@ -58,7 +59,7 @@ def make_pod(
     }
     if deleting:
         meta["deletionTimestamp"] = format_time(created + 60)
-        meta["deletionGracePeriodSeconds"] = 30
+        meta["deletionGracePeriodSeconds"] = grace
     conds = [
         {"type": "PodReadyToStartContainers", "status": "True"},
         {"type": "Initialized", "status": "True"},
@@ -220,6 +221,9 @@ def see(pod: dict[str, Any], **kwargs: Any) -> Any:
         ),
         pytest.param(make_pod(phase="Unknown"), HEALTHY, "PodLost", id="pod-phase-unknown"),
         pytest.param(make_pod(deleting=True), HEALTHY, "PodDeleted", id="deleted-by-someone-else"),
+        pytest.param(
+            make_pod(deleting=True, grace=0), HEALTHY, "PodForceDeleted", id="force-deleted"
+        ),
     ],
 )
 def test_preemption_signals(pod: dict[str, Any], nodes: dict[str, NodeFacts], reason: str) -> None:
@@ -238,6 +242,20 @@ def test_a_pod_on_a_lost_node_is_reported_failed_so_nobody_waits_for_it_to_drain
 ) -> None:
     seen = see(make_pod(), nodes=nodes)
     assert (seen.preempted, seen.phase) == (True, "failed")
+
+
+def test_a_force_deleted_pod_is_reported_failed_so_nobody_waits_for_a_final_checkpoint() -> None:
+    """`kubectl delete --grace-period=0 --force`: one update (timestamp, grace 0), then the
+    pod's removal. Its processes get no notice to checkpoint under; a graceful deletion
+    still does."""
+    forced = see(make_pod(deleting=True, grace=0))
+    assert (forced.preempted, forced.phase, forced.preemption_reason) == (
+        True,
+        "failed",
+        "PodForceDeleted",
+    )
+    graceful = see(make_pod(deleting=True, grace=1))
+    assert (graceful.preempted, graceful.phase, graceful.deleting) == (True, "running", True)
 
 
 def test_an_evicted_pod_still_running_its_grace_period_is_reported_running() -> None:

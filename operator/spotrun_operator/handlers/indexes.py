@@ -49,6 +49,7 @@ def slim_pod(body: Mapping[str, Any]) -> dict[str, Any]:
     }
     if meta.get("deletionTimestamp"):
         slim_meta["deletionTimestamp"] = meta["deletionTimestamp"]
+        slim_meta["deletionGracePeriodSeconds"] = meta.get("deletionGracePeriodSeconds")
     slim_status: dict[str, Any] = {
         key: status[key] for key in ("phase", "reason", "message") if status.get(key)
     }
