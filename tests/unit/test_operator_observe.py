@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from spotrun.lifecycle import classify, format_time
+from spotrun.lifecycle import JobSpec, Observation, RestartGroup, classify, format_time, plan
 from spotrun_operator import observe
 from spotrun_operator.handlers.indexes import slim_pod
 from spotrun_operator.observe import NodeFacts, SeenPods
@@ -256,6 +256,28 @@ def test_a_force_deleted_pod_is_reported_failed_so_nobody_waits_for_a_final_chec
     )
     graceful = see(make_pod(deleting=True, grace=1))
     assert (graceful.preempted, graceful.phase, graceful.deleting) == (True, "running", True)
+
+
+@pytest.mark.parametrize(
+    ("grace", "restarts"), [(0, True), (30, False)], ids=["forced", "graceful"]
+)
+def test_a_force_deleted_member_is_replaced_at_once_and_the_survivor_kept(
+    grace: int, restarts: bool
+) -> None:
+    """What the policy makes of it: a forced deletion restarts the group warm in the same
+    pass; a graceful one waits for the member's final checkpoint."""
+    spec = JobSpec(replicas=2)
+    status = plan(spec, {}, Observation(T0, ())).status
+    pods = [make_pod(0), make_pod(1)]
+    status = plan(spec, status, observe.observe(job(**status), pods, HEALTHY, now=T0)).status
+    pods[1] = make_pod(1, deleting=True, grace=grace)
+    observation = observe.observe(job(**status), pods, HEALTHY, now=T0 + 50)
+    actions = plan(spec, status, observation).actions
+    restart = [a for a in actions if isinstance(a, RestartGroup)]
+    if restarts:
+        assert [a.keep for a in restart] == [(0,)], actions
+    else:
+        assert restart == [], actions
 
 
 def test_an_evicted_pod_still_running_its_grace_period_is_reported_running() -> None:
