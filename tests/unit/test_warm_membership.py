@@ -71,6 +71,19 @@ def test_a_preemption_keeps_the_survivors_only_in_warm_recovery(
     assert decision.status["interruptions"][-1]["recovery"] == ("warm" if keep else "cold")
 
 
+@pytest.mark.parametrize("fraction", [0.0, 0.0004, 0.0006, 0.9996])
+def test_a_preemption_restarts_in_the_pass_that_sees_it_whatever_the_clock_reads(
+    fraction: float,
+) -> None:
+    """restartNotBefore is written to the millisecond, rounded: read back it may lie a
+    fraction of a millisecond after the pass's clock, and the restart must not wait a pass
+    (a poll locally, a debounce in the operator) for it."""
+    spec = JobSpec(replicas=2)
+    decision = plan(spec, started(spec), Observation(T0 + 50 + fraction, (running(0), lost(1))))
+    restarts = [a for a in decision.actions if isinstance(a, RestartGroup)]
+    assert [a.keep for a in restarts] == [(0,)], decision.actions
+
+
 def test_a_failure_restarts_the_whole_group_after_its_backoff_even_in_warm_recovery() -> None:
     spec = JobSpec(replicas=2)
     status = plan(spec, started(spec), Observation(T0 + 50, (running(0), crashed(1)))).status

@@ -56,7 +56,7 @@ from spotrun.lifecycle.group import GroupRecord
 from spotrun.lifecycle.hang import ProgressWatch, progress_watch
 from spotrun.lifecycle.observation import UNSCHEDULABLE, Observation, ReplicaObservation
 from spotrun.lifecycle.spec import JobSpec
-from spotrun.lifecycle.times import format_time, parse_time
+from spotrun.lifecycle.times import RESOLUTION_SECONDS, format_time, parse_time
 
 PENDING: Final = "Pending"
 RUNNING: Final = "Running"
@@ -397,7 +397,10 @@ class _Step:
             if drained_by > until:
                 until, why = drained_by, "CommittingFinalCheckpoint"
         verdict = self._exhausted(st)
-        if self.now < until:
+        # A restart due within the status's resolution is due now: a preemption's
+        # restartNotBefore is the pass's own time, rounded, and half the time it read back
+        # a fraction of a millisecond late, which cost the restart a pass of its own.
+        if self.now < until - RESOLUTION_SECONDS:
             then = (
                 f"failing ({verdict.reason})"
                 if verdict

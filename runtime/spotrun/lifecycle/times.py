@@ -11,6 +11,10 @@ import datetime as dt
 import math
 from typing import Any
 
+# What format_time keeps: a time read back from the status may lie up to half of this after
+# the float it was written from (rounded to the nearest millisecond).
+RESOLUTION_SECONDS = 0.001
+
 
 def format_time(seconds: float) -> str:
     """`2024-05-01T12:00:00Z`, or `2024-05-01T12:00:00.250Z` when there is a fraction."""
